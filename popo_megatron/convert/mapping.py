@@ -1,0 +1,258 @@
+"""The one table that knows both the Hugging Face and the Megatron-Core weight layouts.
+
+Each row maps one Megatron parameter to the HF tensor(s) it is made of, with a
+transform that knows how the parameter is split across tensor-parallel ranks:
+
+    Replicated   norms: the same full tensor on every TP rank
+    RowSplit     linear_proj / linear_fc2: split along the input dim (1)
+    VocabSplit   embedding / output layer: rows padded to the padded vocab, split along dim 0
+    QKV          q/k/v -> linear_qkv, interleaved per query group [q_1..q_n, k, v],
+                 KV heads replicated when the model has fewer than TP
+    GatedFC1     gate/up -> linear_fc1 as [gate_r; up_r] on each TP rank r
+
+A transform reads only this rank's slice of each HF tensor (`read_shard`, so a
+rank of a large model reads a fraction of the checkpoint) and merges the TP
+shards of a parameter back into full HF tensors (`to_hf`, used by the
+exporters and the weight sync). The offline converters and the rollout weight
+sync reuse this table; nothing else may hard-code either layout.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import torch
+
+from popo_megatron.model.hf_config import HFModelArgs
+from popo_megatron.model.layout import kv_replication_factor, megatron_query_groups, padded_vocab_size
+
+
+class Sliceable(Protocol):
+    """An HF tensor that can be read in part: a torch tensor, or a safetensors slice."""
+
+    shape: Sequence[int]
+
+    def __getitem__(self, index) -> torch.Tensor: ...
+
+
+class MappingError(ValueError):
+    """HF and Megatron weights do not fit together (wrong model, wrong shapes, missing tensors)."""
+
+
+@dataclass(frozen=True)
+class ShardContext:
+    """Everything a transform needs to know about the model and this rank's place in TP."""
+
+    args: HFModelArgs
+    tp_rank: int
+    tp_size: int
+    padded_vocab: int
+
+    @classmethod
+    def create(cls, args: HFModelArgs, tp_rank: int, tp_size: int, vocab_divisible_by: int) -> "ShardContext":
+        return cls(args, tp_rank, tp_size, padded_vocab_size(args.vocab_size, vocab_divisible_by, tp_size))
+
+    def span(self, total: int) -> slice:
+        """This rank's contiguous 1/tp share of `total` rows."""
+        size = total // self.tp_size
+        return slice(self.tp_rank * size, (self.tp_rank + 1) * size)
+
+
+def _expect(hf: Sliceable, dim: int, size: int, what: str) -> None:
+    if tuple(hf.shape)[dim] != size:
+        raise MappingError(f"{what}: expected size {size} along dim {dim}, checkpoint has shape {tuple(hf.shape)}")
+
+
+class Replicated:
+    def read_shard(self, hf: Sequence[Sliceable], ctx: ShardContext) -> torch.Tensor:
+        return hf[0][:]
+
+    def to_hf(self, shards: Sequence[torch.Tensor], ctx: ShardContext) -> list[torch.Tensor]:
+        return [shards[0]]
+
+
+class RowSplit:
+    """Row-parallel linear: the input dimension (1) is split across TP."""
+
+    def read_shard(self, hf: Sequence[Sliceable], ctx: ShardContext) -> torch.Tensor:
+        return hf[0][:, ctx.span(hf[0].shape[1])]
+
+    def to_hf(self, shards: Sequence[torch.Tensor], ctx: ShardContext) -> list[torch.Tensor]:
+        return [torch.cat(list(shards), dim=1)]
+
+
+class VocabSplit:
+    """Vocab-parallel rows, padded with zeros from vocab_size to the padded vocab."""
+
+    def read_shard(self, hf: Sequence[Sliceable], ctx: ShardContext) -> torch.Tensor:
+        vocab = ctx.args.vocab_size
+        _expect(hf[0], 0, vocab, "vocabulary rows")
+        rows = ctx.span(ctx.padded_vocab)
+        real = hf[0][rows.start : min(rows.stop, vocab)] if rows.start < vocab else hf[0][0:0]
+        pad = rows.stop - rows.start - real.shape[0]
+        return torch.cat([real, real.new_zeros((pad, *real.shape[1:]))]) if pad else real
+
+    def to_hf(self, shards: Sequence[torch.Tensor], ctx: ShardContext) -> list[torch.Tensor]:
+        return [torch.cat(list(shards))[: ctx.args.vocab_size]]
+
+
+class QKV:
+    """q, k, v (weights [heads*head_dim, hidden] or biases [heads*head_dim]) <-> linear_qkv.
+
+    Megatron stores, for each query group g, the rows [q heads of g, k_g, v_g].
+    With G' Megatron groups and rep = G' / num_kv_heads, Megatron group g uses
+    HF KV head g // rep (rep > 1 only when the model has fewer KV heads than TP).
+    """
+
+    def read_shard(self, hf: Sequence[Sliceable], ctx: ShardContext) -> torch.Tensor:
+        a = ctx.args
+        q, k, v = hf
+        d = a.head_dim
+        _expect(q, 0, a.num_attention_heads * d, "q_proj rows")
+        _expect(k, 0, a.num_kv_heads * d, "k_proj rows")
+        _expect(v, 0, a.num_kv_heads * d, "v_proj rows")
+        groups = megatron_query_groups(a.num_kv_heads, ctx.tp_size)
+        rep = kv_replication_factor(a.num_kv_heads, ctx.tp_size)
+        heads_per_group = a.num_attention_heads // groups
+        local = ctx.span(groups)
+        q_local = q[ctx.span(a.num_attention_heads * d)]
+        trailing = q_local.shape[1:]
+        q_local = q_local.reshape(local.stop - local.start, heads_per_group * d, *trailing)
+        kv_first, kv_last = local.start // rep, (local.stop - 1) // rep
+        kv_rows = slice(kv_first * d, (kv_last + 1) * d)
+        kv_index = torch.tensor([g // rep - kv_first for g in range(local.start, local.stop)])
+        k_local = k[kv_rows].reshape(-1, d, *trailing)[kv_index]
+        v_local = v[kv_rows].reshape(-1, d, *trailing)[kv_index]
+        return torch.cat([q_local, k_local, v_local], dim=1).reshape(-1, *trailing)
+
+    def to_hf(self, shards: Sequence[torch.Tensor], ctx: ShardContext) -> list[torch.Tensor]:
+        a = ctx.args
+        d = a.head_dim
+        groups = megatron_query_groups(a.num_kv_heads, ctx.tp_size)
+        rep = kv_replication_factor(a.num_kv_heads, ctx.tp_size)
+        heads_per_group = a.num_attention_heads // groups
+        full = torch.cat(list(shards))
+        trailing = full.shape[1:]
+        grouped = full.reshape(groups, (heads_per_group + 2) * d, *trailing)
+        q, k, v = grouped.split([heads_per_group * d, d, d], dim=1)
+        # Replicated KV heads are identical copies; keep the first of each.
+        return [q.reshape(-1, *trailing), k[::rep].reshape(-1, *trailing), v[::rep].reshape(-1, *trailing)]
+
+
+class GatedFC1:
+    """gate_proj, up_proj <-> linear_fc1, concatenated [gate_r; up_r] within each TP shard."""
+
+    def read_shard(self, hf: Sequence[Sliceable], ctx: ShardContext) -> torch.Tensor:
+        gate, up = hf
+        _expect(gate, 0, ctx.args.intermediate_size, "gate_proj rows")
+        _expect(up, 0, ctx.args.intermediate_size, "up_proj rows")
+        rows = ctx.span(ctx.args.intermediate_size)
+        return torch.cat([gate[rows], up[rows]])
+
+    def to_hf(self, shards: Sequence[torch.Tensor], ctx: ShardContext) -> list[torch.Tensor]:
+        halves = [s.chunk(2) for s in shards]
+        return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
+
+
+Transform = Replicated | RowSplit | VocabSplit | QKV | GatedFC1
+
+
+@dataclass(frozen=True)
+class Row:
+    megatron: str  # "{layer}" stands for the layer index
+    hf: tuple[str, ...]
+    transform: Transform
+    # Which models have this row: "always", "tied", "untied", "qkv_bias", "qk_norm".
+    when: str = "always"
+
+
+_M = "decoder.layers.{layer}."
+_H = "model.layers.{layer}."
+
+# Dense decoder-only models: Qwen2 / Qwen2.5 / Qwen3 / Llama (local layer spec names).
+DENSE_DECODER: tuple[Row, ...] = (
+    Row("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), VocabSplit()),
+    Row(_M + "input_layernorm.weight", (_H + "input_layernorm.weight",), Replicated()),
+    Row(
+        _M + "self_attention.linear_qkv.weight",
+        tuple(_H + f"self_attn.{p}_proj.weight" for p in "qkv"),
+        QKV(),
+    ),
+    Row(
+        _M + "self_attention.linear_qkv.bias",
+        tuple(_H + f"self_attn.{p}_proj.bias" for p in "qkv"),
+        QKV(),
+        when="qkv_bias",
+    ),
+    Row(_M + "self_attention.q_layernorm.weight", (_H + "self_attn.q_norm.weight",), Replicated(), when="qk_norm"),
+    Row(_M + "self_attention.k_layernorm.weight", (_H + "self_attn.k_norm.weight",), Replicated(), when="qk_norm"),
+    Row(_M + "self_attention.linear_proj.weight", (_H + "self_attn.o_proj.weight",), RowSplit()),
+    Row(_M + "pre_mlp_layernorm.weight", (_H + "post_attention_layernorm.weight",), Replicated()),
+    Row(_M + "mlp.linear_fc1.weight", (_H + "mlp.gate_proj.weight", _H + "mlp.up_proj.weight"), GatedFC1()),
+    Row(_M + "mlp.linear_fc2.weight", (_H + "mlp.down_proj.weight",), RowSplit()),
+    Row("decoder.final_layernorm.weight", ("model.norm.weight",), Replicated()),
+    Row("output_layer.weight", ("lm_head.weight",), VocabSplit(), when="untied"),
+    # Tied models ship no lm_head; the last pipeline stage's copy of the output
+    # layer (present only with PP > 1) is read from the embedding.
+    Row("output_layer.weight", ("model.embed_tokens.weight",), VocabSplit(), when="tied"),
+)
+
+MAPPING_TABLES: dict[str, tuple[Row, ...]] = {"qwen2": DENSE_DECODER, "qwen3": DENSE_DECODER, "llama": DENSE_DECODER}
+
+# With Transformer Engine's fused layernorm-linear modules the pre-norm weights
+# live inside the following linear.
+_TE_NAMES = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+
+
+def _applies(row: Row, args: HFModelArgs) -> bool:
+    return {
+        "always": True,
+        "tied": args.tie_word_embeddings,
+        "untied": not args.tie_word_embeddings,
+        "qkv_bias": args.qkv_bias,
+        "qk_norm": args.qk_norm,
+    }[row.when]
+
+
+@dataclass(frozen=True)
+class ResolvedMapping:
+    """One Megatron parameter (global layer numbering) and its HF sources."""
+
+    megatron: str
+    hf: tuple[str, ...]
+    transform: Transform
+
+
+class WeightMap:
+    """The rows of a model's table that apply to it, addressable by Megatron name."""
+
+    def __init__(self, args: HFModelArgs, layer_spec: str = "local") -> None:
+        self.args = args
+        self._rows: list[tuple[re.Pattern[str], str, Row]] = []
+        for row in MAPPING_TABLES[args.family]:
+            if not _applies(row, args):
+                continue
+            name = row.megatron
+            if layer_spec == "te":
+                for local, fused in _TE_NAMES.items():
+                    name = name.replace(local, fused)
+            pattern = re.escape(name).replace(re.escape("{layer}"), r"(?P<layer>\d+)")
+            self._rows.append((re.compile(pattern + "$"), name, row))
+
+    def resolve(self, megatron_name: str, layer_offset: int = 0) -> ResolvedMapping:
+        """Map a Megatron parameter name (local layer index + `layer_offset` = global
+        index, as under pipeline parallelism) to its HF tensors."""
+        for pattern, template, row in self._rows:
+            match = pattern.match(megatron_name)
+            if match is None:
+                continue
+            layer = int(match["layer"]) + layer_offset if "layer" in match.groupdict() else None
+            return ResolvedMapping(
+                template.format(layer=layer), tuple(h.format(layer=layer) for h in row.hf), row.transform
+            )
+        raise MappingError(f"no HF mapping for Megatron parameter {megatron_name!r} ({self.args.architecture})")

@@ -1,0 +1,52 @@
+"""Start a local multi-process world (like torchrun on one machine) from Python.
+
+Used when a command asks for more ranks than it was launched with (e.g.
+`popo parity --tp 2` from a plain shell) and by the tests.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Callable
+
+import torch
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        # One thread per rank: several ranks with several threads each on a small
+        # machine run many times slower (torchrun sets this; mp.spawn does not).
+        OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+    from popo_megatron.platform import init_distributed, shutdown
+
+    init_distributed(timeout_minutes=10)
+    try:
+        fn(*args)
+    finally:
+        shutdown()
+
+
+def run_local(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
+    """Call `fn(*args)` on `world_size` local ranks with torch.distributed initialised.
+
+    `fn` must be importable (a module-level function). The first rank failure is
+    re-raised here with its traceback.
+    """
+    mp.start_processes(
+        _entry, args=(fn, world_size, _free_port(), args), nprocs=world_size, start_method="spawn", join=True
+    )

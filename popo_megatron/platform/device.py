@@ -1,0 +1,49 @@
+"""Device, backend and device-dependent Megatron settings: the platform seam.
+
+Other modules ask this one what the machine can do instead of testing for
+CUDA themselves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def device() -> torch.device:
+    """Where this rank's model lives (the current CUDA device, or the CPU)."""
+    return torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")
+
+
+def dist_backend() -> str:
+    return "nccl" if cuda_available() else "gloo"
+
+
+def resolve_layer_spec(choice: str) -> str:
+    """'auto' -> 'te' with CUDA, 'local' (torch modules) without. Config validation
+    rejects 'te' without CUDA before this is reached."""
+    if choice == "auto":
+        return "te" if cuda_available() else "local"
+    return choice
+
+
+def transformer_config_device_kwargs(layer_spec: str) -> dict[str, Any]:
+    """TransformerConfig flags that depend on the device and the layer implementation.
+
+    The fused kernels exist only in Transformer Engine / Apex on CUDA; the local
+    spec on CPU needs them all off and CPU-side weight initialisation.
+    """
+    fused = layer_spec == "te" and cuda_available()
+    return dict(
+        use_cpu_initialization=not cuda_available(),
+        apply_rope_fusion=fused,
+        gradient_accumulation_fusion=fused,
+        bias_activation_fusion=fused,
+        masked_softmax_fusion=fused,
+        persist_layer_norm=False,
+    )

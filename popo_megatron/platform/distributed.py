@@ -1,0 +1,107 @@
+"""Process-group, Megatron parallel-state and RNG set-up for one rank.
+
+Works under torchrun / srun+torchrun (reads RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT) and as a plain single process (world of one).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from popo_megatron.platform.cpu_compat import apply_cpu_compat
+from popo_megatron.platform.device import cuda_available, dist_backend
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> RankInfo:
+    """Initialise torch.distributed from the launcher's environment (idempotent).
+
+    Also applies the CPU compatibility layer when there is no CUDA, so every
+    entry point that goes through here gets it exactly once.
+    """
+    apply_cpu_compat()
+    if dist.is_initialized():
+        return RankInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if world_size == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(f"WORLD_SIZE={world_size} but {', '.join(missing)} not set: launch with torchrun")
+    if cuda_available():
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(
+        backend=dist_backend(),
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+    return RankInfo(rank, world_size, local_rank)
+
+
+def init_model_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
+    """Create Megatron's TP/PP/DP groups (idempotent for the same layout)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        if (
+            parallel_state.get_tensor_model_parallel_world_size() == tensor_parallel
+            and parallel_state.get_pipeline_model_parallel_world_size() == pipeline_parallel
+        ):
+            return
+        raise RuntimeError("Megatron parallel state is already initialised with another layout")
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy, torch and Megatron's model-parallel RNG tracker.
+
+    As in Megatron-LM, pipeline stages get distinct seeds (100 apart) so that
+    their layers are not initialised identically; TP ranks get distinct
+    model-parallel states from the tracker.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def shutdown() -> None:
+    """Tear down Megatron groups and the process group (barrier first: avoids a
+    rare SIGABRT at exit with gloo)."""
+    from megatron.core import parallel_state
+
+    if dist.is_initialized():
+        dist.barrier()
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
