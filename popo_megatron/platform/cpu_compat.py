@@ -184,8 +184,12 @@ def _with_cuda_type_names(fn: Callable) -> Callable:
 
 
 def _patch_cuda_type_checks() -> None:
-    from megatron.core.optimizer import distrib_optimizer, optimizer
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
 
+    # Gradient clipping asserts fp32 grads by type name; optimizer.py imported the function by name.
+    clip = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+    clip_grads.clip_grad_by_total_norm_fp32 = clip
+    optimizer.clip_grad_by_total_norm_fp32 = clip
     dist_opt = distrib_optimizer.DistributedOptimizer
     for owner, name in (
         (dist_opt, "_build_model_and_main_param_groups"),

@@ -1,0 +1,123 @@
+"""Config loading and validation: every invalid case names its key and reason."""
+
+from __future__ import annotations
+
+import pytest
+
+from popo_megatron.config import ConfigError, load_config, validate_config
+from popo_megatron.model.hf_config import UnsupportedModelError, parse_hf_config
+
+QWEN = dict(
+    architectures=["Qwen2ForCausalLM"], vocab_size=1000, hidden_size=64, intermediate_size=96,
+    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+)
+
+
+def _cfg(*overrides):
+    return load_config(overrides=["model.hf_path=/x", *overrides])
+
+
+def _invalid(cfg, world_size=1, hf=QWEN, cuda=False):
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg, world_size, parse_hf_config(hf), cuda_available=cuda)
+    return str(err.value)
+
+
+def test_yaml_and_overrides_merge(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  hf_path: /ckpt\nparallel:\n  tensor_model_parallel_size: 2\n")
+    cfg = load_config(path, ["parallel.pipeline_model_parallel_size=2", "seed=7"])
+    assert (cfg.model.hf_path, cfg.parallel.tensor_model_parallel_size) == ("/ckpt", 2)
+    assert (cfg.parallel.pipeline_model_parallel_size, cfg.seed) == (2, 7)
+    validate_config(cfg, 4, parse_hf_config(QWEN))
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  hf_path: /ckpt\nparallel:\n  tensor_parallel: 2\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: parallel\.tensor_parallel: Key 'tensor_parallel' not in"):
+        load_config(path)
+
+
+def test_wrong_type_on_command_line_names_key():
+    with pytest.raises(ConfigError, match=r"command line: 'parallel.tensor_model_parallel_size=two'.*"
+                                          r"parallel\.tensor_model_parallel_size"):
+        _cfg("parallel.tensor_model_parallel_size=two")
+
+
+def test_bad_enum_value_names_key():
+    with pytest.raises(ConfigError, match=r"model\.params_dtype"):
+        _cfg("model.params_dtype=float8")
+
+
+def test_malformed_override_and_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="not of the form key.sub=value"):
+        _cfg("parallel.sequence_parallel")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"(?s)bad\.yaml: not valid YAML.*line 1"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_missing_required_key():
+    with pytest.raises(ConfigError, match=r"required key\(s\) not set: model\.hf_path"):
+        load_config()
+
+
+@pytest.mark.parametrize(
+    "overrides, world, hf, expected",
+    [
+        (["parallel.tensor_model_parallel_size=3"], 3, QWEN, r"tensor_model_parallel_size=3 does not divide the model's 4 attention heads"),
+        (["parallel.tensor_model_parallel_size=4"], 4, {**QWEN, "num_key_value_heads": 3, "num_attention_heads": 12, "hidden_size": 96},
+         r"3 query groups \(KV heads\) can be neither split"),
+        (["parallel.pipeline_model_parallel_size=3"], 3, QWEN, r"pipeline_model_parallel_size=3 does not divide the model's 4 layers"),
+        (["parallel.sequence_parallel=true"], 1, QWEN, r"sequence_parallel=true needs parallel\.tensor_model_parallel_size > 1"),
+        (["parallel.tensor_model_parallel_size=2"], 3, QWEN, r"world size 3 is not divisible by .* = 2 x 1 = 2"),
+        (["parallel.tensor_model_parallel_size=0"], 1, QWEN, r"parallel\.tensor_model_parallel_size=0: must be >= 1"),
+        (["model.fp8.enabled=true"], 1, QWEN, r"model\.fp8\.enabled=true needs CUDA"),
+        (["model.spec=te"], 1, QWEN, r"model\.spec=te needs CUDA"),
+    ],
+)
+def test_invalid_layouts(overrides, world, hf, expected):
+    import re
+
+    assert re.search(expected, _invalid(_cfg(*overrides), world, hf))
+
+
+def test_fp8_needs_te_spec_on_gpu():
+    msg = _invalid(_cfg("model.fp8.enabled=true", "model.spec=local"), cuda=True)
+    assert "needs the Transformer Engine layer spec" in msg
+
+
+def test_all_problems_reported_together():
+    msg = _invalid(_cfg("parallel.tensor_model_parallel_size=3", "parallel.pipeline_model_parallel_size=3"), 9)
+    assert "attention heads" in msg and "layers" in msg
+
+
+def test_fewer_kv_heads_than_tp_is_valid():
+    validate_config(_cfg("parallel.tensor_model_parallel_size=4"), 4, parse_hf_config({**QWEN, "num_key_value_heads": 1}))
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (dict(architectures=["MistralForCausalLM"]), r"architectures=\['MistralForCausalLM'\] is not supported"),
+        (dict(hidden_act="gelu"), r"hidden_act='gelu'"),
+        (dict(use_sliding_window=True), r"use_sliding_window=true"),
+        (dict(layer_types=["full_attention", "sliding_attention"]), r"only full attention"),
+        (dict(rope_scaling=dict(rope_type="yarn", factor=4.0)), r"rope scaling of type 'yarn'"),
+        (dict(rope_parameters=dict(rope_type="llama3", rope_theta=1e4)), r"rope scaling of type 'llama3'"),
+        ({"vocab_size": None}, r"missing key 'vocab_size'"),
+    ],
+)
+def test_unsupported_models(change, expected):
+    hf = {k: v for k, v in {**QWEN, **change}.items() if v is not None}
+    with pytest.raises(UnsupportedModelError, match=expected):
+        parse_hf_config(hf, where="ckpt/config.json")
+
+
+def test_rope_theta_from_old_and_new_config_formats():
+    assert parse_hf_config({**QWEN, "rope_theta": 1e6}).rope_theta == 1e6
+    assert parse_hf_config({**QWEN, "rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}}).rope_theta == 5e5
