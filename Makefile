@@ -15,7 +15,7 @@ test: setup
 	$(PY) -m pytest tests
 
 lint: setup
-	$(PY) -m ruff check popo_megatron tests bench tools
+	$(PY) -m ruff check popo_megatron tests bench
 
 bench: setup
 	$(PY) bench/bench_weight_loading.py

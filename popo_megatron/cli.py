@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parity = sub.add_parser("parity", help="check Megatron-Core logits against transformers at several layouts")
     parity.add_argument("--hf", type=Path, help="HF checkpoint directory (default: a generated tiny Qwen2)")
     parity.add_argument(
-        "--layouts", type=lambda s: s.split(","), default=["tp1", "tp2", "tp2_sp", "pp2"],
+        "--layouts",
+        type=lambda s: s.split(","),
+        default=["tp1", "tp2", "tp2_sp", "pp2"],
         help="comma-separated, from: tp1, tp2, tp2_sp, pp2, tp2_pp2 (default: tp1,tp2,tp2_sp,pp2)",
     )
     parity.add_argument("--out", default="outputs/parity", help="where the generated tiny model is kept")

@@ -44,7 +44,7 @@ def _parity_worker(hf_path: str, tp: int, pp: int, sp: bool, result_file: str) -
         ]
     )
     validate_config(cfg, dist.get_world_size(), read_hf_config(hf_path))
-    init_model_parallel(tp, pp)
+    init_model_parallel(cfg.parallel)
     seed_everything(cfg.seed)
     start = time.perf_counter()
     model, args = load_hf_model(cfg)

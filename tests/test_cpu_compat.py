@@ -23,20 +23,35 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU layer
 
 def _tiny_gpt(**config_overrides):
     import torch.nn.functional as F
+    from megatron.core import tensor_parallel
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core import tensor_parallel
     from megatron.core.transformer import TransformerConfig
 
     tensor_parallel.model_parallel_cuda_manual_seed(0)  # dropout forks the model-parallel RNG state
     config = TransformerConfig(
-        num_layers=1, hidden_size=32, num_attention_heads=2, use_cpu_initialization=True,
-        gated_linear_unit=True, activation_func=F.silu, normalization="RMSNorm", add_bias_linear=False,
-        bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
-        apply_rope_fusion=False, gradient_accumulation_fusion=False, **config_overrides,
+        num_layers=1,
+        hidden_size=32,
+        num_attention_heads=2,
+        use_cpu_initialization=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        **config_overrides,
     )
-    return GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=64,
-                    max_sequence_length=32, position_embedding_type="rope")
+    return GPTModel(
+        config,
+        get_gpt_layer_local_spec(normalization="RMSNorm"),
+        vocab_size=64,
+        max_sequence_length=32,
+        position_embedding_type="rope",
+    )
 
 
 def probe_current_device():
@@ -60,8 +75,7 @@ def probe_synchronize():
         pp_group=parallel_state.get_pipeline_model_parallel_group(),
         config=ModelParallelConfig(batch_p2p_comm=True, batch_p2p_sync=True, pipeline_dtype=torch.float32),
     )
-    comm._communicate(tensor_send_next=None, tensor_send_prev=None, recv_prev=False, recv_next=False,
-                      tensor_shape=(1,))
+    comm._communicate(tensor_send_next=None, tensor_send_prev=None, recv_prev=False, recv_next=False, tensor_shape=(1,))
 
 
 def probe_cuda_literals():
@@ -82,8 +96,14 @@ def probe_sequence_parallel_norm():
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-    config = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, normalization="RMSNorm",
-                               tensor_model_parallel_size=2, sequence_parallel=True)
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=8,
+        num_attention_heads=2,
+        normalization="RMSNorm",
+        tensor_model_parallel_size=2,
+        sequence_parallel=True,
+    )
     norm = WrappedTorchNorm(config, 8)
     assert isinstance(norm, torch.nn.RMSNorm)
     assert all(getattr(p, "sequence_parallel", False) for p in norm.parameters())
@@ -103,7 +123,7 @@ def probe_cuda_type_checks():
     ddp.finish_grad_sync()
     success, _, _ = optimizer.step()
     assert success
-    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
 
 
 def probe_rng_tracker():
@@ -119,7 +139,7 @@ def probe_rng_tracker():
     assert torch.equal(first, again)  # the forked stream is seeded, and reproducible
 
 
-PROBES = {name[len("probe_"):]: fn for name, fn in globals().items() if name.startswith("probe_")}
+PROBES = {name[len("probe_") :]: fn for name, fn in globals().items() if name.startswith("probe_")}
 
 
 def _run_probe(name: str) -> None:
@@ -151,11 +171,12 @@ def test_every_patch_has_a_probe():
 @pytest.mark.parametrize("name", list(PATCHES))
 def test_patch_is_needed_and_sufficient(name):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_cpu_compat as t; t._run_probe({name!r})"
+    tests_dir = str(Path(__file__).parent)
+    code = f"import sys; sys.path.insert(0, {tests_dir!r}); import test_cpu_compat as t; t._run_probe({name!r})"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("VERDICT ")]
     assert proc.returncode == 0 and lines, f"probe {name} failed with the patch applied:\n{proc.stderr[-3000:]}"
-    verdict = json.loads(lines[-1][len("VERDICT "):])
+    verdict = json.loads(lines[-1][len("VERDICT ") :])
     assert verdict["without"] != "passed", f"probe {name} passed without its patch: the patch is not needed"
     assert verdict["with"] == "passed"
 

@@ -16,19 +16,16 @@ def _load(hf_path: str) -> None:
     from popo_megatron.convert import load_hf_model
     from popo_megatron.platform import init_model_parallel, seed_everything
 
-    init_model_parallel(1, 1)
+    cfg = load_config(overrides=[f"model.hf_path={hf_path}"])
+    init_model_parallel(cfg.parallel)
     seed_everything(0)
-    load_hf_model(load_config(overrides=[f"model.hf_path={hf_path}"]))
-
-
-def _expect_error(hf_path: str, pattern: str) -> None:
-    with pytest.raises(MappingError, match=pattern):
-        _load(hf_path)
+    load_hf_model(cfg)
 
 
 def _error_cases(cases: list[tuple[str, str]]) -> None:
     for path, pattern in cases:
-        _expect_error(path, pattern)
+        with pytest.raises(MappingError, match=pattern):
+            _load(path)
 
 
 def test_bad_checkpoints_fail_with_clear_errors(tiny_models, tmp_path):

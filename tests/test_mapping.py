@@ -11,10 +11,19 @@ from popo_megatron.model.hf_config import parse_hf_config
 
 
 def _args(heads=8, kv=2, head_dim=4, hidden=16, inter=24, vocab=50, **extra):
-    return parse_hf_config(dict(
-        architectures=["Qwen2ForCausalLM"], vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
-        num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim, **extra,
-    ))
+    return parse_hf_config(
+        dict(
+            architectures=["Qwen2ForCausalLM"],
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=inter,
+            num_hidden_layers=2,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            head_dim=head_dim,
+            **extra,
+        )
+    )
 
 
 def _roundtrip(transform, hf, args, tp):
@@ -54,7 +63,7 @@ def test_gated_fc1_per_shard_concat(tp):
     assert torch.equal(gate, g2) and torch.equal(up, u2)
     rows = 24 // tp
     for r, shard in enumerate(shards):  # [gate_r; up_r], not a slice of [gate; up]
-        assert torch.equal(shard, torch.cat([gate[r * rows:(r + 1) * rows], up[r * rows:(r + 1) * rows]]))
+        assert torch.equal(shard, torch.cat([gate[r * rows : (r + 1) * rows], up[r * rows : (r + 1) * rows]]))
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -73,7 +82,9 @@ def test_vocab_padding_and_row_split(tp):
 def test_checkpoint_with_wrong_shapes_is_rejected():
     args = _args(vocab=50)
     ctx = ShardContext.create(args, 0, 1, vocab_divisible_by=8)
-    with pytest.raises(MappingError, match=r"vocabulary rows: expected size 50 along dim 0, checkpoint has shape \(60, 16\)"):
+    with pytest.raises(
+        MappingError, match=r"vocabulary rows: expected size 50 along dim 0, checkpoint has shape \(60, 16\)"
+    ):
         VocabSplit().read_shard([torch.randn(60, 16)], ctx)
     with pytest.raises(MappingError, match="k_proj rows"):
         QKV().read_shard([torch.randn(32, 16), torch.randn(4, 16), torch.randn(8, 16)], ctx)

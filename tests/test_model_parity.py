@@ -42,7 +42,6 @@ def _worker(tp: int, pp: int, sp: bool, model_dirs: dict) -> None:
     from popo_megatron.model.layout import kv_replication_factor
     from popo_megatron.platform import init_model_parallel, seed_everything
 
-    init_model_parallel(tp, pp)
     for name, path in model_dirs.items():
         cfg = load_config(
             overrides=[
@@ -54,6 +53,7 @@ def _worker(tp: int, pp: int, sp: bool, model_dirs: dict) -> None:
         )
         args = read_hf_config(path)
         validate_config(cfg, dist.get_world_size(), args)
+        init_model_parallel(cfg.parallel)
         seed_everything(0)
         model = build_gpt_model(args, cfg)
         load_hf_weights(model, str(path), args, cfg)
@@ -72,7 +72,7 @@ def _worker(tp: int, pp: int, sp: bool, model_dirs: dict) -> None:
         _next_token_loss(hf_logits, tokens, args.vocab_size).backward()
 
         logits = forward_backward(
-            ddp, tokens, loss_fn=lambda lg: _next_token_loss(gather_vocab(lg), tokens, args.vocab_size)
+            ddp, tokens, loss_fn=lambda lg, t=tokens, v=args.vocab_size: _next_token_loss(gather_vocab(lg), t, v)
         )
         where = f"{name} at TP={tp} PP={pp} SP={sp}"
         if parallel_state.is_pipeline_last_stage():

@@ -22,9 +22,7 @@ def validate_config(
         if value < 1:
             problems.append(f"parallel.{key}={value}: must be >= 1")
     if cfg.model.make_vocab_size_divisible_by < 1:
-        problems.append(
-            f"model.make_vocab_size_divisible_by={cfg.model.make_vocab_size_divisible_by}: must be >= 1"
-        )
+        problems.append(f"model.make_vocab_size_divisible_by={cfg.model.make_vocab_size_divisible_by}: must be >= 1")
     if problems:  # the rules below divide by these
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
@@ -36,7 +34,7 @@ def validate_config(
     if par.sequence_parallel and tp == 1:
         problems.append("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
 
-    spec = cfg.model.spec.value if hasattr(cfg.model.spec, "value") else str(cfg.model.spec)
+    spec = cfg.model.spec  # a str Enum: compares equal to its value
     if not cuda_available:
         if spec == "te":
             problems.append("model.spec=te needs CUDA and Transformer Engine; use 'auto' or 'local' on this machine")

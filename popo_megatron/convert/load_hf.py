@@ -24,8 +24,7 @@ def layer_offset(model: torch.nn.Module) -> int:
 
 
 def weight_map_for(args: HFModelArgs, cfg: DictConfig) -> WeightMap:
-    spec = cfg.model.spec
-    return WeightMap(args, resolve_layer_spec(spec.value if hasattr(spec, "value") else str(spec)))
+    return WeightMap(args, resolve_layer_spec(cfg.model.spec))
 
 
 def shard_context(args: HFModelArgs, cfg: DictConfig) -> ShardContext:

@@ -29,7 +29,7 @@ def make_transformer_config(args: HFModelArgs, model_cfg: DictConfig, parallel_c
     tp = parallel_cfg.tensor_model_parallel_size
     pp = parallel_cfg.pipeline_model_parallel_size
     dtype = _DTYPES[_enum_value(model_cfg.params_dtype)]
-    spec = resolve_layer_spec(_enum_value(model_cfg.spec))
+    spec = resolve_layer_spec(model_cfg.spec)
     fp8 = model_cfg.fp8
     fp8_kwargs = {}
     if fp8.enabled:
@@ -74,7 +74,7 @@ def make_transformer_config(args: HFModelArgs, model_cfg: DictConfig, parallel_c
 
 
 def make_layer_spec(args: HFModelArgs, model_cfg: DictConfig):
-    spec = resolve_layer_spec(_enum_value(model_cfg.spec))
+    spec = resolve_layer_spec(model_cfg.spec)
     from megatron.core.models.gpt import gpt_layer_specs
 
     if spec == "te":

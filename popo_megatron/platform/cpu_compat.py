@@ -18,6 +18,7 @@ import copy
 import functools
 import importlib
 import types
+import warnings
 from typing import Callable, Iterator
 
 import torch
@@ -237,6 +238,8 @@ def apply_cpu_compat(only: tuple[str, ...] | None = None, skip: tuple[str, ...] 
     """
     if torch.cuda.is_available():
         return []
+    # Expected on CPU, printed once per import of each optimizer/DDP module otherwise.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     unknown = set(only or ()) | set(skip)
     unknown -= PATCHES.keys()
     if unknown:

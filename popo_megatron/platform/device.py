@@ -25,11 +25,11 @@ def dist_backend() -> str:
 
 
 def resolve_layer_spec(choice: str) -> str:
-    """'auto' -> 'te' with CUDA, 'local' (torch modules) without. Config validation
-    rejects 'te' without CUDA before this is reached."""
+    """'auto' -> 'te' with CUDA, 'local' (torch modules) without (`choice` may be
+    the config's str Enum). Config validation rejects 'te' without CUDA."""
     if choice == "auto":
         return "te" if cuda_available() else "local"
-    return choice
+    return str(getattr(choice, "value", choice))
 
 
 def transformer_config_device_kwargs(layer_spec: str) -> dict[str, Any]:

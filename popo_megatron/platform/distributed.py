@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from omegaconf import DictConfig
 
 from popo_megatron.platform.cpu_compat import apply_cpu_compat
 from popo_megatron.platform.device import cuda_available, dist_backend
@@ -62,10 +63,13 @@ def init_distributed(timeout_minutes: float = 30.0) -> RankInfo:
     return RankInfo(rank, world_size, local_rank)
 
 
-def init_model_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
-    """Create Megatron's TP/PP/DP groups (idempotent for the same layout)."""
+def init_model_parallel(parallel: DictConfig) -> None:
+    """Create Megatron's TP/PP/DP groups for the config's `parallel` section
+    (idempotent for the same layout). Validate the config first."""
     from megatron.core import parallel_state
 
+    tensor_parallel = parallel.tensor_model_parallel_size
+    pipeline_parallel = parallel.pipeline_model_parallel_size
     if parallel_state.model_parallel_is_initialized():
         if (
             parallel_state.get_tensor_model_parallel_world_size() == tensor_parallel

@@ -1,0 +1,184 @@
+"""Benchmark: loading a >= 1 GB HF checkpoint into a TP=2 Megatron model.
+
+Each rank should read only the slices of the HF tensors it owns. Printed
+against the baseline of reading the same files once (same run, warm page
+cache for both), and per-rank memory: peak RSS during loading, the growth of
+anonymous memory (copies) and of file-backed memory (mmap'd checkpoint pages
+actually touched) while loading.
+
+    python bench/bench_weight_loading.py [--size-gb 1.0] [--tp 2] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _status_kb() -> dict[str, int]:
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+def make_checkpoint(path: Path, size_gb: float) -> int:
+    """A synthetic untied Qwen2 checkpoint of about `size_gb` (fp32), in 500 MB shards."""
+    from safetensors.torch import save_file
+
+    hidden, inter, heads, kv, vocab = 1024, 2816, 16, 2, 32000
+    head_dim = hidden // heads
+    per_layer = 4 * (2 * hidden * hidden + 2 * kv * head_dim * hidden + 3 * hidden * inter)
+    layers = max(2, round((size_gb * 1e9 - 2 * 4 * vocab * hidden) / per_layer))
+    layers += layers % 2
+    config = dict(
+        architectures=["Qwen2ForCausalLM"],
+        model_type="qwen2",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=4096,
+        rope_theta=1e6,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config))
+    gen = torch.Generator().manual_seed(0)
+
+    def tensors():
+        yield "model.embed_tokens.weight", (vocab, hidden)
+        yield "lm_head.weight", (vocab, hidden)
+        yield "model.norm.weight", (hidden,)
+        for i in range(layers):
+            p = f"model.layers.{i}."
+            yield p + "input_layernorm.weight", (hidden,)
+            yield p + "post_attention_layernorm.weight", (hidden,)
+            yield p + "self_attn.q_proj.weight", (hidden, hidden)
+            yield p + "self_attn.q_proj.bias", (hidden,)
+            for n in "kv":
+                yield p + f"self_attn.{n}_proj.weight", (kv * head_dim, hidden)
+                yield p + f"self_attn.{n}_proj.bias", (kv * head_dim,)
+            yield p + "self_attn.o_proj.weight", (hidden, hidden)
+            yield p + "mlp.gate_proj.weight", (inter, hidden)
+            yield p + "mlp.up_proj.weight", (inter, hidden)
+            yield p + "mlp.down_proj.weight", (hidden, inter)
+
+    weight_map, shard, shard_bytes, total, n = {}, {}, 0, 0, 0
+
+    def flush():
+        nonlocal shard, shard_bytes, n
+        if shard:
+            name = f"model-{n:05d}.safetensors"
+            save_file(shard, str(path / name))
+            weight_map.update({k: name for k in shard})
+            shard, shard_bytes, n = {}, 0, n + 1
+
+    for name, shape in tensors():
+        t = torch.randn(shape, generator=gen) * 0.02
+        shard[name] = t
+        shard_bytes += t.numel() * 4
+        total += t.numel() * 4
+        if shard_bytes > 500e6:
+            flush()
+    flush()
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
+    )
+    return total
+
+
+def read_once(path: Path) -> float:
+    """Baseline: read every byte of the checkpoint files once."""
+    start = time.perf_counter()
+    for f in sorted(path.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            while fh.read(64 << 20):
+                pass
+    return time.perf_counter() - start
+
+
+def _load_worker(hf_path: str, tp: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from popo_megatron.config import load_config
+    from popo_megatron.convert import load_hf_weights
+    from popo_megatron.model.builder import build_gpt_model
+    from popo_megatron.model.hf_config import read_hf_config
+    from popo_megatron.platform import init_model_parallel, seed_everything
+
+    cfg = load_config(overrides=[f"model.hf_path={hf_path}", f"parallel.tensor_model_parallel_size={tp}"])
+    init_model_parallel(cfg.parallel)
+    seed_everything(0)
+    args = read_hf_config(hf_path)
+    model = build_gpt_model(args, cfg)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    before = _status_kb()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS mark (VmHWM)
+    dist.barrier()
+    start = time.perf_counter()
+    load_hf_weights(model, hf_path, args, cfg)
+    seconds = time.perf_counter() - start
+    after = _status_kb()
+    result = dict(
+        rank=dist.get_rank(),
+        load_s=seconds,
+        param_mb=param_bytes / 2**20,
+        peak_rss_mb=after["VmHWM"] / 1024,
+        anon_growth_mb=(after["RssAnon"] - before["RssAnon"]) / 1024,
+        file_growth_mb=(after["RssFile"] - before["RssFile"]) / 1024,
+    )
+    Path(out_dir, f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-gb", type=float, default=1.0)
+    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    ns = parser.parse_args()
+
+    from popo_megatron.launch import run_local
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "ckpt"
+        print(f"writing a synthetic {ns.size_gb:.1f} GB checkpoint ...", flush=True)
+        total = make_checkpoint(ckpt, ns.size_gb)
+        read_once(ckpt)  # warm the page cache, so both measurements see the same cache state
+        baseline_s = read_once(ckpt)
+        run_local(_load_worker, ns.tp, str(ckpt), ns.tp, tmp)
+        ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(ns.tp)]
+
+    ckpt_mb = total / 2**20
+    print(f"\ncheckpoint: {ckpt_mb:.0f} MiB fp32; read once (1 process): {baseline_s:.2f} s")
+    print(
+        f"{'rank':>4} {'load s':>7} {'x read-once':>11} {'params MiB':>10} {'peak RSS MiB':>12} "
+        f"{'anon +MiB':>9} {'mmap +MiB':>9} {'mmap / ckpt':>11}"
+    )
+    for r in ranks:
+        print(
+            f"{r['rank']:>4} {r['load_s']:7.2f} {r['load_s'] / baseline_s:11.2f} {r['param_mb']:10.0f} "
+            f"{r['peak_rss_mb']:12.0f} {r['anon_growth_mb']:9.0f} {r['file_growth_mb']:9.0f} "
+            f"{r['file_growth_mb'] / ckpt_mb:11.2f}"
+        )
+    ns.out.mkdir(parents=True, exist_ok=True)
+    out = ns.out / "weight_loading.json"
+    out.write_text(json.dumps(dict(checkpoint_mb=ckpt_mb, tp=ns.tp, read_once_s=baseline_s, ranks=ranks), indent=2))
+    print(f"\nwritten: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
