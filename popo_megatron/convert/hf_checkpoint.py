@@ -18,6 +18,7 @@ INDEX_FILE = "model.safetensors.index.json"
 
 class _SafetensorsSlice:
     def __init__(self, handle, name: str) -> None:
+        self._handle = handle  # keeps the file mapped while this slice is in use
         self._slice = handle.get_slice(name)
         self.shape = tuple(self._slice.get_shape())
 
@@ -48,7 +49,6 @@ class HFCheckpoint:
         missing_files = sorted({str(f) for f in self._file_of.values() if not f.is_file()})
         if missing_files:
             raise MappingError(f"{self.path}: shard file(s) listed in the index are missing: {missing_files}")
-        self._handles: dict[Path, object] = {}
 
     def names(self) -> list[str]:
         return list(self._file_of)
@@ -56,7 +56,7 @@ class HFCheckpoint:
     def get(self, name: str) -> Sliceable:
         if name not in self._file_of:
             raise MappingError(f"{self.path}: tensor {name!r} not found in the checkpoint")
-        f = self._file_of[name]
-        if f not in self._handles:
-            self._handles[f] = safe_open(str(f), framework="pt")
-        return _SafetensorsSlice(self._handles[f], name)
+        # A fresh handle per tensor: the file's pages are unmapped when the slice is
+        # dropped, so the checkpoint pages a rank touched do not accumulate in its
+        # RSS over the whole load (opening costs a header parse, microseconds).
+        return _SafetensorsSlice(safe_open(str(self._file_of[name]), framework="pt"), name)
