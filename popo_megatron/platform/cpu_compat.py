@@ -238,8 +238,10 @@ def apply_cpu_compat(only: tuple[str, ...] | None = None, skip: tuple[str, ...] 
     """
     if torch.cuda.is_available():
         return []
-    # Expected on CPU, printed once per import of each optimizer/DDP module otherwise.
+    # Expected on CPU (no TE/Apex kernels, no CUDA streams); otherwise printed by every rank.
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    warnings.filterwarnings("ignore", message="Apex is not installed. Falling back to Torch Norm")
+    warnings.filterwarnings("ignore", message="When using async grad allreduce it is recommended")
     unknown = set(only or ()) | set(skip)
     unknown -= PATCHES.keys()
     if unknown:

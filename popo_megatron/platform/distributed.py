@@ -10,6 +10,7 @@ import datetime
 import os
 import random
 import socket
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,11 @@ def init_distributed(timeout_minutes: float = 30.0) -> RankInfo:
     entry point that goes through here gets it exactly once.
     """
     apply_cpu_compat()
+    # Upstream deprecation notices every rank would print: megatron-core calls
+    # collectives that torch >= 2.13 renamed, and warns about its own default
+    # cuda_graph_scope in every TransformerConfig.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="full scope is deprecated")
     if dist.is_initialized():
         return RankInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     rank = int(os.environ.get("RANK", 0))
