@@ -35,10 +35,11 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: 
     from popo_megatron.platform import init_distributed, shutdown
 
     init_distributed(timeout_minutes=10)
-    try:
-        fn(*args)
-    finally:
-        shutdown()
+    fn(*args)
+    # Only after success: shutdown() starts with a barrier, which a failed rank must
+    # not enter (its peers may never arrive). A failed rank just exits; the parent
+    # then stops the others.
+    shutdown()
 
 
 def run_local(fn: Callable[..., Any], world_size: int, *args: Any) -> None:

@@ -83,8 +83,6 @@ def _worker(tp: int, pp: int, sp: bool, model_dirs: dict) -> None:
 
         # Each rank's gradient shard equals the matching slice of transformers' gradient.
         hf_grads = {n: p.grad for n, p in hf.named_parameters()}
-        if args.tie_word_embeddings:
-            hf_grads.setdefault("lm_head.weight", hf_grads["model.embed_tokens.weight"])
         checked = 0
         for pname, param, expected in iter_megatron_shards(model, hf_grads, args, cfg):
             got = param.main_grad

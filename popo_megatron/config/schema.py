@@ -65,9 +65,6 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     spec: LayerSpec = LayerSpec.auto
     fp8: FP8Config = field(default_factory=FP8Config)
-    # Only read config.json and safetensors; never execute code shipped with a checkpoint
-    # unless the user opts in.
-    trust_remote_code: bool = False
 
 
 @dataclass
@@ -75,7 +72,6 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
-    use_distributed_optimizer: bool = False
 
 
 @dataclass
@@ -83,4 +79,3 @@ class PopoConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     seed: int = 1234
-    output_dir: str = "outputs/run"

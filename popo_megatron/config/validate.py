@@ -12,9 +12,14 @@ from popo_megatron.model.hf_config import HFModelArgs
 
 
 def validate_config(
-    cfg: DictConfig, world_size: int, model: HFModelArgs | None = None, cuda_available: bool = False
+    cfg: DictConfig, world_size: int, model: HFModelArgs | None = None, cuda_available: bool | None = None
 ) -> None:
-    """Raise ConfigError listing every problem of `cfg` for this world size and model."""
+    """Raise ConfigError listing every problem of `cfg` for this world size and model
+    (`cuda_available` defaults to what this machine has)."""
+    if cuda_available is None:
+        from popo_megatron.platform import cuda_available as machine_has_cuda
+
+        cuda_available = machine_has_cuda()
     problems: list[str] = []
     par = cfg.parallel
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size

@@ -4,7 +4,6 @@ and the CPU compatibility layer for megatron-core. The only place that knows abo
 from popo_megatron.platform.cpu_compat import apply_cpu_compat
 from popo_megatron.platform.device import (
     cuda_available,
-    device,
     dist_backend,
     resolve_layer_spec,
     transformer_config_device_kwargs,
@@ -21,7 +20,6 @@ __all__ = [
     "RankInfo",
     "apply_cpu_compat",
     "cuda_available",
-    "device",
     "dist_backend",
     "init_distributed",
     "init_model_parallel",

@@ -230,27 +230,19 @@ PATCHES: dict[str, Callable[[], None]] = {
 }
 
 
-def apply_cpu_compat(only: tuple[str, ...] | None = None, skip: tuple[str, ...] = ()) -> list[str]:
-    """Apply the CPU patches (all by default) unless CUDA is available. Idempotent.
-
-    `only`/`skip` exist so each patch can be shown to be necessary in isolation.
-    Returns the names applied by this call.
-    """
+def apply_cpu_compat() -> list[str]:
+    """Apply every CPU patch unless CUDA is available. Idempotent; returns the
+    names applied by this call."""
     if torch.cuda.is_available():
         return []
     # Expected on CPU (no TE/Apex kernels, no CUDA streams); otherwise printed by every rank.
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     warnings.filterwarnings("ignore", message="Apex is not installed. Falling back to Torch Norm")
     warnings.filterwarnings("ignore", message="When using async grad allreduce it is recommended")
-    unknown = set(only or ()) | set(skip)
-    unknown -= PATCHES.keys()
-    if unknown:
-        raise KeyError(f"unknown CPU compat patch(es): {sorted(unknown)}; known: {list(PATCHES)}")
     applied = []
     for name, patch in PATCHES.items():
-        if name in _APPLIED or name in skip or (only is not None and name not in only):
-            continue
-        patch()
-        _APPLIED.add(name)
-        applied.append(name)
+        if name not in _APPLIED:
+            patch()
+            _APPLIED.add(name)
+            applied.append(name)
     return applied

@@ -15,11 +15,6 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def device() -> torch.device:
-    """Where this rank's model lives (the current CUDA device, or the CPU)."""
-    return torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")
-
-
 def dist_backend() -> str:
     return "nccl" if cuda_available() else "gloo"
 
