@@ -33,13 +33,10 @@ def _patch_current_device() -> None:
 
 
 # --- 2/4. device="cuda" literals inside megatron modules ----------------------------
-_CUDA_NAMES = ("cuda", "cuda:0")
 _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like", "ones_like", "empty_like")
 
 
 def _to_cpu_device(device):
-    if device is None:
-        return None
     if isinstance(device, torch.device):
         return torch.device("cpu") if device.type == "cuda" else device
     if isinstance(device, str) and device.split(":")[0] == "cuda":
