@@ -7,20 +7,13 @@ accepts them here; Transformer Engine itself only runs on a GPU (not run yet).
 from __future__ import annotations
 
 import torch
+from tiny_models import QWEN2_CONFIG_JSON
 
 from popo_megatron.config import load_config
 from popo_megatron.model.builder import make_transformer_config
 from popo_megatron.model.hf_config import parse_hf_config
 
-BASE = dict(
-    vocab_size=100,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rms_norm_eps=1e-5,
-)
+BASE = {**QWEN2_CONFIG_JSON, "rms_norm_eps": 1e-5}
 
 
 def _config(hf: dict, *overrides: str):

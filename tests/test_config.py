@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from tiny_models import QWEN2_CONFIG_JSON
 
 from popo_megatron.config import ConfigError, load_config, validate_config
 from popo_megatron.model.hf_config import UnsupportedModelError, parse_hf_config
 
-QWEN = dict(
-    architectures=["Qwen2ForCausalLM"],
-    vocab_size=1000,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=4,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-)
+QWEN = QWEN2_CONFIG_JSON
 
 
 def _cfg(*overrides):

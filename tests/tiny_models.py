@@ -15,6 +15,9 @@ COMMON = dict(
     max_position_embeddings=256,
 )
 
+# A config.json of a small Qwen2, for tests that only parse configs (no weights).
+QWEN2_CONFIG_JSON = dict(architectures=["Qwen2ForCausalLM"], **COMMON, num_key_value_heads=2)
+
 # name -> (transformers config class, config overrides)
 VARIANTS: dict[str, tuple[str, dict]] = {
     # Qwen2: QKV bias, tied embeddings (like Qwen2.5-0.5B/1.5B).
