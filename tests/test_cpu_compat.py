@@ -21,29 +21,25 @@ from popo_megatron.platform.cpu_compat import PATCHES
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU layer is only applied without CUDA")
 
 
-def _tiny_gpt(**config_overrides):
+def _tiny_gpt():
     import torch.nn.functional as F
     from megatron.core import tensor_parallel
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
 
+    from popo_megatron.platform import transformer_config_device_kwargs
+
     tensor_parallel.model_parallel_cuda_manual_seed(0)  # dropout forks the model-parallel RNG state
     config = TransformerConfig(
         num_layers=1,
         hidden_size=32,
         num_attention_heads=2,
-        use_cpu_initialization=True,
         gated_linear_unit=True,
         activation_func=F.silu,
         normalization="RMSNorm",
         add_bias_linear=False,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        **config_overrides,
+        **transformer_config_device_kwargs("local"),
     )
     return GPTModel(
         config,
