@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from popo_megatron.model.tiny import save_synthetic_hf_checkpoint
 
 
 def _status_kb() -> dict[str, int]:
@@ -28,76 +28,6 @@ def _status_kb() -> dict[str, int]:
         if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
             fields[key] = int(value.split()[0])
     return fields
-
-
-def make_checkpoint(path: Path, size_gb: float) -> int:
-    """A synthetic untied Qwen2 checkpoint of about `size_gb` (fp32), in 500 MB shards."""
-    from safetensors.torch import save_file
-
-    hidden, inter, heads, kv, vocab = 1024, 2816, 16, 2, 32000
-    head_dim = hidden // heads
-    per_layer = 4 * (2 * hidden * hidden + 2 * kv * head_dim * hidden + 3 * hidden * inter)
-    layers = max(2, round((size_gb * 1e9 - 2 * 4 * vocab * hidden) / per_layer))
-    layers += layers % 2
-    config = dict(
-        architectures=["Qwen2ForCausalLM"],
-        model_type="qwen2",
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=inter,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        max_position_embeddings=4096,
-        rope_theta=1e6,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        torch_dtype="float32",
-    )
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config))
-    gen = torch.Generator().manual_seed(0)
-
-    def tensors():
-        yield "model.embed_tokens.weight", (vocab, hidden)
-        yield "lm_head.weight", (vocab, hidden)
-        yield "model.norm.weight", (hidden,)
-        for i in range(layers):
-            p = f"model.layers.{i}."
-            yield p + "input_layernorm.weight", (hidden,)
-            yield p + "post_attention_layernorm.weight", (hidden,)
-            yield p + "self_attn.q_proj.weight", (hidden, hidden)
-            yield p + "self_attn.q_proj.bias", (hidden,)
-            for n in "kv":
-                yield p + f"self_attn.{n}_proj.weight", (kv * head_dim, hidden)
-                yield p + f"self_attn.{n}_proj.bias", (kv * head_dim,)
-            yield p + "self_attn.o_proj.weight", (hidden, hidden)
-            yield p + "mlp.gate_proj.weight", (inter, hidden)
-            yield p + "mlp.up_proj.weight", (inter, hidden)
-            yield p + "mlp.down_proj.weight", (hidden, inter)
-
-    weight_map, shard, shard_bytes, total, n = {}, {}, 0, 0, 0
-
-    def flush():
-        nonlocal shard, shard_bytes, n
-        if shard:
-            name = f"model-{n:05d}.safetensors"
-            save_file(shard, str(path / name))
-            weight_map.update({k: name for k in shard})
-            shard, shard_bytes, n = {}, 0, n + 1
-
-    for name, shape in tensors():
-        t = torch.randn(shape, generator=gen) * 0.02
-        shard[name] = t
-        shard_bytes += t.numel() * 4
-        total += t.numel() * 4
-        if shard_bytes > 500e6:
-            flush()
-    flush()
-    (path / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map})
-    )
-    return total
 
 
 def read_once(path: Path) -> float:
@@ -156,7 +86,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "ckpt"
         print(f"writing a synthetic {ns.size_gb:.1f} GB checkpoint ...", flush=True)
-        total = make_checkpoint(ckpt, ns.size_gb)
+        total = save_synthetic_hf_checkpoint(ckpt, ns.size_gb)
         read_once(ckpt)  # warm the page cache, so both measurements see the same cache state
         baseline_s = read_once(ckpt)
         run_local(_load_worker, ns.tp, str(ckpt), ns.tp, tmp)

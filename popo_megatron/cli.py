@@ -1,8 +1,10 @@
-"""`popo` command line: `popo parity` (more subcommands arrive with the trainer and converters)."""
+"""`popo` command line: `popo convert ...` (checkpoint conversion) and `popo parity` (a model check)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import sys
 from pathlib import Path
 
@@ -46,9 +48,72 @@ def _parity(ns: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _convert(ns: argparse.Namespace) -> int:
+    from popo_megatron.config import ConfigError
+    from popo_megatron.convert import offline
+    from popo_megatron.convert.checkpoint_dir import CheckpointError
+    from popo_megatron.convert.mapping import MappingError
+    from popo_megatron.model.hf_config import UnsupportedModelError
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed:  # under torchrun / srun: the ranks share the work
+        from popo_megatron.platform import init_distributed
+
+        init_distributed()
+    try:
+        if ns.direction == "hf-to-mcore":
+            stats = offline.hf_to_mcore(
+                ns.hf, ns.out, ns.tp, ns.pp, ns.dtype, ns.make_vocab_size_divisible_by, progress=not ns.quiet
+            )
+        elif ns.direction == "mcore-to-hf":
+            stats = offline.mcore_to_hf(
+                ns.ckpt, ns.out, ns.weights, ns.dtype, int(ns.max_shard_size_gb * 1024**3), progress=not ns.quiet
+            )
+        else:
+            stats = offline.mcore_reshard(ns.ckpt, ns.out, ns.tp, ns.pp, progress=not ns.quiet)
+    except (CheckpointError, ConfigError, MappingError, UnsupportedModelError, FileExistsError, ValueError) as exc:
+        print(f"popo convert {ns.direction}: error: {exc}", file=sys.stderr)
+        return 2
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    gib = stats["bytes"] / 1024**3
+    print(
+        f"popo convert {ns.direction}: wrote {ns.out} ({gib:.3f} GiB in {stats['seconds']:.1f} s, "
+        f"{gib / max(stats['seconds'], 1e-9):.2f} GiB/s, peak RSS {peak_mib:.0f} MiB)"
+    )
+    return 0
+
+
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    convert = sub.add_parser("convert", help="convert checkpoints between HF and Megatron layouts")
+    directions = convert.add_subparsers(dest="direction", required=True)
+    to_mcore = directions.add_parser(
+        "hf-to-mcore",
+        help="HF safetensors model -> Megatron distributed checkpoint (streaming; torchrun splits the work)",
+    )
+    to_mcore.add_argument("--hf", type=Path, required=True, help="HF model directory (config.json + *.safetensors)")
+    to_mcore.add_argument("--tp", type=int, default=1, help="tensor-parallel size the checkpoint is for")
+    to_mcore.add_argument("--pp", type=int, default=1, help="pipeline-parallel size the checkpoint is for")
+    to_mcore.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    to_hf = directions.add_parser("mcore-to-hf", help="Megatron checkpoint (any TP/PP) -> HF safetensors model")
+    to_hf.add_argument("--weights", choices=["model", "twin"], default="model", help="policy or twin weights")
+    to_hf.add_argument("--max-shard-size-gb", type=float, default=2.0, help="size of each safetensors shard")
+    reshard = directions.add_parser("mcore-reshard", help="Megatron checkpoint -> the same at another TP/PP")
+    reshard.add_argument("--tp", type=int, required=True)
+    reshard.add_argument("--pp", type=int, required=True)
+    for direction in (to_hf, reshard):
+        direction.add_argument("--ckpt", type=Path, required=True, help="popo checkpoint directory")
+    for direction in (to_mcore, to_hf, reshard):
+        direction.add_argument("--out", type=Path, required=True, help="output directory (must not exist)")
+        direction.add_argument("--quiet", action="store_true", help="no progress bar")
+    for direction in (to_mcore, to_hf):
+        direction.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast the weights")
+    convert.set_defaults(func=_convert)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="popo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_convert(sub)
     parity = sub.add_parser("parity", help="check Megatron-Core logits against transformers at several layouts")
     parity.add_argument("--hf", type=Path, help="HF checkpoint directory (default: a generated tiny Qwen2)")
     parity.add_argument(

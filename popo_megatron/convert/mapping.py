@@ -13,14 +13,17 @@ transform that knows how the parameter is split across tensor-parallel ranks:
 A transform reads only this rank's slice of each HF tensor (`read_shard`, so a
 rank of a large model reads a fraction of the checkpoint) and merges the TP
 shards of a parameter back into full HF tensors (`to_hf`, used by the
-exporters and the weight sync). The offline converters and the rollout weight
-sync reuse this table; nothing else may hard-code either layout.
+exporters and the weight sync). `to_checkpoint` / `from_checkpoint` convert
+between HF tensors and the whole parameter as Megatron's distributed
+checkpoints store it (the offline converters work on that form without
+building a model). The offline converters and the rollout weight sync reuse
+this table; nothing else may hard-code either layout.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, Sequence
 
 import torch
@@ -54,6 +57,9 @@ class ShardContext:
     def create(cls, args: HFModelArgs, tp_rank: int, tp_size: int, vocab_divisible_by: int) -> "ShardContext":
         return cls(args, tp_rank, tp_size, padded_vocab_size(args.vocab_size, vocab_divisible_by, tp_size))
 
+    def for_rank(self, tp_rank: int) -> "ShardContext":
+        return replace(self, tp_rank=tp_rank)
+
     def span(self, total: int) -> slice:
         """This rank's contiguous 1/tp share of `total` rows."""
         size = total // self.tp_size
@@ -65,7 +71,30 @@ def _expect(hf: Sliceable, dim: int, size: int, what: str) -> None:
         raise MappingError(f"{what}: expected size {size} along dim {dim}, checkpoint has shape {tuple(hf.shape)}")
 
 
-class Replicated:
+class Transform:
+    """Base: the checkpoint form of a parameter is its TP shards joined along `split_axis`."""
+
+    split_axis: int | None = None  # the dim TP splits; None: the same tensor on every TP rank
+
+    def read_shard(self, hf: Sequence[Sliceable], ctx: ShardContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_hf(self, shards: Sequence[torch.Tensor], ctx: ShardContext) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def to_checkpoint(self, hf: Sequence[Sliceable], ctx: ShardContext) -> torch.Tensor:
+        """The whole Megatron parameter (all TP ranks of `ctx.tp_size`) as dist checkpoints store it."""
+        if self.split_axis is None:
+            return self.read_shard(hf, ctx.for_rank(0))
+        return torch.cat([self.read_shard(hf, ctx.for_rank(r)) for r in range(ctx.tp_size)], dim=self.split_axis)
+
+    def from_checkpoint(self, full: torch.Tensor, ctx: ShardContext) -> list[torch.Tensor]:
+        """Inverse of to_checkpoint: the HF tensors of a whole stored parameter."""
+        shards = [full] if self.split_axis is None else list(full.chunk(ctx.tp_size, dim=self.split_axis))
+        return self.to_hf(shards, ctx)
+
+
+class Replicated(Transform):
     def read_shard(self, hf: Sequence[Sliceable], ctx: ShardContext) -> torch.Tensor:
         return hf[0][:]
 
@@ -73,8 +102,10 @@ class Replicated:
         return [shards[0]]
 
 
-class RowSplit:
+class RowSplit(Transform):
     """Row-parallel linear: the input dimension (1) is split across TP."""
+
+    split_axis = 1
 
     def read_shard(self, hf: Sequence[Sliceable], ctx: ShardContext) -> torch.Tensor:
         return hf[0][:, ctx.span(hf[0].shape[1])]
@@ -83,8 +114,10 @@ class RowSplit:
         return [torch.cat(list(shards), dim=1)]
 
 
-class VocabSplit:
+class VocabSplit(Transform):
     """Vocab-parallel rows, padded with zeros from vocab_size to the padded vocab."""
+
+    split_axis = 0
 
     def read_shard(self, hf: Sequence[Sliceable], ctx: ShardContext) -> torch.Tensor:
         vocab = ctx.args.vocab_size
@@ -98,13 +131,17 @@ class VocabSplit:
         return [torch.cat(list(shards))[: ctx.args.vocab_size]]
 
 
-class QKV:
+class QKV(Transform):
     """q, k, v (weights [heads*head_dim, hidden] or biases [heads*head_dim]) <-> linear_qkv.
 
     Megatron stores, for each query group g, the rows [q heads of g, k_g, v_g].
     With G' Megatron groups and rep = G' / num_kv_heads, Megatron group g uses
     HF KV head g // rep (rep > 1 only when the model has fewer KV heads than TP).
+    The stored form is Megatron's column-parallel one, all groups in order, so it
+    depends on TP only through the replication of KV heads.
     """
+
+    split_axis = 0
 
     def read_shard(self, hf: Sequence[Sliceable], ctx: ShardContext) -> torch.Tensor:
         a = ctx.args
@@ -141,8 +178,12 @@ class QKV:
         return [q.reshape(-1, *trailing), k[::rep].reshape(-1, *trailing), v[::rep].reshape(-1, *trailing)]
 
 
-class GatedFC1:
-    """gate_proj, up_proj <-> linear_fc1, concatenated [gate_r; up_r] within each TP shard."""
+class GatedFC1(Transform):
+    """gate_proj, up_proj <-> linear_fc1, concatenated [gate_r; up_r] within each TP shard.
+
+    Megatron's checkpoints store the whole parameter as [gate; up] (its swiglu
+    sharded factory), which does not depend on TP.
+    """
 
     def read_shard(self, hf: Sequence[Sliceable], ctx: ShardContext) -> torch.Tensor:
         gate, up = hf
@@ -155,8 +196,11 @@ class GatedFC1:
         halves = [s.chunk(2) for s in shards]
         return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
 
+    def to_checkpoint(self, hf: Sequence[Sliceable], ctx: ShardContext) -> torch.Tensor:
+        return self.read_shard(hf, ShardContext(ctx.args, 0, 1, ctx.padded_vocab))
 
-Transform = Replicated | RowSplit | VocabSplit | QKV | GatedFC1
+    def from_checkpoint(self, full: torch.Tensor, ctx: ShardContext) -> list[torch.Tensor]:
+        return list(full.chunk(2))
 
 
 @dataclass(frozen=True)
@@ -202,11 +246,18 @@ DENSE_DECODER: tuple[Row, ...] = (
 MAPPING_TABLES: dict[str, tuple[Row, ...]] = {"qwen2": DENSE_DECODER, "qwen3": DENSE_DECODER, "llama": DENSE_DECODER}
 
 # With Transformer Engine's fused layernorm-linear modules the pre-norm weights
-# live inside the following linear.
+# live inside the following linear. Megatron's checkpoints use these names for
+# both layer specs, so checkpoints do not depend on the spec.
 _TE_NAMES = {
     "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
     "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
 }
+
+
+def _te_name(name: str) -> str:
+    for local, fused in _TE_NAMES.items():
+        name = name.replace(local, fused)
+    return name
 
 
 def _applies(row: Row, args: HFModelArgs) -> bool:
@@ -226,6 +277,22 @@ class ResolvedMapping:
     megatron: str
     hf: tuple[str, ...]
     transform: Transform
+    # The tied output layer: a copy of the embedding that the last pipeline stage
+    # keeps. Exporters and the weight sync skip it (HF has one tensor).
+    duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class CheckpointParam:
+    """One parameter as a Megatron distributed checkpoint stores it.
+
+    Transformer-layer parameters of all layers share one key and are stacked
+    along a leading axis; `layer` is the index on that axis (None otherwise).
+    """
+
+    key: str
+    layer: int | None
+    mapping: ResolvedMapping
 
 
 class WeightMap:
@@ -237,10 +304,7 @@ class WeightMap:
         for row in MAPPING_TABLES[args.family]:
             if not _applies(row, args):
                 continue
-            name = row.megatron
-            if layer_spec == "te":
-                for local, fused in _TE_NAMES.items():
-                    name = name.replace(local, fused)
+            name = _te_name(row.megatron) if layer_spec == "te" else row.megatron
             pattern = re.escape(name).replace(re.escape("{layer}"), r"(?P<layer>\d+)")
             self._rows.append((re.compile(pattern + "$"), name, row))
 
@@ -252,7 +316,23 @@ class WeightMap:
             if match is None:
                 continue
             layer = int(match["layer"]) + layer_offset if "layer" in match.groupdict() else None
-            return ResolvedMapping(
-                template.format(layer=layer), tuple(h.format(layer=layer) for h in row.hf), row.transform
-            )
+            return _resolve(row, template, layer)
         raise MappingError(f"no HF mapping for Megatron parameter {megatron_name!r} ({self.args.architecture})")
+
+    def checkpoint_params(self) -> list[CheckpointParam]:
+        """Every parameter of the whole model (all layers, all stages) under its checkpoint
+        key, without the tied output layer's copy (checkpoints store it as the embedding)."""
+        params = []
+        for _, template, row in self._rows:
+            if row.when == "tied":
+                continue
+            key = _te_name(row.megatron).replace("layers.{layer}.", "layers.")
+            layers = range(self.args.num_layers) if "{layer}" in row.megatron else [None]
+            params += [CheckpointParam(key, layer, _resolve(row, template, layer)) for layer in layers]
+        return params
+
+
+def _resolve(row: Row, template: str, layer: int | None) -> ResolvedMapping:
+    return ResolvedMapping(
+        template.format(layer=layer), tuple(h.format(layer=layer) for h in row.hf), row.transform, row.when == "tied"
+    )

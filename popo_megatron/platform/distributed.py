@@ -43,9 +43,11 @@ def init_distributed(timeout_minutes: float = 30.0) -> RankInfo:
     """
     apply_cpu_compat()
     # Upstream deprecation notices every rank would print: megatron-core calls
-    # collectives that torch >= 2.13 renamed, and warns about its own default
-    # cuda_graph_scope in every TransformerConfig.
+    # collectives and DCP functions that torch >= 2.13 renamed or deprecated, and
+    # warns about its own default cuda_graph_scope in every TransformerConfig.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="`load_state_dict` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
     warnings.filterwarnings("ignore", message="full scope is deprecated")
     if dist.is_initialized():
         return RankInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))

@@ -1,0 +1,140 @@
+"""The on-disk layout of a popo checkpoint (converted weights or training state).
+
+    CKPT_DIR/
+      popo_checkpoint.json   what is inside and the layout it was written at (CheckpointInfo)
+      hf/                    config.json, tokenizer and generation files of the source HF model
+      megatron/              the Megatron distributed checkpoint (torch_dist)
+
+Inside `megatron/` the policy weights live under the key prefix `model.` (as
+`model.sharded_state_dict(prefix="model.")` names them) and the twin's under
+`twin.`. Stored tensors are whole parameters (Megatron's checkpoints are
+independent of TP/PP), with two exceptions recorded here: the vocabulary
+padding and the number of query groups (KV heads are replicated when the model
+has fewer of them than TP).
+
+Every writer builds the directory under a sibling `.NAME.incomplete` and
+renames it when complete, so a directory named CKPT_DIR is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch.distributed as dist
+
+from popo_megatron.convert.mapping import ShardContext
+from popo_megatron.model.hf_config import HFModelArgs, read_hf_config
+
+INFO_FILE = "popo_checkpoint.json"
+HF_DIR = "hf"
+MEGATRON_DIR = "megatron"
+FORMAT_VERSION = 1
+# Weight sets a checkpoint can hold -> their key prefix inside megatron/.
+WEIGHT_PREFIXES = {"model": "model.", "twin": "twin."}
+# Files of an HF model directory that are weights (everything else is copied as metadata).
+_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, incomplete, or does not fit the request."""
+
+
+@dataclass
+class CheckpointInfo:
+    kind: str  # "weights" (converted) or "train" (written by the trainer)
+    tensor_model_parallel_size: int
+    pipeline_model_parallel_size: int
+    make_vocab_size_divisible_by: int
+    padded_vocab_size: int
+    query_groups: int  # Megatron's num_query_groups (> KV heads when they are replicated)
+    dtype: str
+    weights: list[str] = field(default_factory=lambda: ["model"])
+    format_version: int = FORMAT_VERSION
+
+    def shard_context(self, args: HFModelArgs) -> ShardContext:
+        """The context whose whole-parameter layout (`Transform.to_checkpoint`) the stored tensors have."""
+        return ShardContext(args, 0, self.tensor_model_parallel_size, self.padded_vocab_size)
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def write_info(ckpt_dir: Path, info: CheckpointInfo) -> None:
+    (Path(ckpt_dir) / INFO_FILE).write_text(json.dumps(asdict(info), indent=2) + "\n")
+
+
+def read_checkpoint(ckpt_dir: str | Path) -> tuple[CheckpointInfo, HFModelArgs]:
+    """The checkpoint's info and model, with an error that says what is wrong with the directory."""
+    ckpt_dir = Path(ckpt_dir)
+    info_file = ckpt_dir / INFO_FILE
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"{ckpt_dir}: no such checkpoint directory")
+    if not info_file.is_file():
+        hint = ""
+        if ckpt_dir.name.endswith(".incomplete"):
+            hint = " (an interrupted write: convert or save again)"
+        elif (ckpt_dir / "config.json").is_file():
+            hint = " (it looks like a Hugging Face model: convert it with `popo convert hf-to-mcore`)"
+        raise CheckpointError(f"{ckpt_dir}: not a popo checkpoint, {INFO_FILE} is missing{hint}")
+    try:
+        raw = json.loads(info_file.read_text())
+        info = CheckpointInfo(**raw)
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise CheckpointError(f"{info_file}: unreadable checkpoint info: {exc}") from exc
+    if info.format_version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{info_file}: format version {info.format_version} is newer than this popo-megatron "
+            f"understands ({FORMAT_VERSION}): upgrade popo-megatron"
+        )
+    if not (ckpt_dir / MEGATRON_DIR / ".metadata").is_file():
+        raise CheckpointError(f"{ckpt_dir / MEGATRON_DIR}: the Megatron distributed checkpoint is missing")
+    return info, read_hf_config(ckpt_dir / HF_DIR)
+
+
+def copy_hf_files(src: Path, dst: Path) -> None:
+    """Copy an HF model directory's non-weight files (config, tokenizer, generation config)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(Path(src).iterdir()):
+        if f.is_file() and f.suffix not in _WEIGHT_SUFFIXES and not f.name.endswith(".index.json"):
+            shutil.copy2(f, dst / f.name)
+
+
+@contextmanager
+def atomic_directory(out: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `out` to fill; it becomes `out` only when the block completes.
+
+    Collective under torch.distributed (rank 0 does the file-system work). A
+    failure removes the temporary directory; a killed process leaves it as
+    `.NAME.incomplete`, which never looks complete and the next write replaces.
+    """
+    out = Path(out).absolute()
+    if out.exists():
+        raise FileExistsError(f"{out} already exists: remove it or choose another output directory")
+    tmp = out.parent / f".{out.name}.incomplete"
+    if _is_rank0():
+        if tmp.exists():
+            shutil.rmtree(tmp)  # left by an interrupted run
+        tmp.mkdir(parents=True)
+    _barrier()
+    try:
+        yield tmp
+    except BaseException:
+        if _is_rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _barrier()
+    if _is_rank0():
+        os.rename(tmp, out)
+    _barrier()

@@ -1,0 +1,270 @@
+"""Offline checkpoint conversion: HF -> Megatron, Megatron -> HF, Megatron -> Megatron at another layout.
+
+All three stream one parameter at a time through the mapping table's
+whole-parameter form (`Transform.to_checkpoint` / `from_checkpoint`), without
+building a model, so memory stays at a few tensors whatever the model size.
+Everything is checked (tensors present, shapes, layout) before the first byte
+is written, and the output appears under its final name only when complete
+(see checkpoint_dir). Each function returns a small stats dict for the CLI and
+the benchmarks.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from popo_megatron.convert.checkpoint_dir import (
+    HF_DIR,
+    MEGATRON_DIR,
+    WEIGHT_PREFIXES,
+    CheckpointError,
+    CheckpointInfo,
+    atomic_directory,
+    copy_hf_files,
+    read_checkpoint,
+    write_info,
+)
+from popo_megatron.convert.dcp_stream import Chunk, StoredTensors, write_chunks
+from popo_megatron.convert.hf_checkpoint import HFCheckpoint, HFShardWriter
+from popo_megatron.convert.mapping import CheckpointParam, ShardContext, WeightMap
+from popo_megatron.model.hf_config import HFModelArgs, read_hf_config
+from popo_megatron.model.layout import megatron_query_groups
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _torch_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}: choose from {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def _check_layout(args: HFModelArgs, hf_dir: Path, tp: int, pp: int, divisible_by: int) -> None:
+    from popo_megatron.config import load_config, validate_config
+
+    cfg = load_config(
+        overrides=[
+            f"model.hf_path={hf_dir}",
+            f"model.make_vocab_size_divisible_by={divisible_by}",
+            f"parallel.tensor_model_parallel_size={tp}",
+            f"parallel.pipeline_model_parallel_size={pp}",
+        ]
+    )
+    validate_config(cfg, world_size=tp * pp, model=args)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _split_among_ranks(chunks: list[Chunk]) -> list[Chunk]:
+    """This rank's share: largest first to the least loaded rank (same answer on every rank)."""
+    rank, world = _rank_and_world()
+    load = [0] * world
+    mine = []
+    for chunk in sorted(chunks, key=lambda c: (-c.nbytes, c.key, c.offsets)):
+        owner = load.index(min(load))
+        load[owner] += chunk.nbytes
+        if owner == rank:
+            mine.append(chunk)
+    return mine
+
+
+def _progress(total: int, desc: str, enabled: bool) -> tqdm:
+    rank, _ = _rank_and_world()
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled or rank != 0)
+
+
+def _write_weights(
+    tmp: Path,
+    weight_sets: dict[str, Sequence[CheckpointParam]],
+    whole_param: Callable[[str, CheckpointParam], torch.Tensor],
+    num_layers: int,
+    desc: str,
+    progress: bool,
+) -> int:
+    """Plan every chunk from meta tensors (which validates the whole source), then write
+    this rank's chunks, each computed by `whole_param(weight_set, param)`. Returns bytes written."""
+    planned: dict[tuple[str, tuple[int, ...]], tuple[str, CheckpointParam]] = {}
+    chunks = []
+    with torch.device("meta"):
+        for weight_set, params in weight_sets.items():
+            for p in params:
+                meta = whole_param(weight_set, p)
+                shape, dtype = tuple(meta.shape), meta.dtype
+                key = WEIGHT_PREFIXES[weight_set] + p.key
+                if p.layer is None:
+                    chunk = Chunk(key, shape, (0,) * len(shape), shape, dtype)
+                else:
+                    chunk = Chunk(key, (num_layers, *shape), (p.layer,) + (0,) * len(shape), (1, *shape), dtype)
+                planned[(key, chunk.offsets)] = (weight_set, p)
+                chunks.append(chunk)
+    mine = _split_among_ranks(chunks)
+    bar = _progress(sum(c.nbytes for c in mine), desc, progress)
+
+    def produce(chunk: Chunk) -> torch.Tensor:
+        weight_set, p = planned[(chunk.key, chunk.offsets)]
+        data = whole_param(weight_set, p)
+        bar.update(chunk.nbytes)
+        return data if p.layer is None else data.unsqueeze(0)
+
+    write_chunks(tmp / MEGATRON_DIR, mine, produce)
+    bar.close()
+    return sum(c.nbytes for c in chunks)
+
+
+def hf_to_mcore(
+    hf_dir: str | Path,
+    out: str | Path,
+    tp: int = 1,
+    pp: int = 1,
+    dtype: str | None = None,
+    make_vocab_size_divisible_by: int = 128,
+    progress: bool = True,
+) -> dict:
+    """Convert an HF safetensors model into a Megatron distributed checkpoint for TP x PP.
+
+    Runs as one process or, under torch.distributed, with the work split among ranks.
+    """
+    start = time.perf_counter()
+    hf_dir = Path(hf_dir)
+    args = read_hf_config(hf_dir)
+    _check_layout(args, hf_dir, tp, pp, make_vocab_size_divisible_by)
+    source = HFCheckpoint(hf_dir)
+    cast = _torch_dtype(dtype)
+    ctx = ShardContext.create(args, 0, tp, make_vocab_size_divisible_by)
+
+    def whole_param(_: str, p: CheckpointParam) -> torch.Tensor:
+        sources = [source.get(name) for name in p.mapping.hf]
+        if torch.get_default_device().type == "meta":  # planning: shapes and dtypes only
+            sources = [torch.empty(s.shape, dtype=s.dtype) for s in sources]
+        full = p.mapping.transform.to_checkpoint(sources, ctx)
+        return full.to(cast) if cast is not None else full
+
+    params = WeightMap(args).checkpoint_params()
+    with atomic_directory(out) as tmp:
+        nbytes = _write_weights(tmp, {"model": params}, whole_param, args.num_layers, "hf-to-mcore", progress)
+        if _rank_and_world()[0] == 0:
+            copy_hf_files(hf_dir, tmp / HF_DIR)
+            stored_dtype = cast or source.get(params[0].mapping.hf[0]).dtype
+            write_info(
+                tmp,
+                CheckpointInfo(
+                    kind="weights",
+                    tensor_model_parallel_size=tp,
+                    pipeline_model_parallel_size=pp,
+                    make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+                    padded_vocab_size=ctx.padded_vocab,
+                    query_groups=megatron_query_groups(args.num_kv_heads, tp),
+                    dtype=str(stored_dtype).removeprefix("torch."),
+                ),
+            )
+    return dict(bytes=nbytes, seconds=time.perf_counter() - start)
+
+
+def _stored(ckpt: Path, info: CheckpointInfo, weight_sets: Sequence[str]) -> StoredTensors:
+    stored = StoredTensors(ckpt / MEGATRON_DIR)
+    for weight_set in weight_sets:
+        if weight_set not in info.weights:
+            raise CheckpointError(f"{ckpt}: has no {weight_set!r} weights (it holds: {', '.join(info.weights)})")
+    return stored
+
+
+def _check_stored(stored: StoredTensors, key: str, ckpt: Path) -> None:
+    if key not in stored:
+        raise CheckpointError(f"{ckpt}: tensor {key!r} is missing from the Megatron checkpoint")
+
+
+def mcore_to_hf(
+    ckpt: str | Path,
+    out: str | Path,
+    weights: str = "model",
+    dtype: str | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+    progress: bool = True,
+) -> dict:
+    """Export a checkpoint's policy (`weights="model"`) or twin weights as an HF safetensors model."""
+    start = time.perf_counter()
+    ckpt = Path(ckpt)
+    info, args = read_checkpoint(ckpt)
+    stored = _stored(ckpt, info, [weights])
+    cast = _torch_dtype(dtype)
+    ctx = info.shard_context(args)
+    params = WeightMap(args).checkpoint_params()
+    prefix = WEIGHT_PREFIXES[weights]
+    for p in params:
+        _check_stored(stored, prefix + p.key, ckpt)
+    keys = {prefix + p.key for p in params}
+    bar = _progress(sum(stored.nbytes(key) for key in keys), "mcore-to-hf", progress)
+    with atomic_directory(out) as tmp:
+        writer = HFShardWriter(tmp, max_shard_bytes)
+        for p in params:
+            full = stored.read(prefix + p.key, p.layer)
+            bar.update(full.numel() * full.element_size())
+            for name, tensor in zip(p.mapping.hf, p.mapping.transform.from_checkpoint(full, ctx), strict=True):
+                writer.add(name, tensor.to(cast) if cast is not None else tensor)
+        writer.finish()
+        copy_hf_files(ckpt / HF_DIR, tmp)
+    bar.close()
+    return dict(bytes=writer.total_bytes, seconds=time.perf_counter() - start)
+
+
+def mcore_reshard(ckpt: str | Path, out: str | Path, tp: int, pp: int, progress: bool = True) -> dict:
+    """Rewrite a checkpoint's weights for another TP x PP.
+
+    Megatron loads a checkpoint at another layout directly unless the number of
+    query groups (KV heads replicated for TP) or the vocab padding changes;
+    this handles those cases too. Training checkpoints keep only their weights
+    (optimizer state reshards when the trainer resumes).
+    """
+    start = time.perf_counter()
+    ckpt = Path(ckpt)
+    info, args = read_checkpoint(ckpt)
+    divisible_by = info.make_vocab_size_divisible_by
+    _check_layout(args, ckpt / HF_DIR, tp, pp, divisible_by)
+    stored = _stored(ckpt, info, info.weights)
+    src = info.shard_context(args)
+    dst = ShardContext.create(args, 0, tp, divisible_by)
+    params = WeightMap(args).checkpoint_params()
+    for weight_set in info.weights:
+        for p in params:
+            _check_stored(stored, WEIGHT_PREFIXES[weight_set] + p.key, ckpt)
+
+    def whole_param(weight_set: str, p: CheckpointParam) -> torch.Tensor:
+        key = WEIGHT_PREFIXES[weight_set] + p.key
+        if torch.get_default_device().type == "meta":
+            shape = stored.shape(key)[0 if p.layer is None else 1 :]
+            full = torch.empty(shape, dtype=stored.dtype(key))
+        else:
+            full = stored.read(key, p.layer)
+        return p.mapping.transform.to_checkpoint(p.mapping.transform.from_checkpoint(full, src), dst)
+
+    with atomic_directory(out) as tmp:
+        weight_sets = {weight_set: params for weight_set in info.weights}
+        nbytes = _write_weights(tmp, weight_sets, whole_param, args.num_layers, "mcore-reshard", progress)
+        if _rank_and_world()[0] == 0:
+            copy_hf_files(ckpt / HF_DIR, tmp / HF_DIR)
+            write_info(
+                tmp,
+                CheckpointInfo(
+                    kind="weights",
+                    tensor_model_parallel_size=tp,
+                    pipeline_model_parallel_size=pp,
+                    make_vocab_size_divisible_by=divisible_by,
+                    padded_vocab_size=dst.padded_vocab,
+                    query_groups=megatron_query_groups(args.num_kv_heads, tp),
+                    dtype=info.dtype,
+                    weights=list(info.weights),
+                ),
+            )
+    return dict(bytes=nbytes, seconds=time.perf_counter() - start)

@@ -1,0 +1,1 @@
+"""Rollout engines: generation from the current policy and weight updates from the trainer."""
