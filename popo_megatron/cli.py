@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import sys
 from pathlib import Path
 
@@ -74,7 +73,9 @@ def _convert(ns: argparse.Namespace) -> int:
     except (CheckpointError, ConfigError, MappingError, UnsupportedModelError, FileExistsError, ValueError) as exc:
         print(f"popo convert {ns.direction}: error: {exc}", file=sys.stderr)
         return 2
-    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from popo_megatron.platform.memory import peak_rss_mib
+
+    peak_mib = peak_rss_mib()
     gib = stats["bytes"] / 1024**3
     print(
         f"popo convert {ns.direction}: wrote {ns.out} ({gib:.3f} GiB in {stats['seconds']:.1f} s, "

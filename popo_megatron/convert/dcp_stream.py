@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
@@ -108,8 +109,15 @@ def write_chunks(path: Path, chunks: Sequence[Chunk], produce: Callable[[Chunk],
     """
     path.mkdir(parents=True, exist_ok=True)
     writer = dcp.FileSystemWriter(path, single_file_per_rank=False)
-    with _single_process_is_intended():
-        dcp.save({}, storage_writer=writer, planner=_ChunkSavePlanner(chunks, produce), no_dist=not _collective())
+    try:
+        with _single_process_is_intended():
+            dcp.save({}, storage_writer=writer, planner=_ChunkSavePlanner(chunks, produce), no_dist=not _collective())
+    except CheckpointException as exc:
+        # DCP wraps every rank's failure; surface a single one as itself (e.g. OSError: disk full).
+        failures = list(exc.failures.values())
+        if len(failures) == 1:
+            raise failures[0][0] from None
+        raise
     if not _collective() or dist.get_rank() == 0:
         (path / "metadata.json").write_text(json.dumps(MEGATRON_FORMAT))
         torch.save({}, path / "common.pt")  # megatron's non-sharded state: nothing

@@ -65,6 +65,9 @@ class HFCheckpoint:
         if missing_files:
             raise MappingError(f"{self.path}: shard file(s) listed in the index are missing: {missing_files}")
 
+    def names(self) -> list[str]:
+        return sorted(self._file_of)
+
     def get(self, name: str) -> Sliceable:
         if name not in self._file_of:
             raise MappingError(f"{self.path}: tensor {name!r} not found in the checkpoint")
