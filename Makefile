@@ -15,7 +15,8 @@ test: setup
 	$(PY) -m pytest tests
 
 lint: setup
-	$(PY) -m ruff check popo_megatron tests bench
+	$(PY) -m ruff check popo_megatron tests bench tools
 
 bench: setup
 	$(PY) bench/bench_weight_loading.py
+	$(PY) bench/bench_conversion.py

@@ -159,3 +159,17 @@ def test_reload_at_another_layout_gives_the_same_logits(trained_tp2pp2, tiny_mod
         reloaded = torch.load(case / f"logits_tp{tp}pp{pp}.pt", weights_only=True)
         original = torch.load(case / "logits_tp2pp2.pt", weights_only=True)
         assert (reloaded - original).abs().max().item() < RELOAD_TOLERANCE, name
+
+
+def _convert_worker(hf: str, out: str) -> None:
+    hf_to_mcore(hf, out, tp=2, pp=2, progress=False)
+
+
+def test_conversion_split_among_ranks_equals_single_process(tiny_models, tmp_path):
+    """`torchrun ... hf-to-mcore`: two ranks write disjoint chunks of one checkpoint."""
+    hf = tiny_models["qwen2.5_gqa1"]
+    run_local(_convert_worker, 2, str(hf), str(tmp_path / "two_ranks"))
+    files = {p.name.split("_")[2] for p in (tmp_path / "two_ranks" / "megatron").glob("__*.distcp")}
+    assert files == {"0", "1"}, "both ranks wrote chunks"
+    mcore_to_hf(tmp_path / "two_ranks", tmp_path / "hf", progress=False)
+    assert_bit_exact(hf_tensors(tmp_path / "hf"), hf_tensors(hf), "conversion on two ranks")

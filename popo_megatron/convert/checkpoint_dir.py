@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from popo_megatron.convert.mapping import ShardContext
 from popo_megatron.model.hf_config import HFModelArgs, read_hf_config
+from popo_megatron.model.layout import megatron_query_groups, padded_vocab_size
 
 INFO_FILE = "popo_checkpoint.json"
 HF_DIR = "hf"
@@ -56,6 +57,22 @@ class CheckpointInfo:
     dtype: str
     weights: list[str] = field(default_factory=lambda: ["model"])
     format_version: int = FORMAT_VERSION
+
+    @classmethod
+    def for_layout(
+        cls, args: HFModelArgs, tp: int, pp: int, divisible_by: int, dtype: str, kind: str, weights: list[str]
+    ) -> "CheckpointInfo":
+        """The info of a checkpoint of `args` written for TP x PP."""
+        return cls(
+            kind=kind,
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            make_vocab_size_divisible_by=divisible_by,
+            padded_vocab_size=padded_vocab_size(args.vocab_size, divisible_by, tp),
+            query_groups=megatron_query_groups(args.num_kv_heads, tp),
+            dtype=dtype,
+            weights=list(weights),
+        )
 
     def shard_context(self, args: HFModelArgs) -> ShardContext:
         """The context whose whole-parameter layout (`Transform.to_checkpoint`) the stored tensors have."""

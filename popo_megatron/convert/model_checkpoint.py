@@ -27,7 +27,6 @@ from popo_megatron.convert.checkpoint_dir import (
     write_info,
 )
 from popo_megatron.model.hf_config import HFModelArgs
-from popo_megatron.model.layout import megatron_query_groups, padded_vocab_size
 
 
 def weights_sharded_state_dict(model: torch.nn.Module, weight_set: str = "model") -> dict:
@@ -39,17 +38,14 @@ def weights_sharded_state_dict(model: torch.nn.Module, weight_set: str = "model"
 
 def layout_info(args: HFModelArgs, cfg: DictConfig, kind: str, weights: list[str]) -> CheckpointInfo:
     """The CheckpointInfo of a model built from `args` at `cfg`'s layout."""
-    tp = cfg.parallel.tensor_model_parallel_size
-    divisible_by = cfg.model.make_vocab_size_divisible_by
     dtype = cfg.model.params_dtype
-    return CheckpointInfo(
-        kind=kind,
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=cfg.parallel.pipeline_model_parallel_size,
-        make_vocab_size_divisible_by=divisible_by,
-        padded_vocab_size=padded_vocab_size(args.vocab_size, divisible_by, tp),
-        query_groups=megatron_query_groups(args.num_kv_heads, tp),
+    return CheckpointInfo.for_layout(
+        args,
+        tp=cfg.parallel.tensor_model_parallel_size,
+        pp=cfg.parallel.pipeline_model_parallel_size,
+        divisible_by=cfg.model.make_vocab_size_divisible_by,
         dtype=getattr(dtype, "value", str(dtype)),
+        kind=kind,
         weights=weights,
     )
 

@@ -34,7 +34,6 @@ from popo_megatron.convert.dcp_stream import Chunk, StoredTensors, write_chunks
 from popo_megatron.convert.hf_checkpoint import HFCheckpoint, HFShardWriter
 from popo_megatron.convert.mapping import CheckpointParam, ShardContext, WeightMap
 from popo_megatron.model.hf_config import HFModelArgs, read_hf_config
-from popo_megatron.model.layout import megatron_query_groups
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -156,19 +155,11 @@ def hf_to_mcore(
         nbytes = _write_weights(tmp, {"model": params}, whole_param, args.num_layers, "hf-to-mcore", progress)
         if _rank_and_world()[0] == 0:
             copy_hf_files(hf_dir, tmp / HF_DIR)
-            stored_dtype = cast or source.get(params[0].mapping.hf[0]).dtype
-            write_info(
-                tmp,
-                CheckpointInfo(
-                    kind="weights",
-                    tensor_model_parallel_size=tp,
-                    pipeline_model_parallel_size=pp,
-                    make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-                    padded_vocab_size=ctx.padded_vocab,
-                    query_groups=megatron_query_groups(args.num_kv_heads, tp),
-                    dtype=str(stored_dtype).removeprefix("torch."),
-                ),
+            dtype_name = str(cast or source.get(params[0].mapping.hf[0]).dtype).removeprefix("torch.")
+            info = CheckpointInfo.for_layout(
+                args, tp, pp, make_vocab_size_divisible_by, dtype_name, "weights", ["model"]
             )
+            write_info(tmp, info)
     return dict(bytes=nbytes, seconds=time.perf_counter() - start)
 
 
@@ -190,7 +181,7 @@ def mcore_to_hf(
     out: str | Path,
     weights: str = "model",
     dtype: str | None = None,
-    max_shard_bytes: int = 2 * 1024**3,
+    max_shard_bytes: int = 1024**3,
     progress: bool = True,
 ) -> dict:
     """Export a checkpoint's policy (`weights="model"`) or twin weights as an HF safetensors model."""
@@ -254,17 +245,5 @@ def mcore_reshard(ckpt: str | Path, out: str | Path, tp: int, pp: int, progress:
         nbytes = _write_weights(tmp, weight_sets, whole_param, args.num_layers, "mcore-reshard", progress)
         if _rank_and_world()[0] == 0:
             copy_hf_files(ckpt / HF_DIR, tmp / HF_DIR)
-            write_info(
-                tmp,
-                CheckpointInfo(
-                    kind="weights",
-                    tensor_model_parallel_size=tp,
-                    pipeline_model_parallel_size=pp,
-                    make_vocab_size_divisible_by=divisible_by,
-                    padded_vocab_size=dst.padded_vocab,
-                    query_groups=megatron_query_groups(args.num_kv_heads, tp),
-                    dtype=info.dtype,
-                    weights=list(info.weights),
-                ),
-            )
+            write_info(tmp, CheckpointInfo.for_layout(args, tp, pp, divisible_by, info.dtype, "weights", info.weights))
     return dict(bytes=nbytes, seconds=time.perf_counter() - start)
