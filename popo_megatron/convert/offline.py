@@ -84,6 +84,11 @@ def _progress(total: int, desc: str, enabled: bool) -> tqdm:
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled or rank != 0)
 
 
+def _planning() -> bool:
+    """True while _write_weights plans chunks on the meta device: produce shapes and dtypes, read nothing."""
+    return torch.get_default_device().type == "meta"
+
+
 def _write_weights(
     tmp: Path,
     weight_sets: dict[str, Sequence[CheckpointParam]],
@@ -145,7 +150,7 @@ def hf_to_mcore(
 
     def whole_param(_: str, p: CheckpointParam) -> torch.Tensor:
         sources = [source.get(name) for name in p.mapping.hf]
-        if torch.get_default_device().type == "meta":  # planning: shapes and dtypes only
+        if _planning():
             sources = [torch.empty(s.shape, dtype=s.dtype) for s in sources]
         full = p.mapping.transform.to_checkpoint(sources, ctx)
         return full.to(cast) if cast is not None else full
@@ -233,7 +238,7 @@ def mcore_reshard(ckpt: str | Path, out: str | Path, tp: int, pp: int, progress:
 
     def whole_param(weight_set: str, p: CheckpointParam) -> torch.Tensor:
         key = WEIGHT_PREFIXES[weight_set] + p.key
-        if torch.get_default_device().type == "meta":
+        if _planning():
             shape = stored.shape(key)[0 if p.layer is None else 1 :]
             full = torch.empty(shape, dtype=stored.dtype(key))
         else:

@@ -97,10 +97,10 @@ def iter_hf_weight_buckets(
     my_stage = parallel_state.get_pipeline_model_parallel_rank()
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     params = dict(model.named_parameters())
+    device = next(iter(params.values())).device
     for bucket in _buckets(_plan(model, args, cfg), tp, bucket_bytes):
         stage, dtype = bucket[0].stage, bucket[0].dtype
         local_numel = sum(e.numel for e in bucket)
-        device = next(iter(params.values())).device
         gathered = torch.empty(tp * local_numel, dtype=dtype, device=device)
         if stage == my_stage:
             flat = torch.cat([params[e.local_name].detach().reshape(-1) for e in bucket])
