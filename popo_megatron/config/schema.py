@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Optional
 
 
 class ParamsDtype(str, Enum):
@@ -74,8 +75,135 @@ class ParallelConfig:
     sequence_parallel: bool = False
 
 
+# --- The algorithm (design: popo-algorithm.md). The paper's code is not public: every
+# choice it leaves open is a switch here, with the default this project reads from it.
+
+
+class Algorithm(str, Enum):
+    popo = "popo"
+    grpo = "grpo"  # the baseline, from the same trainer
+
+
+class ISBoundMode(str, Enum):
+    clip = "clip"  # s = min(rho, 1 + eps_high): PPO's clip for a positive advantage
+    truncate = "truncate"  # s = stopgrad(min(rho, truncate_c)) * log pi
+
+
+class Redistribution(str, Enum):
+    uniform = "uniform"  # w_i = 1 / k
+    success_scaled = "success_scaled"  # w_i = (1 - p) / k
+    grpo_matched = "grpo_matched"  # w_i = sqrt((1 - p) / p) / G
+
+
+class MomentumSchedule(str, Enum):
+    constant = "constant"
+    cosine = "cosine"  # BYOL: from m0 up to 1 over the run
+    adaptive = "adaptive"  # m <- clamp(m * exp(kappa * (drift - d_target)), m_min, m_max)
+
+
+class Predictor(str, Enum):
+    identity = "identity"
+    linear = "linear"  # a trainable h x h head on the online side (BYOL / SimSiam), identity at start
+
+
+class OldLogprobs(str, Enum):
+    trainer = "trainer"  # a no-grad trainer forward at the start of the step
+    rollout = "rollout"  # the engine's sampled-token log-probs
+
+
+class RolloutCorrection(str, Enum):
+    none = "none"
+    tis = "tis"  # truncated IS weight min(pi_old_trainer / pi_rollout, tis_cap) per token
+
+
+class TwinDtype(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+@dataclass
+class ISBoundConfig:
+    mode: ISBoundMode = ISBoundMode.clip
+    eps_high: float = 0.28
+    truncate_c: float = 2.0
+
+
+@dataclass
+class MomentumConfig:
+    schedule: MomentumSchedule = MomentumSchedule.adaptive
+    m0: float = 0.99  # constant: the momentum; cosine: the start; adaptive: the first step's
+    d_target: float = 0.02
+    kappa: float = 1.0
+    m_min: float = 0.9
+    m_max: float = 0.9999
+
+
+@dataclass
+class TwinConfig:
+    # false: no twin and no similarity penalty (the "no siamese twin" ablation).
+    enabled: bool = True
+    dtype: TwinDtype = TwinDtype.float32
+    # Keep the twin in host memory (pinned on CUDA); it visits the device in pieces.
+    cpu_offload: bool = False
+    momentum: MomentumConfig = field(default_factory=MomentumConfig)
+
+
+@dataclass
+class SimilarityConfig:
+    beta: float = 0.05  # L = L_pos + beta * L_sim
+    predictor: Predictor = Predictor.identity
+
+
+@dataclass
+class PopoLossConfig:
+    is_bound: ISBoundConfig = field(default_factory=ISBoundConfig)
+    redistribution: Redistribution = Redistribution.success_scaled
+    twin: TwinConfig = field(default_factory=TwinConfig)
+    similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
+    # Shared with GRPO: where pi_old comes from, and the correction for the engine's mismatch.
+    old_logprobs: OldLogprobs = OldLogprobs.trainer
+    rollout_correction: RolloutCorrection = RolloutCorrection.none
+    tis_cap: float = 2.0
+
+
+@dataclass
+class GrpoConfig:
+    eps_low: float = 0.2
+    eps_high: float = 0.28  # DAPO's clip-higher, the same bound POPO's clip uses
+    kl_beta: float = 0.0  # > 0: k3 KL to the frozen initial policy (a reference forward per step)
+    scale_by_std: bool = True  # false: Dr. GRPO's unscaled advantages r - mean(r)
+
+
+@dataclass
+class LossConfig:
+    # Tokens per chunk of the vocab-parallel log-prob / entropy: bounds the fp32
+    # [tokens x vocab/TP] temporaries to this many rows.
+    logprob_chunk_tokens: int = 1024
+    # true: positives cut at the length limit get no weight (DAPO's overlong filtering).
+    mask_truncated: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # global gradient-norm clip; 0 switches it off
+    # ZeRO-1: optimiser state (and the twin) sliced across data-parallel ranks.
+    use_distributed_optimizer: bool = True
+    # Parameters per gradient-reduction bucket (Megatron DDP); None: one bucket per dtype.
+    ddp_bucket_size: Optional[int] = None
+
+
 @dataclass
 class PopoConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    algorithm: Algorithm = Algorithm.popo
+    popo: PopoLossConfig = field(default_factory=PopoLossConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
     seed: int = 1234

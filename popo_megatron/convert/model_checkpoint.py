@@ -8,8 +8,9 @@ the checkpoint's; anything else fails with a message naming the difference
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,9 @@ from popo_megatron.convert.checkpoint_dir import (
     write_info,
 )
 from popo_megatron.model.hf_config import HFModelArgs
+
+if TYPE_CHECKING:
+    from popo_megatron.algo.twin import TwinParams
 
 
 def weights_sharded_state_dict(model: torch.nn.Module, weight_set: str = "model") -> dict:
@@ -51,17 +55,27 @@ def layout_info(args: HFModelArgs, cfg: DictConfig, kind: str, weights: list[str
 
 
 def save_model_weights(
-    model: torch.nn.Module, out: str | Path, args: HFModelArgs, cfg: DictConfig, hf_dir: str | Path
+    model: torch.nn.Module,
+    out: str | Path,
+    args: HFModelArgs,
+    cfg: DictConfig,
+    hf_dir: str | Path,
+    twin: TwinParams | None = None,
 ) -> None:
-    """Write the model's weights as a checkpoint at `out` (config/tokenizer files taken from `hf_dir`)."""
+    """Write the model's weights (and the twin's, if given) as a checkpoint at `out`
+    (config/tokenizer files taken from `hf_dir`)."""
     from megatron.core import dist_checkpointing
 
     sharded = weights_sharded_state_dict(model)
+    weights = ["model"]
+    if twin is not None:
+        sharded.update(twin.sharded_state_dict())
+        weights.append("twin")
     with atomic_directory(out) as tmp:
         if not dist.is_initialized() or dist.get_rank() == 0:
             (tmp / MEGATRON_DIR).mkdir()
             copy_hf_files(Path(hf_dir), tmp / HF_DIR)
-            write_info(tmp, layout_info(args, cfg, kind="weights", weights=["model"]))
+            write_info(tmp, layout_info(args, cfg, kind="weights", weights=weights))
         if dist.is_initialized():
             dist.barrier()
         dist_checkpointing.save(sharded, str(tmp / MEGATRON_DIR))
@@ -84,11 +98,18 @@ def check_loadable(info: CheckpointInfo, ckpt_args: HFModelArgs, args: HFModelAr
             )
 
 
-@torch.no_grad()
-def load_model_weights(
-    model: torch.nn.Module, ckpt: str | Path, args: HFModelArgs, cfg: DictConfig, weight_set: str = "model"
-) -> None:
-    """Load a checkpoint's policy (or twin) weights into this rank's parameters."""
+def read_weight_set(
+    model: torch.nn.Module,
+    ckpt: str | Path,
+    args: HFModelArgs,
+    cfg: DictConfig,
+    weight_set: str = "model",
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """A checkpoint's policy (or twin) weights as this rank's shards, keyed by the model's parameter names.
+
+    Without `dtype` they are read into the model's parameters themselves; with it, into new tensors of that dtype.
+    """
     from megatron.core import dist_checkpointing
 
     ckpt = Path(ckpt)
@@ -96,8 +117,28 @@ def load_model_weights(
     check_loadable(info, ckpt_args, args, cfg, ckpt)
     if weight_set not in info.weights:
         raise CheckpointError(f"{ckpt}: has no {weight_set!r} weights (it holds: {', '.join(info.weights)})")
-    loaded = dist_checkpointing.load(weights_sharded_state_dict(model, weight_set), str(ckpt / MEGATRON_DIR))
-    params = dict(model.named_parameters())
+    request = weights_sharded_state_dict(model, weight_set)
+    if dtype is not None:
+        request = {
+            key: replace(sh, data=torch.empty_like(sh.data, dtype=dtype), dtype=dtype) for key, sh in request.items()
+        }
+    loaded = dist_checkpointing.load(request, str(ckpt / MEGATRON_DIR))
     prefix = WEIGHT_PREFIXES[weight_set]
-    for name, tensor in loaded.items():
-        params[name.removeprefix(prefix)].copy_(tensor)
+    return {name.removeprefix(prefix): tensor for name, tensor in loaded.items()}
+
+
+@torch.no_grad()
+def load_model_weights(
+    model: torch.nn.Module, ckpt: str | Path, args: HFModelArgs, cfg: DictConfig, weight_set: str = "model"
+) -> None:
+    """Load a checkpoint's policy (or twin) weights into this rank's parameters."""
+    params = dict(model.named_parameters())
+    for name, tensor in read_weight_set(model, ckpt, args, cfg, weight_set).items():
+        params[name].copy_(tensor)  # a no-op where the loader filled the parameter in place
+
+
+def load_twin_weights(twin: TwinParams, ckpt: str | Path, args: HFModelArgs, cfg: DictConfig) -> None:
+    """Set the twin from a checkpoint's `twin` weights (saved at this or any other layout), in the twin's dtype."""
+    from popo_megatron.model.forward import unwrap_model
+
+    twin.load_full_tensors(read_weight_set(unwrap_model(twin.model), ckpt, args, cfg, "twin", dtype=twin.dtype))

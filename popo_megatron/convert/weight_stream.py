@@ -22,6 +22,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from popo_megatron.convert.load_hf import layer_offset, shard_context, weight_map_for
+from popo_megatron.model.forward import unwrap_model
 from popo_megatron.model.hf_config import HFModelArgs
 
 
@@ -36,13 +37,6 @@ class _Entry:
     @property
     def numel(self) -> int:
         return torch.Size(self.shape).numel()
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def _plan(model: torch.nn.Module, args: HFModelArgs, cfg: DictConfig) -> list[_Entry]:
@@ -90,7 +84,7 @@ def iter_hf_weight_buckets(
     """
     from megatron.core import parallel_state
 
-    model = _unwrap(model)
+    model = unwrap_model(model)
     weight_map = weight_map_for(args, cfg)
     ctx = shard_context(args, cfg)
     tp = ctx.tp_size

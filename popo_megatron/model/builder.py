@@ -104,4 +104,24 @@ def build_gpt_model(args: HFModelArgs, cfg: DictConfig, parallel_output: bool = 
         rope_scaling=args.llama3_rope_scaling_factor is not None,
         rope_scaling_factor=args.llama3_rope_scaling_factor or 8.0,
     )
+    mark_tensor_parallel_weights(model)
     return model
+
+
+def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
+    """Give every TP-split weight Megatron's `tensor_model_parallel` attributes.
+
+    megatron-core sets them only inside its weight initialisers, which
+    `perform_initialization=False` skips: the weights of the parallel linear
+    layers and of the embedding would then count as TP duplicates, and the
+    optimiser's gradient norm (and so clipping) would see one TP rank's shards
+    only. Transformer Engine modules set them themselves.
+    """
+    from megatron.core.tensor_parallel import layers
+
+    split_dim = {layers.ColumnParallelLinear: 0, layers.VocabParallelEmbedding: 0, layers.RowParallelLinear: 1}
+    for module in model.modules():
+        dim = next((d for cls, d in split_dim.items() if isinstance(module, cls)), None)
+        weight = getattr(module, "weight", None)
+        if dim is not None and weight is not None and not getattr(weight, "tensor_model_parallel", False):
+            layers.set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)

@@ -7,6 +7,13 @@ from typing import Callable
 import torch
 
 
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
     """All-gather vocab-parallel logits [..., V/TP] into [..., V] on every TP rank."""
     from megatron.core import tensor_parallel

@@ -3,6 +3,7 @@ and the CPU compatibility layer for megatron-core. The only place that knows abo
 
 from popo_megatron.platform.cpu_compat import apply_cpu_compat
 from popo_megatron.platform.device import (
+    collective_device,
     cuda_available,
     dist_backend,
     resolve_layer_spec,
@@ -19,6 +20,7 @@ from popo_megatron.platform.distributed import (
 __all__ = [
     "RankInfo",
     "apply_cpu_compat",
+    "collective_device",
     "cuda_available",
     "dist_backend",
     "init_distributed",

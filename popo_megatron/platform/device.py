@@ -19,6 +19,11 @@ def dist_backend() -> str:
     return "nccl" if cuda_available() else "gloo"
 
 
+def collective_device() -> torch.device:
+    """Where tensors must be for the default backend's collectives (NCCL: this rank's GPU; gloo: host)."""
+    return torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")
+
+
 def resolve_layer_spec(choice: str) -> str:
     """'auto' -> 'te' with CUDA, 'local' (torch modules) without (`choice` may be
     the config's str Enum). Config validation rejects 'te' without CUDA."""

@@ -1,0 +1,90 @@
+"""Per-rollout weights from group rewards: POPO's redistribution and GRPO's advantages.
+
+Rewards come as [groups, G]: G rollouts of each prompt. A rollout is positive
+when its reward is > 0 (rewards are binary: 1 correct, 0 not).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from popo_megatron.config.schema import Redistribution
+
+# Added to GRPO's group standard deviation (groups whose rewards are all equal have std 0).
+GRPO_STD_EPS = 1e-6
+
+
+def positive_mask(rewards: torch.Tensor) -> torch.Tensor:
+    return rewards > 0
+
+
+def popo_weights(rewards: torch.Tensor, redistribution: Redistribution | str) -> torch.Tensor:
+    """w_i for every rollout of [groups, G] rewards; 0 for negatives and for groups without positives.
+
+    k positives in a group of G, success rate p = k / G:
+      uniform         1 / k
+      success_scaled  (1 - p) / k          (all-correct groups weigh 0)
+      grpo_matched    sqrt((1 - p) / p) / G (GRPO's weight of a positive with binary rewards)
+    """
+    positive = positive_mask(rewards)
+    group_size = rewards.shape[-1]
+    k = positive.sum(-1, keepdim=True).to(torch.float64)
+    p = k / group_size
+    has_positive = k > 0
+    safe_k = k.clamp(min=1)
+    mode = Redistribution(redistribution)
+    if mode == Redistribution.uniform:
+        per_group = 1.0 / safe_k
+    elif mode == Redistribution.success_scaled:
+        per_group = (1.0 - p) / safe_k
+    else:
+        per_group = torch.sqrt((1.0 - p) / p.clamp(min=1.0 / group_size)) / group_size
+    weights = torch.where(positive & has_positive, per_group, 0.0)
+    return weights.to(torch.float32)
+
+
+def grpo_advantages(rewards: torch.Tensor, scale_by_std: bool = True) -> torch.Tensor:
+    """(r - mean_group) / (std_group + eps) for [groups, G] rewards (population std, as in
+    popo-algorithm.md's grpo_matched derivation); without `scale_by_std`, r - mean (Dr. GRPO)."""
+    rewards = rewards.to(torch.float64)
+    centred = rewards - rewards.mean(-1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (rewards.std(-1, keepdim=True, correction=0) + GRPO_STD_EPS)
+    return centred.to(torch.float32)
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """What the rewards of a batch say, before any gradient (logged every step)."""
+
+    rollouts: int
+    groups: int
+    positives: int
+    groups_without_positives: int
+    groups_all_positive: int
+
+    @property
+    def positive_fraction(self) -> float:
+        return self.positives / max(self.rollouts, 1)
+
+    def as_metrics(self) -> dict[str, float]:
+        return {
+            "reward/positive_fraction": self.positive_fraction,
+            "reward/groups_without_positives": float(self.groups_without_positives),
+            "reward/groups_all_positive": float(self.groups_all_positive),
+            "reward/groups": float(self.groups),
+        }
+
+
+def group_stats(rewards: torch.Tensor) -> GroupStats:
+    positive = positive_mask(rewards)
+    k = positive.sum(-1)
+    return GroupStats(
+        rollouts=rewards.numel(),
+        groups=rewards.shape[0],
+        positives=int(k.sum()),
+        groups_without_positives=int((k == 0).sum()),
+        groups_all_positive=int((k == rewards.shape[-1]).sum()),
+    )

@@ -1,0 +1,92 @@
+"""The training batch of one data-parallel rank: prompt + response token rows, right-padded.
+
+Position t of a row predicts token t + 1, so every per-token tensor is indexed
+by the position that *predicts* the token: `loss_mask[b, t]` is true when
+`tokens[b, t + 1]` is a response token, and `old_logprobs[b, t]` is the
+log-probability of that token. The last position predicts nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class PolicyBatch:
+    tokens: torch.Tensor  # [B, S] int64
+    loss_mask: torch.Tensor  # [B, S] bool: the token predicted at t is a response token
+    sample_weights: torch.Tensor  # [B] float32: POPO's w_i or GRPO's advantage
+    positive: torch.Tensor  # [B] bool: reward > 0 (POPO's similarity penalty covers these)
+    old_logprobs: torch.Tensor | None = None  # [B, S] pi_old (trainer forward or rollout engine)
+    rollout_logprobs: torch.Tensor | None = None  # [B, S] the engine's sampled-token log-probs
+    ref_logprobs: torch.Tensor | None = None  # [B, S] GRPO's frozen reference (KL)
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """[B, S]: the token each position predicts (0 at the last position, which is never in the mask)."""
+        return torch.nn.functional.pad(self.tokens[:, 1:], (0, 1))
+
+    @property
+    def size(self) -> int:
+        return self.tokens.shape[0]
+
+    def response_lengths(self) -> torch.Tensor:
+        return self.loss_mask.sum(-1)
+
+    def micro_batches(self, count: int) -> list["PolicyBatch"]:
+        """`count` equal consecutive slices along the batch dimension."""
+        if count < 1 or self.size % count:
+            raise ValueError(f"a batch of {self.size} rows does not split into {count} equal micro-batches")
+        step = self.size // count
+        return [self[i * step : (i + 1) * step] for i in range(count)]
+
+    def __getitem__(self, rows: slice) -> "PolicyBatch":
+        sliced = {f.name: getattr(self, f.name) for f in fields(self)}
+        return PolicyBatch(**{k: None if v is None else v[rows] for k, v in sliced.items()})
+
+    def with_fields(self, **changes: torch.Tensor) -> "PolicyBatch":
+        return replace(self, **changes)
+
+
+def pack_rows(
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    pad_id: int = 0,
+    length_multiple: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded [B, S] tokens of prompt + response rows and the loss mask of the response tokens.
+
+    S is the longest row rounded up to `length_multiple` (TP with sequence
+    parallelism needs S divisible by TP). An empty response gives a row with an
+    empty mask.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"row {i}: empty prompt (a response needs at least one token before it)")
+    longest = max(lengths, default=1)
+    seq = -(-longest // length_multiple) * length_multiple
+    tokens = torch.full((len(prompts), seq), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), seq), dtype=torch.bool)
+    for i, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+        row = list(prompt) + list(response)
+        tokens[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        # Position t predicts token t + 1: response tokens at [len(prompt), len(row)) are predicted from t - 1.
+        mask[i, len(prompt) - 1 : len(row) - 1] = True
+    return tokens, mask
+
+
+def spread_per_token(mask: torch.Tensor, per_response: Sequence[Sequence[float]]) -> torch.Tensor:
+    """Per-response-token values (e.g. an engine's log-probs) placed at the mask's positions of a [B, S] float32."""
+    out = torch.zeros(mask.shape, dtype=torch.float32)
+    for i, row in enumerate(per_response):
+        positions = mask[i].nonzero().squeeze(-1)
+        if len(positions) != len(row):
+            raise ValueError(f"row {i}: {len(row)} values for {len(positions)} response tokens")
+        out[i, positions] = torch.tensor(list(row), dtype=torch.float32)
+    return out

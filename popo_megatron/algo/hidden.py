@@ -1,0 +1,61 @@
+"""The final-norm output of the model, taken from the same forward that produces the logits.
+
+A forward hook on the decoder's final norm (last pipeline stage) keeps its
+output, with its autograd history, until the loss of that micro-batch reads
+it. Its layout is Megatron's [sequence, batch, hidden]; with sequence
+parallelism each tensor-parallel rank holds its own contiguous slice of the
+sequence (`sequence_slice`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from popo_megatron.model.forward import unwrap_model
+
+
+class HiddenSlot:
+    """Holds the last captured final-norm output until it is taken."""
+
+    def __init__(self) -> None:
+        self._value: torch.Tensor | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        self._value = value
+
+    def take(self) -> torch.Tensor:
+        if self._value is None:
+            raise RuntimeError("no final hidden state was captured for this micro-batch")
+        value, self._value = self._value, None
+        return value
+
+
+@contextmanager
+def capture_final_hidden(model: torch.nn.Module) -> Iterator[HiddenSlot | None]:
+    """Capture the final norm's output of every forward while active; None on stages without the final norm."""
+    decoder = getattr(unwrap_model(model), "decoder", None)
+    norm = getattr(decoder, "final_layernorm", None)
+    if norm is None:
+        yield None
+        return
+    slot = HiddenSlot()
+    handle = norm.register_forward_hook(lambda _module, _inputs, output: slot.put(output))
+    try:
+        yield slot
+    finally:
+        handle.remove()
+
+
+def sequence_slice(model: torch.nn.Module, seq_len: int) -> slice:
+    """The positions of a [seq, ...] activation this rank holds (all of them without sequence parallelism)."""
+    from megatron.core import parallel_state
+
+    if not unwrap_model(model).config.sequence_parallel:
+        return slice(0, seq_len)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    local = seq_len // tp
+    return slice(rank * local, (rank + 1) * local)

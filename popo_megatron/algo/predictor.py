@@ -1,0 +1,78 @@
+"""The optional predictor head g of the similarity penalty (`popo.similarity.predictor: linear`).
+
+BYOL / SimSiam put a small trainable head on the online side only:
+d_t = 1 - cos(g(h_t), stopgrad(h_twin_t)). Here g is one fp32 h x h linear
+layer, initialised to the identity (so it starts as the identity predictor),
+replicated on every rank of the last pipeline stage.
+
+It is deliberately not part of the Megatron model: the weight mapping, the
+exporters and the weight sync to the rollout engine see only the policy. So
+it carries its own gradient reduction and Adam step:
+
+- the loss step scales each micro-batch loss by (micro-batches x DP) so that
+  Megatron's averaging yields the global batch's gradient (algo/step.py); the
+  predictor's gradient is therefore averaged over data-parallel ranks too;
+- with sequence parallelism each tensor-parallel rank sees its own slice of
+  the sequence, so the gradient is first summed over tensor-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from popo_megatron.platform import collective_device
+
+
+class SimilarityPredictor(torch.nn.Module):
+    def __init__(self, hidden_size: int, sequence_parallel: bool = False) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden_size, hidden_size, dtype=torch.float32, device=collective_device())
+        with torch.no_grad():
+            self.linear.weight.copy_(torch.eye(hidden_size))
+            self.linear.bias.zero_()
+        self.sequence_parallel = sequence_parallel
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.float())
+
+    def finish_grad_sync(self) -> None:
+        """Reduce the gradients over model-parallel and data-parallel ranks (call after forward_backward)."""
+        from megatron.core import parallel_state
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.parameters()]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        if self.sequence_parallel:
+            dist.all_reduce(flat, group=parallel_state.get_tensor_model_parallel_group())
+        dp = parallel_state.get_data_parallel_world_size()
+        if dp > 1:
+            dist.all_reduce(flat, group=parallel_state.get_data_parallel_group())
+            flat /= dp
+        offset = 0
+        for param in self.parameters():
+            param.grad = flat[offset : offset + param.numel()].view_as(param).clone()
+            offset += param.numel()
+
+    def sharded_state_dict(self, prefix: str = "predictor.") -> dict:
+        """Replicated tensors: only tensor- and data-parallel rank 0 of the last stage writes them."""
+        from megatron.core import parallel_state
+        from megatron.core.dist_checkpointing import ShardedTensor
+
+        main = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
+        return {
+            prefix + name: ShardedTensor.from_rank_offsets(prefix + name, param.detach(), replica_id=0 if main else 1)
+            for name, param in self.named_parameters()
+        }
+
+
+def build_predictor_optimizer(predictor: SimilarityPredictor, cfg: DictConfig) -> torch.optim.Optimizer:
+    """Adam with decoupled weight decay and the policy's hyper-parameters."""
+    optim = cfg.optim
+    return torch.optim.AdamW(
+        predictor.parameters(),
+        lr=optim.lr,
+        betas=(optim.adam_beta1, optim.adam_beta2),
+        eps=optim.adam_eps,
+        weight_decay=optim.weight_decay,
+    )

@@ -1,0 +1,262 @@
+"""POPO and GRPO on Megatron-Core's forward_backward_func.
+
+Two entry points, both collective over the model-parallel world and run with
+any TP / PP / SP layout and any number of micro-batches:
+
+- `forward_only`: a no-grad pass giving, on the last pipeline stage, per
+  micro-batch log-probs (and entropy) of the target tokens and/or the final
+  hidden states: the old log-probs of a step, the twin's hidden states (with
+  the twin swapped in), a reference policy's log-probs.
+- `forward_backward`: the training pass. Each micro-batch's loss is its share
+  of the global batch's loss (losses.py); Megatron divides a micro-batch loss
+  by the number of micro-batches and DDP averages gradients over data-parallel
+  ranks, so the share is multiplied back by both and the gradients are those
+  of the global batch's loss, whatever the split (tested: 1 vs 4
+  micro-batches, DP=1 vs DP=2).
+
+The loss normalisers (`Normalizers`) are global sums over the whole batch of
+every data-parallel rank, computed before the pass.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from popo_megatron.algo.batch import PolicyBatch
+from popo_megatron.algo.hidden import capture_final_hidden, sequence_slice
+from popo_megatron.algo.logprobs import vocab_parallel_logprobs
+from popo_megatron.algo.losses import (
+    ISBound,
+    grpo_policy_loss,
+    popo_policy_loss,
+    similarity_sum,
+    truncated_is_weights,
+)
+from popo_megatron.algo.metrics import MetricAccumulator
+from popo_megatron.config.schema import Algorithm, RolloutCorrection
+from popo_megatron.model.forward import unwrap_model
+from popo_megatron.platform import collective_device
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """Everything the loss of a micro-batch needs besides the data."""
+
+    algorithm: Algorithm
+    vocab_size: int  # the real vocabulary; padded ids are excluded from the softmax
+    temperature: float = 1.0  # the rollout's sampling temperature
+    chunk_tokens: int = 1024
+    bound: ISBound = field(default_factory=ISBound)
+    similarity_beta: float = 0.0  # POPO: 0 when the twin is off
+    eps_low: float = 0.2  # GRPO
+    eps_high: float = 0.28  # GRPO
+    kl_beta: float = 0.0  # GRPO
+    tis_cap: float | None = None  # rollout correction: truncated IS weight cap (None: no correction)
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, vocab_size: int, temperature: float = 1.0) -> "LossSettings":
+        popo = cfg.popo
+        return cls(
+            algorithm=Algorithm(cfg.algorithm),
+            vocab_size=vocab_size,
+            temperature=temperature,
+            chunk_tokens=cfg.loss.logprob_chunk_tokens,
+            bound=ISBound(popo.is_bound.mode, popo.is_bound.eps_high, popo.is_bound.truncate_c),
+            similarity_beta=popo.similarity.beta if popo.twin.enabled else 0.0,
+            eps_low=cfg.grpo.eps_low,
+            eps_high=cfg.grpo.eps_high,
+            kl_beta=cfg.grpo.kl_beta,
+            tis_cap=popo.tis_cap if popo.rollout_correction == RolloutCorrection.tis else None,
+        )
+
+    @property
+    def uses_twin_hidden(self) -> bool:
+        return self.algorithm == Algorithm.popo and self.similarity_beta > 0
+
+
+@dataclass(frozen=True)
+class Normalizers:
+    policy: float  # POPO: sum_i w_i |o_i| over rollouts with w_i > 0; GRPO: number of response tokens
+    similarity: float  # POPO: number of response tokens of positive rollouts
+
+
+def loss_normalizers(batch: PolicyBatch, algorithm: Algorithm, group: dist.ProcessGroup | None = None) -> Normalizers:
+    """The global normalisers: this rank's sums, all-reduced over `group` (default: the data-parallel group)."""
+    lengths = batch.response_lengths().double()
+    if Algorithm(algorithm) == Algorithm.popo:
+        policy = (batch.sample_weights.double() * lengths).sum()
+        similarity = torch.where(batch.positive, lengths, 0.0).sum()
+    else:
+        policy = lengths.sum()
+        similarity = torch.zeros((), dtype=torch.float64)
+    sums = torch.stack([policy, similarity]).to(collective_device())
+    if dist.is_initialized():
+        from megatron.core import parallel_state
+
+        dist.all_reduce(sums, group=group or parallel_state.get_data_parallel_group())
+    policy, similarity = sums.tolist()
+    return Normalizers(policy=policy, similarity=similarity)
+
+
+@dataclass
+class ForwardOutput:
+    """One micro-batch's results on the last pipeline stage (None: not asked for)."""
+
+    logprobs: torch.Tensor | None = None  # [mb, S] float32
+    entropy: torch.Tensor | None = None  # [mb, S] float32
+    hidden: torch.Tensor | None = None  # [S_local, mb, H]: final-norm output (see algo.hidden)
+
+
+LossOfMicroBatch = Callable[[int, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, dict]]
+
+
+def _run_schedule(
+    model: torch.nn.Module,
+    micro_batches: list[PolicyBatch],
+    loss_of: LossOfMicroBatch,
+    capture_hidden: bool,
+    forward_only: bool,
+) -> list[dict]:
+    """Megatron's pipeline schedule over the micro-batches; `loss_of(index, logits, hidden)` runs on the last stage."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    mb_size, seq = micro_batches[0].tokens.shape
+    positions = torch.arange(seq).unsqueeze(0)
+    with capture_final_hidden(model) if capture_hidden else nullcontext() as slot:
+
+        def forward_step(data_iterator, chunk):
+            index = next(data_iterator)
+            tokens = micro_batches[index].tokens
+            output = chunk(tokens, positions.expand_as(tokens).to(tokens.device), None)
+
+            def loss_func(logits):
+                return loss_of(index, logits, slot.take() if slot is not None else None)
+
+            return output, loss_func
+
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(range(len(micro_batches))),
+            model=[model],
+            num_microbatches=len(micro_batches),
+            seq_length=seq,
+            micro_batch_size=mb_size,
+            forward_only=forward_only,
+        )
+
+
+@torch.no_grad()
+def forward_only(
+    model: torch.nn.Module,
+    micro_batches: list[PolicyBatch],
+    settings: LossSettings,
+    *,
+    logprobs: bool = True,
+    entropy: bool = False,
+    hidden: bool = False,
+) -> list[ForwardOutput]:
+    """Per micro-batch outputs on the last pipeline stage; an empty list on the other stages."""
+
+    def loss_of(index, logits, final_hidden):
+        out = ForwardOutput(hidden=final_hidden.detach() if hidden else None)
+        if logprobs or entropy:
+            lp, ent = vocab_parallel_logprobs(
+                logits,
+                micro_batches[index].targets,
+                settings.vocab_size,
+                temperature=settings.temperature,
+                chunk_tokens=settings.chunk_tokens,
+                with_entropy=entropy,
+            )
+            out.logprobs = lp if logprobs else None
+            out.entropy = ent
+        return logits.new_zeros(()), {"output": out}
+
+    results = _run_schedule(model, micro_batches, loss_of, capture_hidden=hidden, forward_only=True)
+    return [r["output"] for r in results]
+
+
+def forward_backward(
+    model: torch.nn.Module,
+    micro_batches: list[PolicyBatch],
+    settings: LossSettings,
+    normalizers: Normalizers,
+    twin_hidden: list[torch.Tensor] | None = None,
+    predictor: torch.nn.Module | None = None,
+) -> MetricAccumulator:
+    """Forward and backward of the step's loss over `micro_batches` (gradients accumulate in the model's
+    grad buffers; the optimiser step is the caller's). Returns this rank's metric sums (last stage)."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    metrics = MetricAccumulator()
+    popo = settings.algorithm == Algorithm.popo
+    use_twin = settings.uses_twin_hidden
+    if use_twin and (twin_hidden is None or len(twin_hidden) != len(micro_batches)):
+        raise ValueError("POPO's similarity penalty needs the twin's hidden states of every micro-batch")
+    # Megatron divides each micro-batch loss by their number, and DDP averages over data-parallel ranks.
+    scale = len(micro_batches) * parallel_state.get_data_parallel_world_size()
+    sequence_parallel = unwrap_model(model).config.sequence_parallel
+
+    def loss_of(index, logits, final_hidden):
+        mb = micro_batches[index]
+        mask = mb.loss_mask
+        lp, ent = vocab_parallel_logprobs(
+            logits,
+            mb.targets,
+            settings.vocab_size,
+            temperature=settings.temperature,
+            chunk_tokens=settings.chunk_tokens,
+            with_entropy=True,
+        )
+        metrics.add_masked("entropy", ent, mask)
+        if mb.old_logprobs is None:
+            raise ValueError("the batch has no old_logprobs (fill them from the trainer or the rollout engine)")
+        if not popo and settings.kl_beta > 0 and mb.ref_logprobs is None:
+            raise ValueError("grpo.kl_beta > 0 needs the reference policy's log-probs in the batch (ref_logprobs)")
+        token_weights = None
+        if settings.tis_cap is not None:
+            token_weights = torch.where(
+                mask, truncated_is_weights(mb.old_logprobs, mb.rollout_logprobs, settings.tis_cap), 1.0
+            )
+            metrics.add_masked("rollout/tis_weight", token_weights, mask)
+        if popo:
+            loss = popo_policy_loss(
+                lp, mb.old_logprobs, mask, mb.sample_weights, settings.bound, normalizers.policy, token_weights, metrics
+            )
+        else:
+            loss = grpo_policy_loss(
+                lp,
+                mb.old_logprobs,
+                mask,
+                mb.sample_weights,
+                settings.eps_low,
+                settings.eps_high,
+                normalizers.policy,
+                mb.ref_logprobs,
+                settings.kl_beta,
+                token_weights,
+                metrics,
+            )
+        metrics.add_total("loss/policy", loss.detach())
+        if use_twin:
+            sim_mask = (mask & mb.positive.unsqueeze(-1)).transpose(0, 1)  # [S, mb], like the hidden states
+            local_mask = sim_mask[sequence_slice(model, sim_mask.shape[0])]
+            distance = similarity_sum(final_hidden, twin_hidden[index], local_mask, predictor)
+            if sequence_parallel:
+                # Each TP rank holds its own slice of the sequence: sum the slices (backward: identity,
+                # so each slice's hidden states get the gradient of the whole sum).
+                distance = tensor_parallel.reduce_from_tensor_model_parallel_region(distance)
+            metrics.add_mean("popo/similarity", distance.detach(), sim_mask.sum())
+            similarity = distance / (normalizers.similarity if normalizers.similarity > 0 else 1.0)
+            loss = loss + settings.similarity_beta * similarity
+        metrics.add_total("loss/total", loss.detach())
+        return loss * scale, {}
+
+    _run_schedule(model, micro_batches, loss_of, capture_hidden=use_twin, forward_only=False)
+    return metrics

@@ -1,0 +1,58 @@
+"""Wrap a built model for training: Megatron DDP and the Megatron optimiser, from the config.
+
+Gradients are reduced in fp32 and averaged over data-parallel ranks (the loss
+step in popo_megatron.algo.step relies on that averaging); with
+`optim.use_distributed_optimizer` the optimiser state is sliced across
+data-parallel ranks (ZeRO-1) and updated parameters are all-gathered
+synchronously at the end of every step, so the model is whole between steps.
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+
+from popo_megatron.model.hf_config import HFModelArgs
+from popo_megatron.model.kv_replication import make_finalize_grads_func
+from popo_megatron.model.layout import kv_replication_factor
+
+
+def wrap_ddp(model: torch.nn.Module, args: HFModelArgs, cfg: DictConfig) -> torch.nn.Module:
+    """Megatron DistributedDataParallel around this rank's model stage."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    model.config.finalize_model_grads_func = make_finalize_grads_func(
+        args.head_dim, kv_replication_factor(args.num_kv_heads, cfg.parallel.tensor_model_parallel_size)
+    )
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        overlap_param_gather=False,
+        use_distributed_optimizer=cfg.optim.use_distributed_optimizer,
+        bucket_size=cfg.optim.ddp_bucket_size,
+    )
+    return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+
+def build_optimizer(ddp_model: torch.nn.Module, cfg: DictConfig):
+    """Megatron's Adam (decoupled weight decay) over the DDP-wrapped model."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = ddp_model.config
+    optim = cfg.optim
+    return get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=optim.lr,
+            weight_decay=optim.weight_decay,
+            adam_beta1=optim.adam_beta1,
+            adam_beta2=optim.adam_beta2,
+            adam_eps=optim.adam_eps,
+            clip_grad=optim.clip_grad,
+            bf16=config.bf16,
+            fp16=config.fp16,
+            params_dtype=config.params_dtype,
+            use_distributed_optimizer=optim.use_distributed_optimizer,
+        ),
+        [ddp_model],
+    )
