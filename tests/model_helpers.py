@@ -16,7 +16,7 @@ def perturb(model: torch.nn.Module, scale: float = 0.02) -> None:
         param.add_(scale * torch.sin(param * 997.0))
 
 
-def config_for(hf: Path, tp: int, pp: int):
+def config_for(hf: Path, tp: int, pp: int, sequence_parallel: bool = False, overrides: tuple[str, ...] = ()):
     from popo_megatron.config import load_config
 
     return load_config(
@@ -24,16 +24,19 @@ def config_for(hf: Path, tp: int, pp: int):
             f"model.hf_path={hf}",
             f"parallel.tensor_model_parallel_size={tp}",
             f"parallel.pipeline_model_parallel_size={pp}",
+            f"parallel.sequence_parallel={sequence_parallel}",
+            *overrides,
         ]
     )
 
 
-def build_model(hf: Path, tp: int, pp: int):
+def build_model(hf: Path, tp: int, pp: int, sequence_parallel: bool = False, overrides: tuple[str, ...] = ()):
+    """This rank's model stage at the layout (uninitialised weights), its HF args and config."""
     from popo_megatron.model.builder import build_gpt_model
     from popo_megatron.model.hf_config import read_hf_config
     from popo_megatron.platform import init_model_parallel, seed_everything
 
-    cfg = config_for(hf, tp, pp)
+    cfg = config_for(hf, tp, pp, sequence_parallel, overrides)
     init_model_parallel(cfg.parallel)
     seed_everything(0)
     args = read_hf_config(hf)

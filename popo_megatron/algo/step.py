@@ -191,14 +191,20 @@ def forward_backward(
     predictor: torch.nn.Module | None = None,
 ) -> MetricAccumulator:
     """Forward and backward of the step's loss over `micro_batches` (gradients accumulate in the model's
-    grad buffers; the optimiser step is the caller's). Returns this rank's metric sums (last stage)."""
+    grad buffers; the optimiser step is the caller's). Returns this rank's metric sums (last stage).
+
+    On the last pipeline stage the micro-batches must carry old_logprobs (and rollout_logprobs for TIS,
+    ref_logprobs for GRPO's KL) and, when the similarity penalty is on, `twin_hidden` holds the twin's
+    final hidden states of each micro-batch (`forward_only(..., hidden=True)` with the twin swapped in).
+    """
     from megatron.core import parallel_state, tensor_parallel
 
     metrics = MetricAccumulator()
     popo = settings.algorithm == Algorithm.popo
     use_twin = settings.uses_twin_hidden
-    if use_twin and (twin_hidden is None or len(twin_hidden) != len(micro_batches)):
-        raise ValueError("POPO's similarity penalty needs the twin's hidden states of every micro-batch")
+    if use_twin and parallel_state.is_pipeline_last_stage():
+        if twin_hidden is None or len(twin_hidden) != len(micro_batches):
+            raise ValueError("POPO's similarity penalty needs the twin's hidden states of every micro-batch")
     # Megatron divides each micro-batch loss by their number, and DDP averages over data-parallel ranks.
     scale = len(micro_batches) * parallel_state.get_data_parallel_world_size()
     sequence_parallel = unwrap_model(model).config.sequence_parallel

@@ -1,0 +1,242 @@
+"""POPO / GRPO loss math on plain tensors, each against an independent reference written here
+(per-rollout, per-token loops in float64) or a closed form."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from popo_megatron.algo.advantages import group_stats, grpo_advantages, popo_weights
+from popo_megatron.algo.batch import pack_rows, spread_per_token
+from popo_megatron.algo.losses import ISBound, grpo_policy_loss, popo_policy_loss, similarity_sum
+from popo_megatron.algo.metrics import MetricAccumulator
+from popo_megatron.algo.momentum import TwinMomentum
+
+REWARDS = torch.tensor(
+    [
+        [1.0, 0.0, 0.0, 0.0],  # k = 1
+        [1.0, 1.0, 0.0, 0.0],  # k = 2
+        [0.0, 0.0, 0.0, 0.0],  # k = 0: no positives
+        [1.0, 1.0, 1.0, 1.0],  # k = G: all positive
+    ]
+)
+
+
+def _reference_weight(k: int, group: int, mode: str) -> float:
+    p = k / group
+    return {"uniform": 1 / k, "success_scaled": (1 - p) / k, "grpo_matched": math.sqrt((1 - p) / p) / group}[mode]
+
+
+@pytest.mark.parametrize("mode", ["uniform", "success_scaled", "grpo_matched"])
+def test_popo_weights_closed_form(mode):
+    weights = popo_weights(REWARDS, mode)
+    for g, row in enumerate(REWARDS):
+        k = int(row.sum())
+        for i, reward in enumerate(row):
+            expected = _reference_weight(k, len(row), mode) if reward > 0 else 0.0
+            assert weights[g, i].item() == pytest.approx(expected, abs=1e-7), (mode, g, i)
+    assert torch.all(weights[2] == 0), "a group without positives contributes nothing"
+    if mode != "uniform":
+        assert torch.all(weights[3] == 0), "an all-correct group carries no signal"
+
+
+def test_grpo_matched_equals_grpo_weight_of_a_positive():
+    """grpo_matched's w_i is GRPO's advantage of a positive rollout (binary rewards), divided by G."""
+    adv = grpo_advantages(REWARDS[:2])
+    matched = popo_weights(REWARDS[:2], "grpo_matched")
+    positive = REWARDS[:2] > 0
+    assert torch.allclose(matched[positive] * REWARDS.shape[1], adv[positive], atol=1e-5)
+
+
+def test_grpo_advantages_reference():
+    for row, adv in zip(REWARDS.tolist(), grpo_advantages(REWARDS), strict=True):
+        mean = sum(row) / len(row)
+        std = math.sqrt(sum((r - mean) ** 2 for r in row) / len(row))
+        for r, a in zip(row, adv.tolist(), strict=True):
+            assert a == pytest.approx((r - mean) / (std + 1e-6), abs=1e-5)
+    assert torch.allclose(grpo_advantages(REWARDS, scale_by_std=False), REWARDS - REWARDS.mean(-1, keepdim=True))
+
+
+def test_group_stats():
+    stats = group_stats(REWARDS)
+    assert (stats.rollouts, stats.groups, stats.positives) == (16, 4, 7)
+    assert (stats.groups_without_positives, stats.groups_all_positive) == (1, 1)
+    assert stats.as_metrics()["reward/positive_fraction"] == pytest.approx(7 / 16)
+
+
+def _random_case(seed: int, rows: int = 6, seq: int = 7):
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(rows, seq, generator=gen) > 0.3
+    old = -torch.rand(rows, seq, generator=gen) * 3
+    logprobs = (old + 0.6 * torch.randn(rows, seq, generator=gen)).clamp(max=-1e-3).requires_grad_()
+    return logprobs, old, mask
+
+
+def _reference_popo(lp, old, mask, weights, mode, eps_high, c, denominator, token_weights=None):
+    """Per rollout, per token, float64: -sum_i w_i sum_t s_it / denominator."""
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(lp.shape[0]):
+        if weights[i] <= 0:
+            continue
+        for t in range(lp.shape[1]):
+            if not mask[i, t]:
+                continue
+            rho = torch.exp(lp[i, t].double() - old[i, t].double())
+            if mode == "clip":
+                s = torch.clamp(rho, max=1 + eps_high)
+            else:
+                s = torch.clamp(rho, max=c).detach() * lp[i, t].double()
+            if token_weights is not None:
+                s = s * token_weights[i, t]
+            total = total + weights[i] * s
+    return -total / denominator
+
+
+@pytest.mark.parametrize("mode", ["clip", "truncate"])
+def test_popo_loss_and_gradient_match_reference(mode):
+    lp, old, mask = _random_case(0)
+    weights = torch.tensor([0.5, 0.0, 0.25, 1.0, 0.0, 0.3])
+    token_weights = torch.rand(lp.shape, generator=torch.Generator().manual_seed(5)) + 0.5
+    denominator = float((weights * mask.sum(-1)).sum())
+    metrics = MetricAccumulator()
+    loss = popo_policy_loss(lp, old, mask, weights, ISBound(mode, 0.28, 2.0), denominator, token_weights, metrics)
+    (grad,) = torch.autograd.grad(loss, lp)
+    ref = _reference_popo(lp, old, mask, weights, mode, 0.28, 2.0, denominator, token_weights)
+    (ref_grad,) = torch.autograd.grad(ref, lp)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert torch.allclose(grad, ref_grad, atol=1e-6)
+    # Rollouts with w = 0 (negatives) get no gradient at all.
+    assert torch.all(grad[weights == 0] == 0)
+    ratio = torch.exp(lp - old).detach()
+    bound = 1.28 if mode == "clip" else 2.0
+    active = mask & (weights > 0).unsqueeze(-1)
+    reported = metrics.reduce()
+    assert reported["popo/clip_fraction"] == pytest.approx((ratio[active] > bound).double().mean().item())
+    assert reported["popo/ratio_max"] == pytest.approx(ratio[active].max().item(), rel=1e-6)
+    if mode == "clip":
+        # PPO's clip for a positive advantage: no gradient where rho > 1 + eps_high.
+        clipped = active & (ratio > bound)
+        assert clipped.any() and torch.all(grad[clipped] == 0)
+
+
+def test_popo_loss_without_positives_is_zero_and_finite():
+    lp, old, mask = _random_case(1)
+    weights = torch.zeros(lp.shape[0])
+    metrics = MetricAccumulator()
+    loss = popo_policy_loss(lp, old, mask, weights, ISBound(), 0.0, metrics=metrics)
+    (grad,) = torch.autograd.grad(loss, lp)
+    assert loss.item() == 0.0 and torch.all(grad == 0)
+    reported = metrics.reduce(count_keys=True)
+    assert "popo/ratio" not in reported and reported["popo/ratio/count"] == 0
+
+
+def _reference_grpo(lp, old, mask, adv, eps_low, eps_high, denominator, ref=None, beta=0.0):
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(lp.shape[0]):
+        for t in range(lp.shape[1]):
+            if not mask[i, t]:
+                continue
+            ratio = torch.exp(lp[i, t].double() - old[i, t].double())
+            clipped = min(max(ratio, torch.tensor(1 - eps_low)), torch.tensor(1 + eps_high))
+            term = torch.maximum(-adv[i] * ratio, -adv[i] * clipped)
+            if ref is not None:
+                x = ref[i, t].double() - lp[i, t].double()
+                term = term + beta * (torch.exp(x) - x - 1)
+            total = total + term
+    return total / denominator
+
+
+def test_grpo_loss_and_gradient_match_reference():
+    lp, old, mask = _random_case(2)
+    adv = torch.tensor([1.2, -0.7, 0.0, -1.5, 0.4, 2.0])
+    ref_lp = old - 0.1 * torch.randn(old.shape, generator=torch.Generator().manual_seed(3))
+    denominator = float(mask.sum())
+    metrics = MetricAccumulator()
+    loss = grpo_policy_loss(lp, old, mask, adv, 0.2, 0.28, denominator, ref_lp, 0.05, metrics=metrics)
+    (grad,) = torch.autograd.grad(loss, lp)
+    ref = _reference_grpo(lp, old, mask, adv, 0.2, 0.28, denominator, ref_lp, 0.05)
+    (ref_grad,) = torch.autograd.grad(ref, lp)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert torch.allclose(grad, ref_grad, atol=1e-6)
+    assert 0 < metrics.reduce()["grpo/clip_fraction"] < 1
+
+
+def test_similarity_penalty_is_bounded_and_pulls_towards_the_twin():
+    gen = torch.Generator().manual_seed(4)
+    twin = torch.randn(5, 3, 16, generator=gen)
+    mask = torch.ones(5, 3, dtype=torch.bool)
+    assert similarity_sum(twin.clone(), twin, mask).item() == pytest.approx(0.0, abs=1e-5)
+    assert similarity_sum(-twin, twin, mask).item() == pytest.approx(2.0 * 15, rel=1e-5)
+    online = torch.randn(5, 3, 16, generator=gen).requires_grad_()
+    total = similarity_sum(online, twin, mask)
+    assert 0 <= total.item() <= 2 * 15
+    (grad,) = torch.autograd.grad(total, online)
+    with torch.no_grad():
+        assert similarity_sum(online - 0.05 * grad, twin, mask) < total, "a gradient step reduces the distance"
+    masked = mask.clone()
+    masked[0] = False
+    expected = total - similarity_sum(online[:1], twin[:1], mask[:1])
+    assert similarity_sum(online, twin, masked).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_metric_accumulator_combines_means_totals_and_extremes():
+    a, b = MetricAccumulator(), MetricAccumulator()
+    a.add_masked("x", torch.tensor([1.0, 5.0, 9.0]), torch.tensor([True, True, False]), extremes=True)
+    b.add_masked("x", torch.tensor([3.0]), torch.tensor([True]), extremes=True)
+    a.add_total("loss", 0.25)
+    b.add_total("loss", 0.5)
+    a.merge(b)
+    out = a.reduce()
+    assert out == {"loss": 0.75, "x": 3.0, "x_max": 5.0, "x_min": 1.0}
+
+
+def test_momentum_schedules():
+    constant = TwinMomentum("constant", m0=0.97)
+    constant.advance(5.0)
+    assert constant.value == 0.97
+    cosine = TwinMomentum("cosine", m0=0.9, total_steps=4)
+    values = []
+    for _ in range(5):
+        values.append(cosine.value)
+        cosine.advance()
+    assert values[0] == pytest.approx(0.9) and values[-1] == pytest.approx(1.0)
+    assert values[2] == pytest.approx(1 - 0.1 * (1 + math.cos(math.pi / 2)) / 2)
+    assert all(b > a for a, b in zip(values, values[1:], strict=False))
+    with pytest.raises(ValueError, match="total number of steps"):
+        TwinMomentum("cosine")
+
+
+def test_adaptive_momentum_moves_in_the_documented_direction():
+    law = TwinMomentum("adaptive", m0=0.99, d_target=0.02, kappa=1.0, m_min=0.9, m_max=0.9999)
+    start = law.value
+    law.advance(drift=0.5)  # drift above target: the twin slows down (m up)
+    assert law.value == pytest.approx(min(start * math.exp(0.48), 0.9999))
+    assert law.value > start
+    high = law.value
+    law.advance(drift=0.0)  # below target: the twin follows faster (m down)
+    assert law.value == pytest.approx(high * math.exp(-0.02)) and law.value < high
+    for _ in range(1000):
+        law.advance(drift=0.0)
+    assert law.value == 0.9, "clamped at m_min"
+    law.advance(drift=None)  # no positive tokens: nothing measured, m unchanged
+    assert law.value == 0.9
+    restored = TwinMomentum("adaptive")
+    restored.load_state_dict(law.state_dict())
+    assert (restored.value, restored.step) == (law.value, law.step)
+
+
+def test_pack_rows_masks_the_positions_that_predict_response_tokens():
+    tokens, mask = pack_rows([[5, 6, 7], [8]], [[1, 2], []], pad_id=0, length_multiple=4)
+    assert tokens.tolist() == [[5, 6, 7, 1, 2, 0, 0, 0], [8, 0, 0, 0, 0, 0, 0, 0]]
+    # Position 2 (token 7) predicts response token 1; position 3 predicts 2.
+    assert mask.tolist()[0] == [False, False, True, True, False, False, False, False]
+    assert not mask[1].any(), "an empty response has no loss tokens"
+    # A response that fills the row to the end (cut at the length limit) keeps all its tokens.
+    tokens, mask = pack_rows([[5]], [[1, 2, 3]])
+    assert tokens.shape == (1, 4) and mask.tolist() == [[True, True, True, False]]
+    engine = spread_per_token(mask, [[-0.1, -0.2, -0.3]])
+    assert engine[0].tolist() == pytest.approx([-0.1, -0.2, -0.3, 0.0])
+    with pytest.raises(ValueError, match="row 0: 2 values for 3 response tokens"):
+        spread_per_token(mask, [[-0.1, -0.2]])
