@@ -143,3 +143,45 @@ def test_unsupported_models(change, expected):
 def test_rope_theta_from_old_and_new_config_formats():
     assert parse_hf_config({**QWEN, "rope_theta": 1e6}).rope_theta == 1e6
     assert parse_hf_config({**QWEN, "rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}}).rope_theta == 5e5
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["popo.is_bound.eps_high=0"], r"popo\.is_bound\.eps_high=0\.0: must be > 0"),
+        (["popo.twin.momentum.m_min=0.99", "popo.twin.momentum.m_max=0.95"], r"m_min=0\.99: must be <= m_max"),
+        (["popo.twin.momentum.m0=1.5"], r"popo\.twin\.momentum\.m0=1\.5: must be in \[0, 1\]"),
+        (["popo.similarity.beta=-1"], r"popo\.similarity\.beta=-1\.0: must be >= 0"),
+        (["grpo.eps_low=1.2"], r"grpo\.eps_low=1\.2: must be in \(0, 1\)"),
+        (["loss.logprob_chunk_tokens=0"], r"loss\.logprob_chunk_tokens=0: must be >= 1"),
+        (["optim.ddp_bucket_size=0"], r"optim\.ddp_bucket_size=0: must be >= 1"),
+        (["popo.rollout_correction=tis", "popo.old_logprobs=rollout"], r"needs popo\.old_logprobs=trainer"),
+    ],
+)
+def test_invalid_algorithm_settings(overrides, expected):
+    import re
+
+    assert re.search(expected, _invalid(_cfg(*overrides)))
+
+
+def test_algorithm_switches_parse():
+    cfg = _cfg("algorithm=grpo", "popo.redistribution=grpo_matched", "popo.twin.momentum.schedule=cosine")
+    assert (cfg.algorithm, cfg.popo.redistribution, cfg.popo.twin.momentum.schedule) == (
+        "grpo",
+        "grpo_matched",
+        "cosine",
+    )
+    validate_config(cfg, 1, parse_hf_config(QWEN))
+    with pytest.raises(ConfigError, match=r"popo\.is_bound\.mode"):
+        _cfg("popo.is_bound.mode=soft")
+
+
+def test_twin_of_fp8_weights_is_refused():
+    msg = _invalid(_cfg("model.fp8.enabled=true", "model.fp8.fp8_weights=true"), cuda=True)
+    assert "the twin needs high-precision parameters" in msg
+    validate_config(
+        _cfg("model.fp8.enabled=true", "model.fp8.fp8_weights=true", "popo.twin.enabled=false"),
+        1,
+        parse_hf_config(QWEN),
+        cuda_available=True,
+    )

@@ -240,3 +240,32 @@ def test_pack_rows_masks_the_positions_that_predict_response_tokens():
     assert engine[0].tolist() == pytest.approx([-0.1, -0.2, -0.3, 0.0])
     with pytest.raises(ValueError, match="row 0: 2 values for 3 response tokens"):
         spread_per_token(mask, [[-0.1, -0.2]])
+
+
+def test_make_policy_batch_follows_the_config():
+    from popo_megatron.algo.batch import make_policy_batch
+    from popo_megatron.config import load_config
+
+    prompts = [[5, 6], [5, 6], [7], [7]]
+    responses = [[1, 2, 3], [4], [8, 9], []]
+    rewards = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    truncated = torch.tensor([[True, False], [False, False]])
+    engine = [[-0.1, -0.2, -0.3], [-0.4], [-0.5, -0.6], []]
+    cfg = load_config(overrides=["model.hf_path=/x", "popo.redistribution=uniform"])
+    batch = make_policy_batch(cfg, prompts, responses, rewards, truncated, engine)
+    assert batch.sample_weights.tolist() == [1.0, 0.0, 0.5, 0.5]
+    assert batch.positive.tolist() == [True, False, True, True]
+    assert batch.response_lengths().tolist() == [3, 1, 2, 0]
+    assert batch.rollout_logprobs[batch.loss_mask].tolist() == pytest.approx([-0.1, -0.2, -0.3, -0.4, -0.5, -0.6])
+    masked = make_policy_batch(
+        load_config(overrides=["model.hf_path=/x", "loss.mask_truncated=true"]), prompts, responses, rewards, truncated
+    )
+    assert masked.response_lengths().tolist() == [0, 1, 2, 0], "the truncated rollout carries no token"
+    grpo = make_policy_batch(load_config(overrides=["model.hf_path=/x", "algorithm=grpo"]), prompts, responses, rewards)
+    assert torch.allclose(grpo.sample_weights, grpo_advantages(rewards).reshape(-1))
+    sp = load_config(
+        overrides=["model.hf_path=/x", "parallel.tensor_model_parallel_size=4", "parallel.sequence_parallel=true"]
+    )
+    assert make_policy_batch(sp, prompts, responses, rewards).tokens.shape[1] % 4 == 0
+    with pytest.raises(ValueError, match=r"must be \[groups, G\]"):
+        make_policy_batch(cfg, prompts, responses, rewards.reshape(-1))

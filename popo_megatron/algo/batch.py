@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Sequence
 
 import torch
+from omegaconf import DictConfig
 
 
 @dataclass
@@ -49,6 +50,11 @@ class PolicyBatch:
 
     def with_fields(self, **changes: torch.Tensor) -> "PolicyBatch":
         return replace(self, **changes)
+
+    def without_rows(self, drop: torch.Tensor) -> "PolicyBatch":
+        """The batch with the `drop` [B] rows' loss masks cleared: they stay (shapes are unchanged) but carry
+        no token into any loss or normaliser (e.g. `loss.mask_truncated`: responses cut at the length limit)."""
+        return replace(self, loss_mask=self.loss_mask & ~drop.unsqueeze(-1))
 
 
 def pack_rows(
@@ -90,3 +96,38 @@ def spread_per_token(mask: torch.Tensor, per_response: Sequence[Sequence[float]]
             raise ValueError(f"row {i}: {len(row)} values for {len(positions)} response tokens")
         out[i, positions] = torch.tensor(list(row), dtype=torch.float32)
     return out
+
+
+def make_policy_batch(
+    cfg: DictConfig,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    rewards: torch.Tensor,
+    truncated: torch.Tensor | None = None,
+    rollout_logprobs: Sequence[Sequence[float]] | None = None,
+    pad_id: int = 0,
+) -> PolicyBatch:
+    """The training batch of G rollouts per prompt, in group order (rows g*G .. g*G+G-1 share a prompt).
+
+    rewards / truncated: [groups, G]. Sample weights are POPO's redistribution
+    or GRPO's advantages per `cfg.algorithm`; with `cfg.loss.mask_truncated`
+    rollouts cut at the length limit carry no token into the loss. Rows are
+    padded to a multiple of TP when sequence parallelism splits them.
+    """
+    from popo_megatron.algo.advantages import grpo_advantages, popo_weights, positive_mask
+    from popo_megatron.config.schema import Algorithm
+
+    if rewards.dim() != 2 or rewards.numel() != len(responses):
+        raise ValueError(f"rewards {tuple(rewards.shape)} must be [groups, G] with one per response ({len(responses)})")
+    tp = cfg.parallel.tensor_model_parallel_size
+    tokens, mask = pack_rows(prompts, responses, pad_id, tp if cfg.parallel.sequence_parallel else 1)
+    if Algorithm(cfg.algorithm) == Algorithm.popo:
+        weights = popo_weights(rewards, cfg.popo.redistribution)
+    else:
+        weights = grpo_advantages(rewards, cfg.grpo.scale_by_std)
+    batch = PolicyBatch(tokens, mask, weights.reshape(-1), positive_mask(rewards).reshape(-1))
+    if rollout_logprobs is not None:
+        batch.rollout_logprobs = spread_per_token(mask, rollout_logprobs)
+    if cfg.loss.mask_truncated and truncated is not None:
+        batch = batch.without_rows(truncated.reshape(-1).bool())
+    return batch

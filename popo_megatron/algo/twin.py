@@ -34,7 +34,7 @@ The same class holds a frozen copy (a reference policy for GRPO's KL) when
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -210,13 +210,11 @@ class TwinParams:
     def sharded_state_dict(self) -> dict:
         """The twin as Megatron ShardedTensors under `twin.`, keyed like the model's weights (see
         popo_megatron.convert.checkpoint_dir); stored in the twin's dtype."""
-        from popo_megatron.convert.model_checkpoint import weights_sharded_state_dict
+        from popo_megatron.convert.model_checkpoint import weights_sharded_state_dict, with_data
 
         tensors = self.full_tensors()
         layout = weights_sharded_state_dict(unwrap_model(self.model), "twin")
-        return {
-            key: replace(sh, data=tensors[key.removeprefix("twin.")], dtype=self.dtype) for key, sh in layout.items()
-        }
+        return {key: with_data(sh, tensors[key.removeprefix("twin.")]) for key, sh in layout.items()}
 
     # --- bookkeeping --------------------------------------------------------------------
     @property

@@ -48,6 +48,13 @@ def validate_config(
     elif cfg.model.fp8.enabled and spec == "local":
         problems.append("model.fp8.enabled=true needs the Transformer Engine layer spec (model.spec=te or auto)")
 
+    problems += _algorithm_problems(cfg)
+    if cfg.popo.twin.enabled and cfg.model.fp8.enabled and cfg.model.fp8.fp8_weights:
+        problems.append(
+            "model.fp8.fp8_weights=true with popo.twin.enabled=true: the twin needs high-precision parameters "
+            "(use FP8 compute with fp8_weights=false)"
+        )
+
     if model is not None:
         if model.num_attention_heads % tp != 0:
             problems.append(
@@ -71,3 +78,45 @@ def validate_config(
             )
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def _algorithm_problems(cfg: DictConfig) -> list[str]:
+    """Ranges of the algorithm, loss and optimiser settings."""
+    checks = [
+        ("popo.is_bound.eps_high", cfg.popo.is_bound.eps_high > 0, "must be > 0"),
+        ("popo.is_bound.truncate_c", cfg.popo.is_bound.truncate_c > 0, "must be > 0"),
+        ("popo.similarity.beta", cfg.popo.similarity.beta >= 0, "must be >= 0"),
+        ("popo.tis_cap", cfg.popo.tis_cap > 0, "must be > 0"),
+        ("grpo.eps_low", 0 < cfg.grpo.eps_low < 1, "must be in (0, 1)"),
+        ("grpo.eps_high", cfg.grpo.eps_high > 0, "must be > 0"),
+        ("grpo.kl_beta", cfg.grpo.kl_beta >= 0, "must be >= 0"),
+        ("loss.logprob_chunk_tokens", cfg.loss.logprob_chunk_tokens >= 1, "must be >= 1"),
+        ("optim.lr", cfg.optim.lr >= 0, "must be >= 0"),
+        ("optim.weight_decay", cfg.optim.weight_decay >= 0, "must be >= 0"),
+        ("optim.adam_beta1", 0 <= cfg.optim.adam_beta1 < 1, "must be in [0, 1)"),
+        ("optim.adam_beta2", 0 <= cfg.optim.adam_beta2 < 1, "must be in [0, 1)"),
+        ("optim.adam_eps", cfg.optim.adam_eps > 0, "must be > 0"),
+        ("optim.clip_grad", cfg.optim.clip_grad >= 0, "must be >= 0 (0: no clipping)"),
+        ("optim.ddp_bucket_size", cfg.optim.ddp_bucket_size is None or cfg.optim.ddp_bucket_size >= 1, "must be >= 1"),
+    ]
+    momentum = cfg.popo.twin.momentum
+    for key in ("m0", "m_min", "m_max"):
+        checks.append((f"popo.twin.momentum.{key}", 0 <= momentum[key] <= 1, "must be in [0, 1]"))
+    checks += [
+        ("popo.twin.momentum.m_min", momentum.m_min <= momentum.m_max, f"must be <= m_max ({momentum.m_max})"),
+        ("popo.twin.momentum.kappa", momentum.kappa >= 0, "must be >= 0"),
+        ("popo.twin.momentum.d_target", 0 <= momentum.d_target <= 2, "must be in [0, 2] (the penalty's range)"),
+    ]
+    problems = [f"{key}={_value(cfg, key)}: {reason}" for key, ok, reason in checks if not ok]
+    if cfg.popo.rollout_correction == "tis" and cfg.popo.old_logprobs == "rollout":
+        problems.append(
+            "popo.rollout_correction=tis corrects the trainer's old log-probs against the engine's: "
+            "it needs popo.old_logprobs=trainer"
+        )
+    return problems
+
+
+def _value(cfg: DictConfig, key: str):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(cfg, key)

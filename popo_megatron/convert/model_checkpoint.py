@@ -40,6 +40,16 @@ def weights_sharded_state_dict(model: torch.nn.Module, weight_set: str = "model"
     return {name: value for name, value in sharded.items() if not name.endswith("_extra_state")}
 
 
+def with_data(sharded, data: torch.Tensor):
+    """A model ShardedTensor (or ShardedTensorFactory, e.g. the gated MLP at TP > 1) describing `data` instead of
+    the parameter: same key and layout, `data`'s values and dtype."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    if isinstance(sharded, ShardedTensor):
+        return replace(sharded, data=data, dtype=data.dtype)
+    return replace(sharded, data=data)  # a factory builds its ShardedTensors from the data
+
+
 def layout_info(args: HFModelArgs, cfg: DictConfig, kind: str, weights: list[str]) -> CheckpointInfo:
     """The CheckpointInfo of a model built from `args` at `cfg`'s layout."""
     dtype = cfg.model.params_dtype
@@ -119,9 +129,7 @@ def read_weight_set(
         raise CheckpointError(f"{ckpt}: has no {weight_set!r} weights (it holds: {', '.join(info.weights)})")
     request = weights_sharded_state_dict(model, weight_set)
     if dtype is not None:
-        request = {
-            key: replace(sh, data=torch.empty_like(sh.data, dtype=dtype), dtype=dtype) for key, sh in request.items()
-        }
+        request = {key: with_data(sh, torch.empty_like(sh.data, dtype=dtype)) for key, sh in request.items()}
     loaded = dist_checkpointing.load(request, str(ckpt / MEGATRON_DIR))
     prefix = WEIGHT_PREFIXES[weight_set]
     return {name.removeprefix(prefix): tensor for name, tensor in loaded.items()}

@@ -1,0 +1,223 @@
+"""The twin-parameter manager on real megatron-core (gloo), through real optimiser steps.
+
+- After n steps the twin equals the closed-form EMA of the online parameters
+  (computed here in float64 from the recorded parameters and momenta).
+- Swapping the twin in puts exactly the twin's weights in the model (all-gathered
+  across data-parallel slices) and swapping out restores the online weights bit
+  for bit.
+- The data-parallel-sliced twin (distributed optimiser) equals the unsliced one.
+- Saved at TP=2, the twin reloads at TP=1 (and exports to HF) unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from model_helpers import build_model, perturb
+
+from popo_megatron.launch import run_local
+
+STEPS = 3
+EMA_TOL = 1e-6
+
+
+def _batch(dp_rank: int, dp: int):
+    from popo_megatron.algo.advantages import popo_weights
+    from popo_megatron.algo.batch import PolicyBatch, pack_rows
+
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(1, 1000, (4,), generator=gen).tolist() for _ in range(8)]
+    responses = [torch.randint(1, 1000, (n,), generator=gen).tolist() for n in (3, 5, 2, 4, 6, 1, 3, 2)]
+    rewards = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0]])
+    tokens, mask = pack_rows(prompts, responses, length_multiple=2)
+    batch = PolicyBatch(tokens, mask, popo_weights(rewards, "uniform").reshape(-1), (rewards > 0).reshape(-1))
+    rows = batch.size // dp
+    return batch[dp_rank * rows : (dp_rank + 1) * rows]
+
+
+def _train(hf: Path, tp: int, distributed_optimizer: bool, record: bool):
+    """STEPS POPO steps with the twin (EMA with the adaptive law); returns the model, twin and history."""
+    from megatron.core import parallel_state
+
+    from popo_megatron.algo.momentum import TwinMomentum
+    from popo_megatron.algo.step import LossSettings, forward_backward, forward_only, loss_normalizers
+    from popo_megatron.algo.twin import TwinParams
+    from popo_megatron.convert import load_hf_weights
+    from popo_megatron.model.training import build_optimizer, wrap_ddp
+
+    parallel_state.destroy_model_parallel()
+    overrides = (
+        f"optim.use_distributed_optimizer={distributed_optimizer}",
+        "optim.lr=1e-3",
+        "optim.ddp_bucket_size=4000",  # several buckets, so parameters straddle data-parallel slices
+        "popo.similarity.beta=0.5",
+        "popo.twin.momentum.m0=0.8",  # a fast twin: visible movement in three steps
+        "popo.twin.momentum.m_min=0.5",
+    )
+    model, args, cfg = build_model(hf, tp, 1, overrides=overrides)
+    load_hf_weights(model, str(hf), args, cfg)
+    ddp = wrap_ddp(model, args, cfg)
+    optimizer = build_optimizer(ddp, cfg)
+    twin = TwinParams(ddp)
+    momentum = TwinMomentum.from_config(cfg.popo.twin.momentum)
+    settings = LossSettings.from_config(cfg, args.vocab_size)
+    batch = _batch(parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
+    history = {"params": [], "momenta": []}
+    if record:
+        history["params"].append({n: p.detach().double().clone() for n, p in model.named_parameters()})
+    for _ in range(STEPS):
+        with twin.swapped_in():
+            twin_out = forward_only(ddp, batch.micro_batches(2), settings, hidden=True)
+        old = torch.cat([o.logprobs for o in forward_only(ddp, batch.micro_batches(2), settings)])
+        step_batch = batch.with_fields(old_logprobs=old)
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        metrics = forward_backward(
+            ddp,
+            step_batch.micro_batches(2),
+            settings,
+            loss_normalizers(step_batch, settings.algorithm),
+            twin_hidden=[o.hidden for o in twin_out],
+        )
+        assert optimizer.step()[0]
+        history["momenta"].append(momentum.value)
+        twin.update(momentum.value)
+        momentum.advance(metrics.reduce(parallel_state.get_data_parallel_group()).get("popo/similarity"))
+        if record:
+            history["params"].append({n: p.detach().double().clone() for n, p in model.named_parameters()})
+    return model, ddp, twin, args, cfg, history
+
+
+def _closed_form_ema(history: dict) -> dict[str, torch.Tensor]:
+    """twin_n = prod_k m_k theta_0 + sum_k (1 - m_k) prod_{j > k} m_j theta_{k+1}, from the recorded steps."""
+    params, momenta = history["params"], history["momenta"]
+    result = {}
+    for name in params[0]:
+        value = params[0][name].clone()
+        for k, m in enumerate(momenta):
+            value = m * value + (1 - m) * params[k + 1][name]
+        result[name] = value
+    return result
+
+
+def _sliced_worker(hf: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from popo_megatron.algo.twin import TwinParams
+    from popo_megatron.convert.model_checkpoint import save_model_weights
+    from popo_megatron.convert.weight_stream import iter_hf_weights
+
+    hf = Path(hf)
+    model, ddp, twin, args, cfg, history = _train(hf, 1, distributed_optimizer=True, record=True)
+    assert twin.sliced
+    # Closed form: the recursion written out over the recorded parameters, in float64.
+    expected = _closed_form_ema(history)
+    full = twin.full_tensors()
+    assert history["momenta"][0] != history["momenta"][-1], "the adaptive law moved the momentum"
+    for name, value in expected.items():
+        diff = (full[name].double() - value).abs().max().item()
+        assert diff < EMA_TOL, f"twin of {name} differs from the closed-form EMA by {diff}"
+        assert not torch.equal(full[name].double(), history["params"][-1][name]), f"{name}: twin == online"
+    # Memory: this data-parallel rank's slice only (half of the buffers, padding included).
+    buffer_numel = sum(b.param_data.numel() for b in ddp.buffers)
+    assert twin.numel == buffer_numel // 2 and twin.nbytes == twin.numel * 4
+
+    online = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with twin.swapped_in():
+        for name, param in model.named_parameters():
+            assert torch.equal(param, full[name]), f"{name}: the model does not hold the twin inside the swap"
+        twin_stream = {k: v.clone() for k, v in iter_hf_weights(ddp, args, cfg)}
+    for name, param in model.named_parameters():
+        assert torch.equal(param, online[name]), f"{name}: online weights not restored bit for bit"
+
+    # A bf16, CPU-offloaded twin (the cast path of the EMA) follows an fp32 one within bf16 rounding.
+    low, high = TwinParams(ddp, dtype=torch.bfloat16, cpu_offload=True), TwinParams(ddp)
+    assert low.nbytes == high.nbytes // 2 and low.device == torch.device("cpu")
+    perturb(model)
+    low.update(0.7)
+    high.update(0.7)
+    for name, value in high.full_tensors().items():
+        assert torch.allclose(low.full_tensors()[name].float(), value, rtol=1e-2, atol=1e-3), name
+
+    # The unsliced twin of the same run (plain DDP), for the comparison in the test.
+    model_u, ddp_u, twin_u, *_ = _train(hf, 1, distributed_optimizer=False, record=False)
+    assert not twin_u.sliced and twin_u.numel == sum(p.numel() for p in model_u.parameters())
+    unsliced = twin_u.full_tensors()
+
+    # TP=2: save policy and twin, and the twin's HF stream, for the reload at TP=1.
+    model2, ddp2, twin2, args2, cfg2, _ = _train(hf, 2, distributed_optimizer=True, record=False)
+    save_model_weights(model2, Path(out) / "ckpt_tp2", args2, cfg2, hf, twin=twin2)
+    with twin2.swapped_in():
+        tp2_stream = {k: v.clone() for k, v in iter_hf_weights(ddp2, args2, cfg2)}
+    if dist.get_rank() == 0:
+        torch.save(
+            {"sliced": full, "unsliced": unsliced, "stream": twin_stream, "tp2_stream": tp2_stream},
+            Path(out) / "twins.pt",
+        )
+
+
+def _reload_worker(hf: str, out: str) -> None:
+    from popo_megatron.algo.twin import TwinParams
+    from popo_megatron.convert import load_hf_weights
+    from popo_megatron.convert.model_checkpoint import load_twin_weights
+    from popo_megatron.convert.weight_stream import iter_hf_weights
+    from popo_megatron.model.forward import unwrap_model
+    from popo_megatron.model.training import wrap_ddp
+
+    model, args, cfg = build_model(Path(hf), 1, 1)
+    load_hf_weights(model, hf, args, cfg)
+    ddp = wrap_ddp(model, args, cfg)
+    twin = TwinParams(ddp)
+    load_twin_weights(twin, Path(out) / "ckpt_tp2", args, cfg)
+    with twin.swapped_in():
+        torch.save({k: v.clone() for k, v in iter_hf_weights(ddp, args, cfg)}, Path(out) / "tp1_stream.pt")
+
+    # FP8: the swap marks Transformer Engine's cached FP8 weights stale on both sides (Megatron's
+    # set_is_first_microbatch). No TE on CPU: modules carrying TE's flag stand in for TE layers.
+    inner = unwrap_model(ddp)
+    flagged = [m for m in inner.modules() if hasattr(m, "linear_qkv")]
+    for module in flagged:
+        module.is_first_microbatch = False
+    inner.config.fp8 = "hybrid"
+    try:
+        with twin.swapped_in():
+            assert all(m.is_first_microbatch for m in flagged), "entering the swap must refresh FP8 caches"
+            for module in flagged:
+                module.is_first_microbatch = False
+        assert all(m.is_first_microbatch for m in flagged), "leaving the swap must refresh FP8 caches"
+    finally:
+        inner.config.fp8 = None
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_models, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("twin")
+    run_local(_sliced_worker, 2, str(tiny_models["qwen2_tied"]), str(out))
+    return out
+
+
+def test_sliced_twin_equals_unsliced(trained):
+    twins = torch.load(trained / "twins.pt", weights_only=True)
+    for name, value in twins["unsliced"].items():
+        diff = (twins["sliced"][name] - value).abs().max().item()
+        assert diff < EMA_TOL, f"{name}: DP-sliced twin differs from the unsliced one by {diff}"
+
+
+def test_twin_saved_at_tp2_reloads_at_tp1(trained, tiny_models):
+    from test_convert import assert_bit_exact, hf_tensors
+
+    from popo_megatron.convert.checkpoint_dir import read_checkpoint
+    from popo_megatron.convert.offline import mcore_to_hf
+
+    info, _ = read_checkpoint(trained / "ckpt_tp2")
+    assert info.weights == ["model", "twin"]
+    run_local(_reload_worker, 1, str(tiny_models["qwen2_tied"]), str(trained))
+    tp2 = torch.load(trained / "twins.pt", weights_only=True)["tp2_stream"]
+    assert_bit_exact(torch.load(trained / "tp1_stream.pt", weights_only=True), tp2, "twin reloaded at TP=1")
+    # The offline exporter reads the same twin.
+    mcore_to_hf(trained / "ckpt_tp2", trained / "twin_hf", weights="twin", progress=False)
+    assert_bit_exact(hf_tensors(trained / "twin_hf"), tp2, "exported twin")
+    source = hf_tensors(tiny_models["qwen2_tied"])
+    assert not torch.equal(tp2["model.norm.weight"], source["model.norm.weight"]), "the twin moved from the start"
