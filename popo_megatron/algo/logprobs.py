@@ -7,8 +7,9 @@ would cost [tokens, V] per rank, and even the local fp32 upcast of a Qwen
 vocabulary (151,936) is 4.9 GB at 8k tokens. So:
 
 - the forward walks the tokens in chunks of `chunk_tokens` rows; each chunk
-  is upcast to fp32 and reduced to four numbers per token (local max, sum of
-  exp, sum of exp * logit, the target's logit when this rank owns it);
+  is upcast into a reused fp32 buffer and reduced to four numbers per token
+  (local max, sum of exp, sum of exp * shifted logit for the entropy, the
+  target's logit when this rank owns it);
 - one all-gather of those [4, tokens] statistics over TP combines them
   (log-sum-exp of per-rank partial sums, each rescaled by its own max), so
   there is one collective per call, not per chunk;
@@ -17,7 +18,10 @@ vocabulary (151,936) is 4.9 GB at 8k tokens. So:
   local logits directly (no collective: d log p / d z_v needs only the global
   log-sum-exp, and the output layer's backward sums over TP as usual).
 
-Peak extra memory is a few fp32 chunks, whatever the number of tokens.
+Peak extra memory, whatever the number of tokens: the gradient of the logits
+(in their dtype, as any method produces) and one fp32 [chunk, V/TP] buffer
+(two with entropy). bench/bench_logprobs.py measures it against the naive
+gathered log_softmax.
 
 Padded vocabulary rows (the model pads the vocabulary for TP) are excluded:
 they get probability 0, as in the HF model and in vLLM. `temperature` divides
@@ -32,48 +36,58 @@ import torch
 import torch.distributed as dist
 
 
-def _chunk_fp32(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """An fp32 copy of a chunk of logits divided by the temperature (always a new tensor: callers work in place)."""
-    if temperature != 1.0:
-        return logits.float().div_(temperature) if logits.dtype != torch.float32 else logits / temperature
-    return logits.to(torch.float32, copy=True)
+def _scratch(rows: int, cols: int, count: int, like: torch.Tensor) -> list[torch.Tensor]:
+    """`count` fp32 [rows, cols] buffers reused by every chunk (fresh large allocations each chunk would
+    cost page faults on the host and allocator churn on the device)."""
+    return [torch.empty(rows, cols, dtype=torch.float32, device=like.device) for _ in range(count)]
 
 
 def _combine(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-rank [ranks, 4, N] statistics -> (log-sum-exp, target logit, entropy) over the whole vocabulary."""
-    local_max, sum_exp, sum_exp_logit, target = stats.unbind(1)
+    """Per-rank [ranks, 4, N] statistics -> (log-sum-exp, target logit, entropy) over the whole vocabulary.
+
+    Rank r reports, relative to its own max M_r of z/T: S_r = sum exp(z/T - M_r) and
+    Q_r = sum exp(z/T - M_r) (z/T - M_r). With M the global max and scale_r = exp(M_r - M):
+    lse = M + log sum_r scale_r S_r, and H = lse - E_p[z/T] = log S - sum_r scale_r (Q_r + (M_r - M) S_r) / S.
+    """
+    local_max, sum_exp, sum_shifted, target = stats.unbind(1)
     global_max = local_max.max(0).values
-    # A rank without valid columns reports max -inf and sums 0: its scale is 0.
-    scale = torch.exp(local_max - global_max)
+    offset = local_max - global_max
+    # A rank without valid columns reports max -inf and sums 0: its scale is 0 and it adds nothing.
+    scale = torch.exp(offset)
     total = (scale * sum_exp).sum(0)
-    lse = global_max + total.log()
-    entropy = lse - (scale * sum_exp_logit).sum(0) / total
-    return lse, target.sum(0), entropy
+    spread = torch.where(sum_exp > 0, scale * (sum_shifted + offset * sum_exp), 0.0).sum(0)
+    entropy = total.log() - spread / total
+    return global_max + total.log(), target.sum(0), entropy
 
 
 class _VocabParallelLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, vocab_start, valid, temperature, chunk, group, with_entropy):
+        ctx.set_materialize_grads(False)
         n = targets.numel()
         z_all = logits.reshape(n, logits.shape[-1])
         flat_targets = targets.reshape(n)
         stats = torch.zeros(4, n, dtype=torch.float32, device=logits.device)
         stats[0] = float("-inf")
-        if valid > 0:
-            for start in range(0, n, chunk):
-                rows = slice(start, min(start + chunk, n))
-                z = _chunk_fp32(z_all[rows, :valid], temperature)
-                local_max = z.max(dim=-1).values
-                exp = torch.exp(z - local_max.unsqueeze(-1))
-                stats[0, rows] = local_max
-                stats[1, rows] = exp.sum(-1)
-                if with_entropy:
-                    stats[2, rows] = torch.einsum("nv,nv->n", exp, z)
-                local_target = flat_targets[rows] - vocab_start
-                mine = (local_target >= 0) & (local_target < valid)
-                picked = z.gather(1, local_target.clamp(0, valid - 1).unsqueeze(-1)).squeeze(-1)
-                stats[3, rows] = torch.where(mine, picked, 0.0)
-                del z, exp
+        buffers = _scratch(min(chunk, n), valid, 2 if with_entropy else 1, logits) if valid > 0 else []
+        for start in range(0, n if valid > 0 else 0, chunk):
+            rows = slice(start, min(start + chunk, n))
+            z = z_all[rows, :valid]
+            shifted = buffers[0][: z.shape[0]].copy_(z)  # fp32
+            local_max = shifted.max(dim=-1).values
+            shifted.sub_(local_max.unsqueeze(-1))
+            if temperature != 1.0:
+                shifted.mul_(1.0 / temperature)  # z/T - M_r, M_r = max(z)/T
+            exp = torch.exp(shifted, out=buffers[1][: z.shape[0]]) if with_entropy else shifted.exp_()
+            stats[0, rows] = local_max / temperature
+            stats[1, rows] = exp.sum(-1)
+            if with_entropy:
+                stats[2, rows] = torch.einsum("nv,nv->n", exp, shifted)
+            local_target = flat_targets[rows] - vocab_start
+            mine = (local_target >= 0) & (local_target < valid)
+            picked = z.gather(1, local_target.clamp(0, valid - 1).unsqueeze(-1)).squeeze(-1).float() / temperature
+            stats[3, rows] = torch.where(mine, picked, 0.0)
+        del buffers
         if group is not None and dist.get_world_size(group) > 1:
             ranks = dist.get_world_size(group)
             gathered = torch.empty(ranks * 4, n, dtype=stats.dtype, device=stats.device)
@@ -98,30 +112,36 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         n = targets.numel()
         z_all = logits.reshape(n, logits.shape[-1])
         flat_targets = targets.reshape(n)
-        g_lp = grad_logprobs.reshape(n).float()
+        zeros = torch.zeros(n, dtype=torch.float32, device=logits.device)
+        g_lp = zeros if grad_logprobs is None else grad_logprobs.reshape(n).float()
         g_ent = grad_entropy.reshape(n).float() if with_entropy and grad_entropy is not None else None
-        grad = torch.zeros_like(z_all)
+        grad = torch.empty_like(z_all)
+        grad[:, valid:].zero_()  # padded vocabulary rows
+        buffers = _scratch(min(chunk, n), valid, 2 if g_ent is not None else 1, logits) if valid > 0 else []
         for start in range(0, n if valid > 0 else 0, chunk):
             rows = slice(start, min(start + chunk, n))
-            z = _chunk_fp32(z_all[rows, :valid], temperature)
-            chunk_lse = lse[rows].unsqueeze(-1)
-            probs = torch.exp(z - chunk_lse)
-            # d logp_target / dz_v = 1[v = target] - p_v
-            # d H / dz_v = -p_v (log p_v + H) = -p_v (z_v - lse + H)
+            z = z_all[rows, :valid]
+            log_p = buffers[0][: z.shape[0]].copy_(z)
+            if temperature != 1.0:
+                log_p.mul_(1.0 / temperature)
+            log_p.sub_(lse[rows].unsqueeze(-1))  # z/T - lse
+            # d logp_target / dz_v = (1[v = target] - p_v) / T
+            # d H / dz_v = -p_v (log p_v + H) / T
             if g_ent is not None:
-                dz = z.sub_(chunk_lse - entropy[rows].unsqueeze(-1)).mul_(g_ent[rows].unsqueeze(-1))
+                probs = torch.exp(log_p, out=buffers[1][: z.shape[0]])
+                dz = log_p.add_(entropy[rows].unsqueeze(-1)).mul_(g_ent[rows].unsqueeze(-1))
                 dz.add_(g_lp[rows].unsqueeze(-1)).mul_(probs).neg_()
             else:
-                dz = probs.mul_(-g_lp[rows].unsqueeze(-1))
+                dz = log_p.exp_().mul_(-g_lp[rows].unsqueeze(-1))
             local_target = flat_targets[rows] - vocab_start
             mine = (local_target >= 0) & (local_target < valid)
             dz.scatter_add_(
                 1, local_target.clamp(0, valid - 1).unsqueeze(-1), torch.where(mine, g_lp[rows], 0.0).unsqueeze(-1)
             )
             if temperature != 1.0:
-                dz.div_(temperature)
-            grad[rows, :valid] = dz.to(grad.dtype)
-            del z, probs, dz
+                dz.mul_(1.0 / temperature)
+            grad[rows, :valid].copy_(dz)  # casts to the logits' dtype on the way
+        del buffers
         return grad.view_as(logits), None, None, None, None, None, None, None
 
 
