@@ -63,7 +63,12 @@ def test_group_stats():
     stats = group_stats(REWARDS)
     assert (stats.rollouts, stats.groups, stats.positives) == (16, 4, 7)
     assert (stats.groups_without_positives, stats.groups_all_positive) == (1, 1)
-    assert stats.as_metrics()["reward/positive_fraction"] == pytest.approx(7 / 16)
+    metrics = MetricAccumulator()
+    stats.add_to(metrics)
+    group_stats(REWARDS[:1]).add_to(metrics)  # e.g. another data-parallel rank's groups
+    reported = metrics.reduce()
+    assert reported["reward/positive_fraction"] == pytest.approx(8 / 20)
+    assert (reported["reward/groups"], reported["reward/groups_without_positives"]) == (5, 1)
 
 
 def _random_case(seed: int, rows: int = 6, seq: int = 7):

@@ -106,7 +106,8 @@ def _hf_reference(hf: Path, name: str, cfg, tokens, mask, weights, positive, adv
     grads = {n: p.grad for n, p in online.named_parameters()}
     if predictor is not None:
         grads.update({f"predictor.{n}": p.grad for n, p in predictor.named_parameters()})
-    return {"loss": loss.item(), "grads": grads, "name": name}
+    mismatch = torch.where(mask, (old - _engine_logprobs(old)).abs(), 0.0).max().item()
+    return {"loss": loss.item(), "grads": grads, "name": name, "mismatch_max": mismatch}
 
 
 def _step_case(hf: Path, case: str, tp: int, pp: int, sp: bool, microbatches: int, where: str) -> None:
@@ -171,6 +172,7 @@ def _step_case(hf: Path, case: str, tp: int, pp: int, sp: bool, microbatches: in
         assert math.isclose(reported["loss/total"], reference["loss"], rel_tol=LOSS_TOL, abs_tol=LOSS_TOL), (
             f"{where} {case}: loss {reported['loss/total']} vs reference {reference['loss']}"
         )
+        assert math.isclose(reported["rollout/logprob_abs_diff_max"], reference["mismatch_max"], abs_tol=1e-5)
     checked = 0
     for pname, param, expected in iter_megatron_shards(model, reference["grads"], args, cfg):
         diff = (param.main_grad - expected).abs().max().item()

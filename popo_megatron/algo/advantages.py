@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from popo_megatron.algo.metrics import MetricAccumulator
 from popo_megatron.config.schema import Redistribution
 
 # Added to GRPO's group standard deviation (groups whose rewards are all equal have std 0).
@@ -69,13 +70,12 @@ class GroupStats:
     def positive_fraction(self) -> float:
         return self.positives / max(self.rollouts, 1)
 
-    def as_metrics(self) -> dict[str, float]:
-        return {
-            "reward/positive_fraction": self.positive_fraction,
-            "reward/groups_without_positives": float(self.groups_without_positives),
-            "reward/groups_all_positive": float(self.groups_all_positive),
-            "reward/groups": float(self.groups),
-        }
+    def add_to(self, metrics: MetricAccumulator) -> None:
+        """As step metrics (reduce them over the data-parallel group for the global batch's values)."""
+        metrics.add_mean("reward/positive_fraction", self.positives, self.rollouts)
+        metrics.add_total("reward/groups_without_positives", self.groups_without_positives)
+        metrics.add_total("reward/groups_all_positive", self.groups_all_positive)
+        metrics.add_total("reward/groups", self.groups)
 
 
 def group_stats(rewards: torch.Tensor) -> GroupStats:

@@ -225,6 +225,10 @@ def forward_backward(
             raise ValueError("the batch has no old_logprobs (fill them from the trainer or the rollout engine)")
         if not popo and settings.kl_beta > 0 and mb.ref_logprobs is None:
             raise ValueError("grpo.kl_beta > 0 needs the reference policy's log-probs in the batch (ref_logprobs)")
+        if mb.rollout_logprobs is not None:  # the trainer's pi_old against the engine's: numerical mismatch
+            mismatch = (mb.old_logprobs - mb.rollout_logprobs).abs()
+            metrics.add_masked("rollout/logprob_abs_diff", mismatch, mask)
+            metrics.add_max("rollout/logprob_abs_diff_max", torch.where(mask, mismatch, 0.0).max())
         token_weights = None
         if settings.tis_cap is not None:
             token_weights = torch.where(
