@@ -20,3 +20,5 @@ lint: setup
 bench: setup
 	$(PY) bench/bench_weight_loading.py
 	$(PY) bench/bench_conversion.py
+	$(PY) bench/bench_logprobs.py
+	$(PY) bench/bench_twin_memory.py
