@@ -45,8 +45,12 @@ class PolicyBatch:
         return [self[i * step : (i + 1) * step] for i in range(count)]
 
     def __getitem__(self, rows: slice) -> "PolicyBatch":
-        sliced = {f.name: getattr(self, f.name) for f in fields(self)}
-        return PolicyBatch(**{k: None if v is None else v[rows] for k, v in sliced.items()})
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
+        return PolicyBatch(**{k: None if v is None else v[rows] for k, v in tensors.items()})
+
+    def to(self, device: torch.device) -> "PolicyBatch":
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
+        return PolicyBatch(**{k: None if v is None else v.to(device, non_blocking=True) for k, v in tensors.items()})
 
     def with_fields(self, **changes: torch.Tensor) -> "PolicyBatch":
         return replace(self, **changes)

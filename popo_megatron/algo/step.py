@@ -113,7 +113,8 @@ class ForwardOutput:
     hidden: torch.Tensor | None = None  # [S_local, mb, H]: final-norm output (see algo.hidden)
 
 
-LossOfMicroBatch = Callable[[int, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, dict]]
+# (index, the micro-batch on the model's device, this rank's logits, the final hidden states or None)
+LossOfMicroBatch = Callable[[int, PolicyBatch, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, dict]]
 
 
 def _run_schedule(
@@ -123,20 +124,21 @@ def _run_schedule(
     capture_hidden: bool,
     forward_only: bool,
 ) -> list[dict]:
-    """Megatron's pipeline schedule over the micro-batches; `loss_of(index, logits, hidden)` runs on the last stage."""
+    """Megatron's pipeline schedule over the micro-batches; `loss_of` runs on the last stage."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     mb_size, seq = micro_batches[0].tokens.shape
-    positions = torch.arange(seq).unsqueeze(0)
+    device = next(model.parameters()).device
+    positions = torch.arange(seq, device=device).unsqueeze(0)
     with capture_final_hidden(model) if capture_hidden else nullcontext() as slot:
 
         def forward_step(data_iterator, chunk):
             index = next(data_iterator)
-            tokens = micro_batches[index].tokens
-            output = chunk(tokens, positions.expand_as(tokens).to(tokens.device), None)
+            mb = micro_batches[index].to(device)
+            output = chunk(mb.tokens, positions.expand_as(mb.tokens), None)
 
             def loss_func(logits):
-                return loss_of(index, logits, slot.take() if slot is not None else None)
+                return loss_of(index, mb, logits, slot.take() if slot is not None else None)
 
             return output, loss_func
 
@@ -163,12 +165,12 @@ def forward_only(
 ) -> list[ForwardOutput]:
     """Per micro-batch outputs on the last pipeline stage; an empty list on the other stages."""
 
-    def loss_of(index, logits, final_hidden):
+    def loss_of(index, mb, logits, final_hidden):
         out = ForwardOutput(hidden=final_hidden.detach() if hidden else None)
         if logprobs or entropy:
             lp, ent = vocab_parallel_logprobs(
                 logits,
-                micro_batches[index].targets,
+                mb.targets,
                 settings.vocab_size,
                 temperature=settings.temperature,
                 chunk_tokens=settings.chunk_tokens,
@@ -209,8 +211,7 @@ def forward_backward(
     scale = len(micro_batches) * parallel_state.get_data_parallel_world_size()
     sequence_parallel = unwrap_model(model).config.sequence_parallel
 
-    def loss_of(index, logits, final_hidden):
-        mb = micro_batches[index]
+    def loss_of(index, mb, logits, final_hidden):
         mask = mb.loss_mask
         lp, ent = vocab_parallel_logprobs(
             logits,
@@ -231,6 +232,8 @@ def forward_backward(
             metrics.add_max("rollout/logprob_abs_diff_max", torch.where(mask, mismatch, 0.0).max())
         token_weights = None
         if settings.tis_cap is not None:
+            if mb.rollout_logprobs is None:
+                raise ValueError("popo.rollout_correction=tis needs the engine's log-probs in the batch")
             token_weights = torch.where(
                 mask, truncated_is_weights(mb.old_logprobs, mb.rollout_logprobs, settings.tis_cap), 1.0
             )
