@@ -58,3 +58,30 @@ def test_fp8_settings_reach_transformer_config():
 
 def test_fp8_off_by_default():
     assert _config({**BASE, "architectures": ["LlamaForCausalLM"]}).fp8 is None
+
+
+def _tp_attribute_worker(hf: str) -> None:
+    """At TP=2 exactly the parameters whose shape is split by TP carry `tensor_model_parallel`, with the dim
+    along which they are split (megatron's gradient-norm and optimiser code rely on it)."""
+    from pathlib import Path
+
+    from megatron.core import parallel_state
+    from model_helpers import build_model
+
+    whole = {n: p.shape for n, p in build_model(Path(hf), 1, 1)[0].named_parameters()}
+    parallel_state.destroy_model_parallel()
+    split = dict(build_model(Path(hf), 2, 1)[0].named_parameters())
+    assert sorted(split) == sorted(whole)
+    for name, param in split.items():
+        dims = [d for d, (a, b) in enumerate(zip(param.shape, whole[name], strict=True)) if a != b]
+        if dims:
+            assert getattr(param, "tensor_model_parallel", False), f"{name} is split by TP but not marked"
+            assert param.partition_dim == dims[0], f"{name}: split along {dims[0]}, marked {param.partition_dim}"
+        else:
+            assert not getattr(param, "tensor_model_parallel", False), f"{name} is whole but marked TP-split"
+
+
+def test_tensor_parallel_weights_are_marked(tiny_models):
+    from popo_megatron.launch import run_local
+
+    run_local(_tp_attribute_worker, 2, str(tiny_models["qwen2_tied"]))

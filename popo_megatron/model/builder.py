@@ -115,13 +115,17 @@ def mark_tensor_parallel_weights(model: torch.nn.Module) -> None:
     `perform_initialization=False` skips: the weights of the parallel linear
     layers and of the embedding would then count as TP duplicates, and the
     optimiser's gradient norm (and so clipping) would see one TP rank's shards
-    only. Transformer Engine modules set them themselves.
+    only. Transformer Engine layers say how they are split in `parallel_mode`;
+    weights already marked are left alone.
     """
     from megatron.core.tensor_parallel import layers
 
     split_dim = {layers.ColumnParallelLinear: 0, layers.VocabParallelEmbedding: 0, layers.RowParallelLinear: 1}
+    te_split_dim = {"column": 0, "row": 1}
     for module in model.modules():
         dim = next((d for cls, d in split_dim.items() if isinstance(module, cls)), None)
+        if dim is None:
+            dim = te_split_dim.get(getattr(module, "parallel_mode", None))
         weight = getattr(module, "weight", None)
         if dim is not None and weight is not None and not getattr(weight, "tensor_model_parallel", False):
             layers.set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=1)
