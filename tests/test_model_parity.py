@@ -30,7 +30,6 @@ def _next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, vocab: int) -> 
 def _worker(tp: int, pp: int, sp: bool, model_dirs: dict) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from transformers import AutoModelForCausalLM
 
     from popo_megatron.config import load_config, validate_config
@@ -38,8 +37,7 @@ def _worker(tp: int, pp: int, sp: bool, model_dirs: dict) -> None:
     from popo_megatron.model.builder import build_gpt_model
     from popo_megatron.model.forward import forward_backward, gather_vocab
     from popo_megatron.model.hf_config import read_hf_config
-    from popo_megatron.model.kv_replication import make_finalize_grads_func
-    from popo_megatron.model.layout import kv_replication_factor
+    from popo_megatron.model.training import wrap_ddp
     from popo_megatron.platform import init_model_parallel, seed_everything
 
     for name, path in model_dirs.items():
@@ -57,14 +55,7 @@ def _worker(tp: int, pp: int, sp: bool, model_dirs: dict) -> None:
         seed_everything(0)
         model = build_gpt_model(args, cfg)
         load_hf_weights(model, str(path), args, cfg)
-        model.config.finalize_model_grads_func = make_finalize_grads_func(
-            args.head_dim, kv_replication_factor(args.num_kv_heads, tp)
-        )
-        ddp = DistributedDataParallel(
-            config=model.config,
-            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True),
-            module=model,
-        )
+        ddp = wrap_ddp(model, args, cfg)
 
         tokens = torch.randint(0, args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
