@@ -149,6 +149,7 @@ def _sliced_worker(hf: str, out: str) -> None:
     # TP=2: save policy and twin, and the twin's HF stream, for the reload at TP=1.
     model2, ddp2, twin2, args2, cfg2, _ = _train(hf, 2, distributed_optimizer=True, record=False)
     save_model_weights(model2, Path(out) / "ckpt_tp2", args2, cfg2, hf, twin=twin2)
+    _save_trained_predictor(args2.hidden_size, Path(out) / "predictor_tp2")
     with twin2.swapped_in():
         tp2_stream = {k: v.clone() for k, v in iter_hf_weights(ddp2, args2, cfg2)}
     if dist.get_rank() == 0:
@@ -156,6 +157,27 @@ def _sliced_worker(hf: str, out: str) -> None:
             {"sliced": full, "unsliced": unsliced, "stream": twin_stream, "tp2_stream": tp2_stream},
             Path(out) / "twins.pt",
         )
+
+
+def _save_trained_predictor(hidden_size: int, out: Path) -> None:
+    """One Adam step of the `linear` similarity predictor (SP at TP=2), saved in a Megatron checkpoint."""
+    from megatron.core import dist_checkpointing
+
+    from popo_megatron.algo.predictor import SimilarityPredictor, build_predictor_optimizer
+    from popo_megatron.config import load_config
+
+    predictor = SimilarityPredictor(hidden_size, sequence_parallel=True)
+    optimizer = build_predictor_optimizer(predictor, load_config(overrides=["model.hf_path=/x", "optim.lr=0.01"]))
+    start = predictor.linear.weight.detach().clone()
+    # Each TP rank sees its own slice of the sequence (SP): their gradients are summed.
+    h = torch.randn(6, hidden_size, generator=torch.Generator().manual_seed(torch.distributed.get_rank()))
+    predictor(h).square().sum().backward()
+    predictor.finish_grad_sync()
+    optimizer.step()
+    assert not torch.equal(predictor.linear.weight, start)
+    out.mkdir(exist_ok=True)
+    dist_checkpointing.save(predictor.sharded_state_dict(), str(out))
+    torch.save({k: v.detach() for k, v in predictor.state_dict().items()}, out.parent / "predictor_expected.pt")
 
 
 def _reload_worker(hf: str, out: str) -> None:
@@ -173,6 +195,17 @@ def _reload_worker(hf: str, out: str) -> None:
     load_twin_weights(twin, Path(out) / "ckpt_tp2", args, cfg)
     with twin.swapped_in():
         torch.save({k: v.clone() for k, v in iter_hf_weights(ddp, args, cfg)}, Path(out) / "tp1_stream.pt")
+
+    # The similarity predictor, saved at TP=2 with sequence parallelism, reloads at TP=1.
+    from megatron.core import dist_checkpointing
+
+    from popo_megatron.algo.predictor import SimilarityPredictor
+
+    predictor = SimilarityPredictor(args.hidden_size)
+    loaded = dist_checkpointing.load(predictor.sharded_state_dict(), str(Path(out) / "predictor_tp2"))
+    expected = torch.load(Path(out) / "predictor_expected.pt", weights_only=True)
+    for name, tensor in expected.items():
+        assert torch.equal(loaded[f"predictor.{name}"], tensor), f"predictor {name} changed through the checkpoint"
 
     # FP8: the swap marks Transformer Engine's cached FP8 weights stale on both sides (Megatron's
     # set_is_first_microbatch). No TE on CPU: modules carrying TE's flag stand in for TE layers.
