@@ -198,6 +198,14 @@ class OptimConfig:
 
 
 @dataclass
+class RewardConfig:
+    workers: int = 2  # grading processes
+    timeout_s: float = 5.0  # per response: a worker that overruns is killed and the response scores 0
+    # Tried in order when a response has no \boxed{}: answer_is, last_math, last_number.
+    answer_fallbacks: list[str] = field(default_factory=list)
+
+
+@dataclass
 class PopoConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -206,4 +214,5 @@ class PopoConfig:
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     seed: int = 1234

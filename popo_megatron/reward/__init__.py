@@ -1,0 +1,1 @@
+"""Verifiable rewards: answer extraction, the math verifier, and the process pool that grades safely."""

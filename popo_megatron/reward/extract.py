@@ -1,0 +1,87 @@
+"""Find the final answer in a model's response (or a reference solution).
+
+The last `\\boxed{...}` (or `\\fbox{...}`) wins; when there is none, the
+configured fallbacks are tried in order:
+
+    answer_is    "... the answer is X" (up to the end of the line or sentence)
+    last_math    the last $...$ or \\(...\\) math span
+    last_number  the last number (integer, decimal or a/b fraction)
+
+Everything is linear in the length of the text and needs no recursion, so an
+adversarial response (megabytes, thousands of nested braces) costs one scan.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+FALLBACKS = ("answer_is", "last_math", "last_number")
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
+_ANSWER_IS = re.compile(r"answer is[:\s]*(.+?)(?:\.\s|\.$|\n|$)", re.IGNORECASE)
+_MATH = re.compile(r"\$([^$]+)\$|\\\((.+?)\\\)", re.DOTALL)
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
+
+
+@dataclass(frozen=True)
+class Extracted:
+    answer: str
+    source: str  # "boxed" or the fallback that found it
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...} / \\fbox{...} with balanced braces (or `\\boxed 5`), else None."""
+    boxes = list(_BOXED.finditer(text))
+    if not boxes:
+        return None
+    closing = _matching_braces(text)
+    for match in reversed(boxes):
+        start = match.end()
+        if start < len(text) and text[start] == "{":
+            if start in closing:
+                return text[start + 1 : closing[start]].strip()
+            continue  # unbalanced: try an earlier box
+        token = re.match(r"[^\s$]+", text[start:])
+        if token:
+            return token.group(0)
+    return None
+
+
+def _matching_braces(text: str) -> dict[int, int]:
+    """Index of each "{" -> index of its "}", in one pass (unmatched braces are left out)."""
+    closing, stack = {}, []
+    for i, char in enumerate(text):
+        if char == "{":
+            stack.append(i)
+        elif char == "}" and stack:
+            closing[stack.pop()] = i
+    return closing
+
+
+def extract_answer(text: str, fallbacks: tuple[str, ...] | list[str] = ()) -> Extracted | None:
+    boxed = last_boxed(text)
+    if boxed:
+        return Extracted(boxed, "boxed")
+    for name in fallbacks:
+        found = _FALLBACK_FUNCS[name](text)
+        if found:
+            return Extracted(found.strip(), name)
+    return None
+
+
+def _answer_is(text: str) -> str | None:
+    matches = _ANSWER_IS.findall(text)
+    return matches[-1].strip().strip("$") if matches else None
+
+
+def _last_math(text: str) -> str | None:
+    matches = _MATH.findall(text)
+    return next((m for m in reversed(matches[-1]) if m), None) if matches else None
+
+
+def _last_number(text: str) -> str | None:
+    matches = _NUMBER.findall(text)
+    return matches[-1] if matches else None
+
+
+_FALLBACK_FUNCS = {"answer_is": _answer_is, "last_math": _last_math, "last_number": _last_number}

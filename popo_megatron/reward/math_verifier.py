@@ -1,0 +1,80 @@
+"""Grade one response against a gold answer with math-verify: score 1 or 0, and why.
+
+The answer is extracted by popo_megatron.reward.extract (last \\boxed{} first,
+then the configured fallbacks); both it and the gold answer are wrapped in
+\\boxed{} so that math-verify parses bare LaTeX (it returns nothing for LaTeX
+without delimiters), and compared gold first (`verify` is not symmetric).
+
+math-verify bounds its own parsing and comparison with SIGALRM timeouts,
+which only work in a process's main thread: grading runs in worker processes
+(popo_megatron.reward.pool), which also kill a worker that overruns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from omegaconf import DictConfig
+
+from popo_megatron.reward.extract import extract_answer
+from popo_megatron.reward.grade import Grade
+from popo_megatron.reward.pool import GradingPool
+
+# Grades keep at most this much of the extracted answer (an adversarial one can be megabytes).
+ANSWER_CHARS = 200
+
+
+@dataclass(frozen=True)
+class MathGradeSettings:
+    fallbacks: tuple[str, ...] = ()
+    timeout_s: float = 5.0  # math-verify's own limit on each parse and on the comparison
+
+
+def _boxed(text: str) -> str:
+    return "\\boxed{" + text + "}"
+
+
+def grade_math(response: str, gold: str, settings: MathGradeSettings) -> Grade:
+    """Score `response` against `gold` (a LaTeX answer, e.g. "\\frac{1}{2}")."""
+    from math_verify import parse, verify
+    from math_verify.errors import TimeoutException
+
+    extracted = extract_answer(response, settings.fallbacks)
+    if extracted is None:
+        return Grade(0.0, "no_answer")
+    answer = extracted.answer
+    shown = answer[:ANSWER_CHARS]
+    if answer == gold.strip():  # identical strings: no need for sympy
+        return Grade(1.0, "correct", shown)
+    timeout = max(1, round(settings.timeout_s))  # math-verify's alarm counts whole seconds
+    try:
+        gold_parsed = parse(_boxed(gold), parsing_timeout=timeout, raise_on_error=True)
+        if not gold_parsed:
+            return Grade(0.0, "bad_gold", shown)
+        predicted = parse(_boxed(answer), parsing_timeout=timeout, raise_on_error=True)
+        if not predicted:
+            return Grade(0.0, "parse_failure", shown)
+        same = verify(gold_parsed, predicted, timeout_seconds=timeout, raise_on_error=True)
+    except TimeoutException:
+        return Grade(0.0, "timeout", shown)
+    except Exception:  # sympy / antlr errors on malformed LaTeX, oversized integers, ...
+        return Grade(0.0, "parse_failure", shown)
+    return Grade(1.0, "correct", shown) if same else Grade(0.0, "mismatch", shown)
+
+
+class MathVerifier:
+    """The `reward` config's verifier: grade_math in a GradingPool of `reward.workers` processes."""
+
+    def __init__(self, reward_cfg: DictConfig, progress: bool = False) -> None:
+        settings = MathGradeSettings(tuple(reward_cfg.answer_fallbacks), reward_cfg.timeout_s)
+        self.pool = GradingPool(grade_math, settings, reward_cfg.workers, reward_cfg.timeout_s, progress)
+
+    def grade(self, responses: Sequence[str], golds: Sequence[str]) -> list[Grade]:
+        """One grade per response, in order; `golds[i]` is the reference answer of `responses[i]`."""
+        if len(responses) != len(golds):
+            raise ValueError(f"{len(responses)} responses but {len(golds)} gold answers")
+        return self.pool.map(list(zip(responses, golds, strict=True)))
+
+    def close(self) -> None:
+        self.pool.close()

@@ -1,0 +1,173 @@
+"""Grade in worker processes with a hard deadline per sample; results in input order.
+
+A model output can make a verifier hang (a power tower, a million digits,
+thousands of nested braces). Each worker grades one sample at a time; the
+parent waits on all of them at once and, when a sample overruns its timeout,
+kills that worker, records the sample as "timeout" and starts a replacement.
+A worker that dies (a segfault in a native library, an OOM kill) is replaced
+the same way and its sample recorded as "worker_crash". So a batch always
+returns, every sample costs at most its timeout (plus the grace below), and a
+bug in the grading code itself (an exception) is raised, not hidden as a zero.
+
+Workers are started with "spawn": the trainer's processes hold threads
+(gloo, vLLM) that make fork unsafe. They ignore SIGINT and SIGTERM: the
+parent decides when grading stops (`close`), e.g. after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import signal
+import time
+import traceback
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any, Callable, Sequence
+
+from tqdm import tqdm
+
+from popo_megatron.reward.grade import Grade
+
+# Added to the timeout before a worker is killed: process scheduling, not grading.
+GRACE_S = 0.5
+
+
+def _worker_main(conn: Connection, grade: Callable[..., Grade], settings: Any) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    conn.send(("ready", None, None))
+    while True:
+        task = conn.recv()
+        if task is None:
+            return
+        index, args = task
+        try:
+            conn.send(("done", index, grade(*args, settings)))
+        except Exception:
+            conn.send(("error", index, traceback.format_exc()))
+
+
+@dataclass(eq=False)
+class _Worker:
+    process: mp.process.BaseProcess
+    conn: Connection
+    ready: bool = False
+    task: int | None = None  # the index being graded
+    deadline: float = 0.0
+
+
+@dataclass
+class PoolStats:
+    graded: int = 0
+    timeouts: int = 0
+    crashes: int = 0
+    restarts: int = 0
+    reasons: Counter = field(default_factory=Counter)
+
+
+class GradingPool:
+    """`workers` processes calling `grade(*item, settings)` for each item of `map`."""
+
+    def __init__(
+        self, grade: Callable[..., Grade], settings: Any, workers: int, timeout_s: float, progress: bool = False
+    ) -> None:
+        if workers < 1:
+            raise ValueError(f"a grading pool needs at least one worker, got {workers}")
+        self._grade, self._settings = grade, settings
+        self.timeout_s = timeout_s
+        self.progress = progress
+        self.stats = PoolStats()
+        self._context = mp.get_context("spawn")
+        self._workers = [self._start() for _ in range(workers)]
+
+    def _start(self) -> _Worker:
+        parent, child = self._context.Pipe()
+        process = self._context.Process(
+            target=_worker_main, args=(child, self._grade, self._settings), daemon=True, name="popo-grader"
+        )
+        process.start()
+        child.close()
+        return _Worker(process, parent)
+
+    def _replace(self, worker: _Worker) -> None:
+        if worker.process.is_alive():
+            worker.process.kill()
+        worker.process.join()
+        worker.conn.close()
+        self._workers[self._workers.index(worker)] = self._start()
+        self.stats.restarts += 1
+
+    def map(self, items: Sequence[tuple]) -> list[Grade]:
+        """Grade every item (a tuple of `grade`'s arguments before `settings`); results in input order."""
+        results: list[Grade | None] = [None] * len(items)
+        pending = deque(range(len(items)))
+        bar = tqdm(total=len(items), desc="grading", unit="sample", disable=not self.progress, leave=False)
+
+        def finish(index: int, grade: Grade) -> None:
+            results[index] = grade
+            self.stats.graded += 1
+            self.stats.reasons[grade.reason] += 1
+            bar.update()
+
+        while pending or any(w.task is not None for w in self._workers):
+            for worker in self._workers:
+                if worker.ready and worker.task is None and pending:
+                    worker.task = pending.popleft()
+                    worker.deadline = time.monotonic() + self.timeout_s + GRACE_S
+                    worker.conn.send((worker.task, items[worker.task]))
+            busy = [w for w in self._workers if w.task is not None]
+            timeout = max(0.0, min(w.deadline for w in busy) - time.monotonic()) if busy else None
+            watched = {w.conn: w for w in self._workers} | {w.process.sentinel: w for w in self._workers}
+            ready = wait(list(watched), timeout=timeout)
+            for worker in {watched[obj] for obj in ready}:
+                try:
+                    while worker.conn.poll():
+                        kind, index, payload = worker.conn.recv()
+                        if kind == "ready":
+                            worker.ready = True
+                        elif kind == "done":
+                            finish(index, payload)
+                            worker.task = None
+                        else:
+                            raise RuntimeError(f"grading {items[index]!r} raised an exception:\n{payload}")
+                except (EOFError, OSError):
+                    pass  # the worker died: handled below
+                if not worker.process.is_alive():
+                    if not worker.ready:
+                        raise RuntimeError(
+                            f"a grading worker exited while starting (exit code {worker.process.exitcode}); "
+                            "run the grading function in a plain process to see why"
+                        )
+                    if worker.task is not None:
+                        finish(worker.task, Grade(0.0, "worker_crash"))
+                        self.stats.crashes += 1
+                    self._replace(worker)
+            now = time.monotonic()
+            for worker in list(self._workers):
+                if worker.task is not None and now > worker.deadline:
+                    finish(worker.task, Grade(0.0, "timeout"))
+                    self.stats.timeouts += 1
+                    self._replace(worker)
+        bar.close()
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        for worker in self._workers:
+            try:
+                worker.conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        for worker in self._workers:
+            worker.process.join(timeout=2)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+            worker.conn.close()
+        self._workers = []
+
+    def __enter__(self) -> "GradingPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
