@@ -156,6 +156,8 @@ def test_rope_theta_from_old_and_new_config_formats():
         (["loss.logprob_chunk_tokens=0"], r"loss\.logprob_chunk_tokens=0: must be >= 1"),
         (["optim.ddp_bucket_size=0"], r"optim\.ddp_bucket_size=0: must be >= 1"),
         (["popo.rollout_correction=tis", "popo.old_logprobs=rollout"], r"needs popo\.old_logprobs=trainer"),
+        (["reward.workers=0"], r"reward\.workers=0: must be >= 1"),
+        (["reward.answer_fallbacks=[last_word]"], r"reward\.answer_fallbacks: unknown \['last_word'\]"),
     ],
 )
 def test_invalid_algorithm_settings(overrides, expected):

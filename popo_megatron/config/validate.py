@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from popo_megatron.config.load import ConfigError
 from popo_megatron.model.hf_config import HFModelArgs
+from popo_megatron.reward.extract import FALLBACKS
 
 
 def validate_config(
@@ -98,6 +99,8 @@ def _algorithm_problems(cfg: DictConfig) -> list[str]:
         ("optim.adam_eps", cfg.optim.adam_eps > 0, "must be > 0"),
         ("optim.clip_grad", cfg.optim.clip_grad >= 0, "must be >= 0 (0: no clipping)"),
         ("optim.ddp_bucket_size", cfg.optim.ddp_bucket_size is None or cfg.optim.ddp_bucket_size >= 1, "must be >= 1"),
+        ("reward.workers", cfg.reward.workers >= 1, "must be >= 1"),
+        ("reward.timeout_s", cfg.reward.timeout_s > 0, "must be > 0"),
     ]
     momentum = cfg.popo.twin.momentum
     for key in ("m0", "m_min", "m_max"):
@@ -108,6 +111,9 @@ def _algorithm_problems(cfg: DictConfig) -> list[str]:
         ("popo.twin.momentum.d_target", 0 <= momentum.d_target <= 2, "must be in [0, 2] (the penalty's range)"),
     ]
     problems = [f"{key}={_value(cfg, key)}: {reason}" for key, ok, reason in checks if not ok]
+    unknown = [name for name in cfg.reward.answer_fallbacks if name not in FALLBACKS]
+    if unknown:
+        problems.append(f"reward.answer_fallbacks: unknown {unknown}; choose from {list(FALLBACKS)}")
     if cfg.popo.rollout_correction == "tis" and cfg.popo.old_logprobs == "rollout":
         problems.append(
             "popo.rollout_correction=tis corrects the trainer's old log-probs against the engine's: "

@@ -1,0 +1,24 @@
+"""Grading functions with failure modes, for the pool tests (module-level: worker processes import them)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from popo_megatron.reward.grade import Grade
+
+
+def sleepy_grade(text: str, seconds: float, settings) -> Grade:
+    """Score 1 after sleeping `seconds` (ignores any cooperative timeout, like a stuck native call)."""
+    time.sleep(seconds)
+    return Grade(1.0, "correct", text)
+
+
+def crashing_grade(text: str, settings) -> Grade:
+    if text == "crash":
+        os._exit(17)  # a segfault or an OOM kill, as far as the parent can tell
+    return Grade(1.0, "correct", text)
+
+
+def raising_grade(text: str, settings) -> Grade:
+    raise ZeroDivisionError(f"bug in the grader on {text!r}")

@@ -1,0 +1,142 @@
+"""Rewards: answer extraction, math-verify grading (a table of cases with expected scores), and the grading pool
+(hard timeouts, crashed workers replaced, results in input order, bugs raised)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from grading_helpers import crashing_grade, raising_grade, sleepy_grade
+
+from popo_megatron.config import load_config
+from popo_megatron.reward.extract import extract_answer, last_boxed
+from popo_megatron.reward.math_verifier import MathVerifier
+from popo_megatron.reward.pool import GRACE_S, GradingPool
+
+TIMEOUT_S = 2.0
+MILLION_DIGITS = r"\boxed{" + "7" * 1_000_000 + "}"
+NESTED_BRACES = r"\boxed{" + "{" * 5000 + "1" + "}" * 5000 + "}"
+POWER_TOWER = r"\boxed{9^{9^{9^{9^{9}}}}}"
+
+# (response, gold, expected score, expected reason or None when several are right); fallbacks off.
+CASES = [
+    # Equivalent forms of the right answer.
+    (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}", 1, "correct"),
+    (r"so \boxed{0.5}", r"\frac{1}{2}", 1, "correct"),
+    (r"\boxed{\dfrac{1}{2}}", r"\frac12", 1, "correct"),
+    (r"The answer is $\boxed{2\sqrt{2}}$.", r"\sqrt{8}", 1, "correct"),
+    (r"\boxed{x^2+2x+1}", "(x+1)^2", 1, "correct"),
+    (r"\boxed{\pi}", r"\pi", 1, "correct"),
+    (r"\boxed{3.0}", "3", 1, "correct"),
+    (r"\boxed{ 7 }", "7", 1, "correct"),
+    (r"\boxed{(1,2)}", "(1, 2)", 1, "correct"),
+    (r"\boxed{\{1,2\}}", r"\{2,1\}", 1, "correct"),
+    (r"\boxed{-\frac{3}{4}}", "-0.75", 1, "correct"),
+    (r"\boxed{\text{(B)}}", r"\text{(B)}", 1, "correct"),
+    (r"\fbox{12}", "12", 1, "correct"),
+    (r"thus \boxed 5", "5", 1, "correct"),
+    (r"\boxed{2^{10}}", "1024", 1, "correct"),
+    (r"\boxed{\sqrt{2}/2}", r"\frac{\sqrt{2}}{2}", 1, "correct"),
+    (r"\boxed{[0,1)}", "[0,1)", 1, "correct"),
+    (r"\boxed{\infty}", r"\infty", 1, "correct"),
+    # Wrong answers.
+    (r"\boxed{3}", "4", 0, "mismatch"),
+    (r"\boxed{\frac{1}{3}}", "0.33", 0, "mismatch"),
+    (r"\boxed{x+1}", "x-1", 0, "mismatch"),
+    (r"\boxed{[0,1]}", "[0,1)", 0, "mismatch"),
+    # Several boxed answers: the last one counts.
+    (r"first \boxed{4}, then \boxed{5}", "5", 1, "correct"),
+    (r"first \boxed{5}, then \boxed{4}", "5", 0, "mismatch"),
+    (r"\boxed{5} and an unclosed \boxed{4", "5", 1, "correct"),
+    # No answer.
+    ("I do not know.", "5", 0, "no_answer"),
+    ("the answer is 5", "5", 0, "no_answer"),  # fallbacks are off
+    ("", "5", 0, "no_answer"),
+    (r"\boxed{}", "5", 0, "no_answer"),
+    # Malformed LaTeX.
+    (r"\boxed{\frac{1}{2}", r"\frac{1}{2}", 0, "no_answer"),
+    (r"\boxed{\sqrt{}}", "1", 0, None),
+    (r"\boxed{)(}", "1", 0, None),
+    # A broken reference answer is the dataset's problem, and says so.
+    (r"\boxed{3}", "", 0, "bad_gold"),
+    # Adversarial outputs: each costs at most its timeout.
+    (MILLION_DIGITS, "7", 0, None),
+    (NESTED_BRACES, "1", 0, None),
+    (POWER_TOWER, "1", 0, None),
+    (r"\boxed{" * 200_000, "1", 0, "no_answer"),
+]
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    cfg = load_config(overrides=["model.hf_path=/x", f"reward.timeout_s={TIMEOUT_S}", "reward.workers=2"])
+    verifier = MathVerifier(cfg.reward)
+    yield verifier
+    verifier.close()
+
+
+def test_grade_table(verifier):
+    assert len(CASES) >= 30
+    start = time.monotonic()
+    grades = verifier.grade([c[0] for c in CASES], [c[1] for c in CASES])
+    elapsed = time.monotonic() - start
+    for (response, gold, score, reason), grade in zip(CASES, grades, strict=True):
+        where = f"{response[:40]!r} vs {gold!r}: {grade}"
+        assert grade.score == score, where
+        if reason is not None:
+            assert grade.reason == reason, where
+    reasons = verifier.pool.stats.reasons
+    assert reasons["timeout"] >= 1, "the power tower must end by timeout"
+    # Two workers; the slow cases are bounded by their timeout (plus the grace and a worker restart each).
+    assert elapsed < 3 * (TIMEOUT_S + GRACE_S) + 30, f"the table took {elapsed:.1f}s"
+
+
+def test_fallbacks_find_answers_without_a_box():
+    assert extract_answer("so we get 42", ["last_number"]).answer == "42"
+    assert extract_answer("3/4 of them, i.e. -1.5 left", ["last_number"]).answer == "-1.5"
+    assert extract_answer("The answer is $x+1$. Done", ["answer_is"]).answer == "x+1"
+    assert extract_answer(r"we get \(\frac{1}{2}\) here", ["last_math"]).answer == r"\frac{1}{2}"
+    assert extract_answer("the answer is 5", ["last_math", "last_number"]).source == "last_number"
+    assert extract_answer(r"\boxed{1} and 7", ["last_number"]).source == "boxed", "a box comes first"
+    assert extract_answer("no digits", ["last_number"]) is None
+    assert last_boxed(r"\boxed{a{b}c}") == "a{b}c"
+
+
+def test_fallbacks_reach_the_verifier():
+    cfg = load_config(overrides=["model.hf_path=/x", "reward.workers=1", "reward.answer_fallbacks=[last_number]"])
+    verifier = MathVerifier(cfg.reward)
+    try:
+        grades = verifier.grade(["3 + 4 = 7", "3 + 4 = 8", "seven"], ["7", "7", "7"])
+    finally:
+        verifier.close()
+    assert [g.reason for g in grades] == ["correct", "mismatch", "no_answer"]
+
+
+def test_pool_kills_overrunning_workers_and_keeps_order():
+    with GradingPool(sleepy_grade, None, workers=2, timeout_s=1.0) as pool:
+        start = time.monotonic()
+        grades = pool.map([("a", 0.0), ("stuck", 60.0), ("b", 0.1), ("also stuck", 60.0), ("c", 0.0)])
+        elapsed = time.monotonic() - start
+        assert [g.reason for g in grades] == ["correct", "timeout", "correct", "timeout", "correct"]
+        assert [g.answer for g in grades if g.correct] == ["a", "b", "c"], "results come back in input order"
+        assert pool.stats.timeouts == 2 and pool.stats.restarts == 2
+        assert elapsed < 2 * (1.0 + GRACE_S) + 20, f"two stuck samples held the batch for {elapsed:.1f}s"
+        assert [g.reason for g in pool.map([("again", 0.0)])] == ["correct"], "replacements work"
+
+
+def test_pool_replaces_crashed_workers():
+    with GradingPool(crashing_grade, None, workers=2, timeout_s=5.0) as pool:
+        grades = pool.map([("x",), ("crash",), ("y",), ("crash",), ("z",)])
+        assert [g.reason for g in grades] == ["correct", "worker_crash", "correct", "worker_crash", "correct"]
+        assert pool.stats.crashes == 2
+
+
+def test_a_bug_in_the_grader_is_raised_not_hidden():
+    with GradingPool(raising_grade, None, workers=1, timeout_s=5.0) as pool:
+        with pytest.raises(RuntimeError, match="ZeroDivisionError: bug in the grader on 'boom'"):
+            pool.map([("boom",)])
+
+
+def test_mismatched_inputs_are_refused(verifier):
+    with pytest.raises(ValueError, match="2 responses but 1 gold answers"):
+        verifier.grade(["a", "b"], ["1"])
