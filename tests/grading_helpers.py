@@ -22,3 +22,11 @@ def crashing_grade(text: str, settings) -> Grade:
 
 def raising_grade(text: str, settings) -> Grade:
     raise ZeroDivisionError(f"bug in the grader on {text!r}")
+
+
+def gold_parses(gold: str, settings) -> Grade:
+    """Whether math-verify extracts something from a gold answer (wrapped as the verifier wraps it)."""
+    from math_verify import parse
+
+    parsed = parse("\\boxed{" + gold + "}", parsing_timeout=5)
+    return Grade(1.0, "correct", gold) if parsed else Grade(0.0, "bad_gold", gold)

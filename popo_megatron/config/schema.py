@@ -197,6 +197,39 @@ class OptimConfig:
     ddp_bucket_size: Optional[int] = None
 
 
+class OnMalformed(str, Enum):
+    error = "error"  # stop with the file and line of the first bad row
+    skip = "skip"  # skip bad rows, count them by reason and report them
+
+
+@dataclass
+class SyntheticConfig:
+    """The arithmetic task (popo_megatron.data.synthetic); its difficulty is the operand range and count."""
+
+    size: int = 4096
+    max_operand: int = 4
+    operands: int = 2
+    operations: str = "+"  # any of "+-*"
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    # A bundled set (synthetic, math_train_slice, math500) or a .jsonl / .parquet file.
+    train: str = "synthetic"
+    # Field names; None: the first present of problem/question, answer, solution (answer in its \boxed{}).
+    problem_key: Optional[str] = None
+    answer_key: Optional[str] = None
+    solution_key: Optional[str] = None
+    on_malformed: OnMalformed = OnMalformed.error
+    # "{problem}" is replaced by the problem; None: the tokenizer's chat template (with `instruction`),
+    # or the bare problem when the tokenizer has none.
+    prompt_template: Optional[str] = None
+    instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
+    shuffle_seed: int = 0
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
 @dataclass
 class RewardConfig:
     workers: int = 2  # grading processes
@@ -214,5 +247,6 @@ class PopoConfig:
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     seed: int = 1234

@@ -8,6 +8,8 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from popo_megatron.config.load import ConfigError
+from popo_megatron.data.prompts import PLACEHOLDER
+from popo_megatron.data.synthetic import OPERATIONS
 from popo_megatron.model.hf_config import HFModelArgs
 from popo_megatron.reward.extract import FALLBACKS
 
@@ -100,6 +102,14 @@ def _algorithm_problems(cfg: DictConfig) -> list[str]:
         ("optim.clip_grad", cfg.optim.clip_grad >= 0, "must be >= 0 (0: no clipping)"),
         ("optim.ddp_bucket_size", cfg.optim.ddp_bucket_size is None or cfg.optim.ddp_bucket_size >= 1, "must be >= 1"),
         ("reward.workers", cfg.reward.workers >= 1, "must be >= 1"),
+        ("data.synthetic.size", cfg.data.synthetic.size >= 1, "must be >= 1"),
+        ("data.synthetic.max_operand", cfg.data.synthetic.max_operand >= 0, "must be >= 0"),
+        ("data.synthetic.operands", cfg.data.synthetic.operands >= 1, "must be >= 1"),
+        (
+            "data.synthetic.operations",
+            bool(cfg.data.synthetic.operations) and set(cfg.data.synthetic.operations) <= set(OPERATIONS),
+            f"must be a non-empty string of {OPERATIONS!r}",
+        ),
         ("reward.timeout_s", cfg.reward.timeout_s > 0, "must be > 0"),
     ]
     momentum = cfg.popo.twin.momentum
@@ -111,6 +121,9 @@ def _algorithm_problems(cfg: DictConfig) -> list[str]:
         ("popo.twin.momentum.d_target", 0 <= momentum.d_target <= 2, "must be in [0, 2] (the penalty's range)"),
     ]
     problems = [f"{key}={_value(cfg, key)}: {reason}" for key, ok, reason in checks if not ok]
+    template = cfg.data.prompt_template
+    if template is not None and PLACEHOLDER not in template:
+        problems.append(f"data.prompt_template={template!r}: must contain {PLACEHOLDER}")
     unknown = [name for name in cfg.reward.answer_fallbacks if name not in FALLBACKS]
     if unknown:
         problems.append(f"reward.answer_fallbacks: unknown {unknown}; choose from {list(FALLBACKS)}")

@@ -1,0 +1,170 @@
+"""Prompt datasets: field mapping, answers from solutions, malformed rows, bundled sets, the synthetic task,
+prompt rendering and the resumable order."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from grading_helpers import gold_parses
+
+from popo_megatron.config import load_config
+from popo_megatron.data.problems import DataError, Fields, load_dataset, load_problems
+from popo_megatron.data.prompts import render_prompt
+from popo_megatron.data.sampler import PromptSampler
+from popo_megatron.data.synthetic import VOCAB, ArithmeticTask, arithmetic_tokenizer, save_arithmetic_model
+from popo_megatron.reward.extract import extract_answer
+from popo_megatron.reward.pool import GradingPool
+
+
+def _jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_default_and_configured_fields(tmp_path):
+    default = _jsonl(tmp_path / "a.jsonl", [{"problem": "1+1?", "answer": 2}, {"question": "2+2?", "answer": "4"}])
+    problems = load_problems(default)
+    assert [(p.problem, p.answer) for p in problems.problems] == [("1+1?", "2"), ("2+2?", "4")]
+    assert problems[1].source == f"{default}:2"
+    custom = _jsonl(tmp_path / "b.jsonl", [{"prompt": "3+3?", "final": "6", "answer": "wrong"}])
+    assert load_problems(custom, Fields(problem="prompt", answer="final"))[0].answer == "6"
+
+
+def test_answers_from_solutions(tmp_path):
+    path = _jsonl(
+        tmp_path / "s.jsonl",
+        [{"problem": "p", "solution": r"First \boxed{1}. So the answer is $\boxed{\frac{a}{b^{2}}}$."}],
+    )
+    assert load_problems(path)[0].answer == r"\frac{a}{b^{2}}"
+
+
+def test_parquet_with_renamed_columns(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"question": ["x?", "y?"], "sol": [r"\boxed{3}", r"\boxed{4}"]}), path)
+    problems = load_problems(path, Fields(solution="sol"))
+    assert [p.answer for p in problems.problems] == ["3", "4"] and problems[1].source == f"{path}:row 1"
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ('{"problem": "x", "answer": ', r"bad\.jsonl:2: not valid JSON"),
+        ('["a list"]', r"bad\.jsonl:2: expected an object with a problem and an answer, got list"),
+        ('{"prompt": "x", "answer": "1"}', r"bad\.jsonl:2: no 'problem or question' field .*set data\.problem_key"),
+        ('{"problem": "  ", "answer": "1"}', r"bad\.jsonl:2: field 'problem' is empty"),
+        ('{"problem": "x"}', r"bad\.jsonl:2: neither answer or solution field"),
+        ('{"problem": "x", "solution": "no box"}', r"bad\.jsonl:2: field 'solution' has no \\boxed\{\} answer"),
+        ('{"problem": "x", "answer": ""}', r"bad\.jsonl:2: field 'answer' is empty"),
+    ],
+)
+def test_malformed_rows_name_file_and_line(tmp_path, row, message):
+    path = _jsonl(tmp_path / "bad.jsonl", [{"problem": "ok", "answer": "1"}, row, {"problem": "ok2", "answer": "2"}])
+    with pytest.raises(DataError, match=message):
+        load_problems(path)
+    skipped = load_problems(path, on_malformed="skip")
+    assert [p.problem for p in skipped.problems] == ["ok", "ok2"], "skipping loses nothing else"
+    assert sum(skipped.skipped.values()) == 1 and str(path) in skipped.skipped_examples[0]
+
+
+def test_unusable_sources(tmp_path):
+    with pytest.raises(DataError, match="no such dataset file"):
+        load_problems(tmp_path / "missing.jsonl")
+    with pytest.raises(DataError, match="unsupported format '.csv'"):
+        (tmp_path / "x.csv").write_text("a,b\n")
+        load_problems(tmp_path / "x.csv")
+    with pytest.raises(DataError, match=r"no usable problems \(skipped: \{'invalid_json': 1\}\)"):
+        load_problems(_jsonl(tmp_path / "all_bad.jsonl", ["{"]), on_malformed="skip")
+
+
+def test_bundled_sets_have_parseable_answers():
+    cfg = load_config(overrides=["model.hf_path=/x"])
+    math500, train = load_dataset(cfg.data, "math500"), load_dataset(cfg.data, "math_train_slice")
+    assert len(math500) == 500 and len(train) == 500
+    golds = [p.answer for p in math500.problems + train.problems]
+    with GradingPool(gold_parses, None, workers=2, timeout_s=10) as pool:
+        grades = pool.map([(g,) for g in golds])
+    bad = [g.answer for g in grades if not g.correct]
+    assert not bad, f"{len(bad)} bundled answers do not parse, e.g. {bad[:3]}"
+
+
+def test_synthetic_task_is_deterministic_and_correct():
+    from dataclasses import replace
+
+    task = ArithmeticTask(size=300, max_operand=9, operands=3, operations="+-*", seed=5)
+    problems = task.problems()
+    assert problems.problems == replace(task).problems().problems
+    assert problems.problems != replace(task, seed=6).problems().problems
+    for p in problems.problems:
+        # An independent evaluation: multiplications first, then + and - from left to right.
+        terms, signs, current = [], [1], p.problem.rstrip("=")
+        for token in current.replace("-", " - ").replace("+", " + ").split():
+            if token in "+-":
+                signs.append(1 if token == "+" else -1)
+            else:
+                product = 1
+                for factor in token.split("*"):
+                    product *= int(factor)
+                terms.append(product)
+        assert sum(s * t for s, t in zip(signs, terms, strict=True)) == int(p.answer), p
+    easy = ArithmeticTask(size=200, max_operand=2).problems()
+    assert max(int(p.answer) for p in easy.problems) <= 4, "the difficulty knobs bound the answers"
+
+
+def test_arithmetic_tokenizer_round_trip():
+    tokenizer = arithmetic_tokenizer()
+    assert len(tokenizer) == len(VOCAB) == 16
+    ids = tokenizer.encode("12*3-4=", add_special_tokens=False)
+    assert len(ids) == 7 and tokenizer.decode(ids) == "12*3-4="
+    assert tokenizer.decode(ids + [tokenizer.eos_token_id], skip_special_tokens=True) == "12*3-4="
+
+
+def test_random_tiny_model_sometimes_answers_the_synthetic_task(tmp_path):
+    """The embedded default's premise: a random model on the 16-token task has a non-zero success rate."""
+    from transformers import AutoModelForCausalLM
+
+    path = save_arithmetic_model(tmp_path / "arith", seed=0)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    tokenizer = arithmetic_tokenizer()
+    problems = ArithmeticTask(size=64).problems().problems
+    torch.manual_seed(0)
+    correct = 0
+    for p in problems:
+        prompt = torch.tensor([render_prompt(p.problem, tokenizer, None, "")])
+        out = model.generate(prompt, do_sample=True, max_new_tokens=4, num_return_sequences=8, pad_token_id=0)
+        for row in out[:, prompt.shape[1] :]:
+            found = extract_answer(tokenizer.decode(row, skip_special_tokens=True), ["last_number"])
+            correct += found is not None and found.answer == p.answer
+    rate = correct / (len(problems) * 8)
+    assert 0.005 < rate < 0.5, f"success rate of a random model: {rate:.3f}"
+
+
+def test_prompt_rendering():
+    tokenizer = arithmetic_tokenizer()
+    assert tokenizer.decode(render_prompt("1+2", tokenizer, None, "ignored")) == "1+2", "no chat template: bare"
+    assert tokenizer.decode(render_prompt("1+2", tokenizer, "{problem}=", "ignored")) == "1+2="
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}={% endif %}"
+    )
+    assert tokenizer.decode(render_prompt("1+2", tokenizer, None, "")) == "1+2="
+    with pytest.raises(ValueError, match=r"must contain \{problem\}"):
+        render_prompt("1+2", tokenizer, "no placeholder", "")
+
+
+def test_sampler_resumes_exactly():
+    reference = PromptSampler(10, seed=3)
+    full = reference.next_indices(25)
+    assert sorted(full[:10]) == list(range(10)) and sorted(full[10:20]) == list(range(10)), "each epoch a permutation"
+    assert full[:10] != full[10:20], "a new shuffle per epoch"
+    first = PromptSampler(10, seed=3)
+    head = first.next_indices(13)
+    resumed = PromptSampler(10, seed=3)
+    resumed.load_state_dict(first.state_dict())
+    assert head + resumed.next_indices(12) == full
+    assert PromptSampler(10, seed=4).next_indices(10) != full[:10]
+    with pytest.raises(ValueError, match="does not fit this one"):
+        PromptSampler(11, seed=3).load_state_dict(first.state_dict())
