@@ -231,6 +231,23 @@ class DataConfig:
 
 
 @dataclass
+class RolloutConfig:
+    n: int = 8  # responses per prompt: the group size G
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 1024  # the response length limit
+    # The engine's context (prompt + response); None: the model's max_position_embeddings.
+    max_model_len: Optional[int] = None
+    tensor_parallel_size: int = 1  # vLLM's TP group, inside the torchrun world
+    gpu_memory_utilization: float = 0.5  # GPU: fraction of device memory for the engine's weights and KV cache
+    kv_cache_memory_mb: int = 256  # CPU: the KV cache (vLLM would otherwise size it from all RAM)
+    cpu_threads: Optional[int] = None  # CPU: OpenMP threads of the engine (set before it starts)
+    enforce_eager: bool = False  # GPU: no CUDA graphs (CPU engines are always eager)
+    sleep_level: int = 1  # GPU: 1 offloads weights and drops the KV cache while training; 2 drops both
+    seed: int = 0
+
+
+@dataclass
 class RewardConfig:
     workers: int = 2  # grading processes
     timeout_s: float = 5.0  # per response: a worker that overruns is killed and the response scores 0
@@ -248,5 +265,6 @@ class PopoConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     seed: int = 1234

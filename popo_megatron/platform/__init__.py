@@ -6,13 +6,18 @@ from popo_megatron.platform.device import (
     collective_device,
     cuda_available,
     dist_backend,
+    engine_can_sleep,
     resolve_layer_spec,
+    set_engine_threads,
     transformer_config_device_kwargs,
+    vllm_engine_kwargs,
 )
 from popo_megatron.platform.distributed import (
     RankInfo,
+    capture_rng_state,
     init_distributed,
     init_model_parallel,
+    restore_rng_state,
     seed_everything,
     shutdown,
 )
@@ -20,13 +25,18 @@ from popo_megatron.platform.distributed import (
 __all__ = [
     "RankInfo",
     "apply_cpu_compat",
+    "capture_rng_state",
     "collective_device",
     "cuda_available",
     "dist_backend",
+    "engine_can_sleep",
     "init_distributed",
     "init_model_parallel",
     "resolve_layer_spec",
+    "restore_rng_state",
     "seed_everything",
     "shutdown",
+    "set_engine_threads",
     "transformer_config_device_kwargs",
+    "vllm_engine_kwargs",
 ]

@@ -6,6 +6,7 @@ CUDA themselves.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -47,3 +48,32 @@ def transformer_config_device_kwargs(layer_spec: str) -> dict[str, Any]:
         masked_softmax_fusion=fused,
         persist_layer_norm=False,
     )
+
+
+def vllm_engine_kwargs(rollout_cfg: Any) -> dict[str, Any]:
+    """vLLM `LLM(...)` settings that depend on the device.
+
+    CUDA: a fraction of device memory, sleep mode (free the engine's memory
+    while training), CUDA graphs unless the config says eager. CPU: an explicit
+    KV-cache size (vLLM would otherwise size it from all of the machine's RAM),
+    eager execution, no sleep mode (vLLM's CPU backend refuses it).
+    """
+    if cuda_available():
+        return dict(
+            gpu_memory_utilization=rollout_cfg.gpu_memory_utilization,
+            enable_sleep_mode=True,
+            enforce_eager=rollout_cfg.enforce_eager,
+        )
+    return dict(kv_cache_memory_bytes=rollout_cfg.kv_cache_memory_mb * 2**20, enforce_eager=True)
+
+
+def engine_can_sleep() -> bool:
+    return cuda_available()
+
+
+def set_engine_threads(threads: int | None) -> None:
+    """CPU: the OpenMP threads of an engine about to start (vLLM reads OMP_NUM_THREADS at start and then
+    disables torch.set_num_threads for the whole process)."""
+    if threads is not None and not cuda_available():
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)

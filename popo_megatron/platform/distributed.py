@@ -107,6 +107,22 @@ def seed_everything(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
+def capture_rng_state() -> dict:
+    """Python, NumPy, torch (and CUDA) generator states, e.g. around a library that reseeds them."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if cuda_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 def shutdown() -> None:
     """Tear down Megatron groups and the process group (barrier first: avoids a
     rare SIGABRT at exit with gloo)."""
