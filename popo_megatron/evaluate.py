@@ -1,0 +1,135 @@
+"""Evaluate a policy on a benchmark: k samples per problem, avg@k and pass@k, results as JSON.
+
+    avg@k   the mean over problems of (correct samples / k): expected accuracy of one sample
+    pass@k  the fraction of problems with at least one correct sample among k (the unbiased
+            estimator 1 - C(n - c, k) / C(n, k) with n = k samples)
+
+The engine is any rollout engine (a live one during training, or one started
+on a checkpoint by `engine_for_checkpoint`); the verifier grades in its
+process pool. Problems go to the engine in batches, with a progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from popo_megatron.data.problems import ProblemSet
+from popo_megatron.data.prompts import render_prompt
+from popo_megatron.rollout.engine import RolloutEngine, SamplingSettings
+
+
+def pass_at_k(n: int, correct: int, k: int) -> float:
+    """The probability that at least one of k samples drawn without replacement from n is correct."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples per problem, got {n}")
+    if n - correct < k:
+        return 1.0
+    return 1.0 - math.comb(n - correct, k) / math.comb(n, k)
+
+
+@dataclass
+class ProblemRecord:
+    source: str
+    answer: str
+    correct: int
+    responses: list[str]
+    reasons: list[str]
+
+
+@dataclass
+class EvalResult:
+    benchmark: str
+    k: int
+    avg_at_k: float
+    pass_at_k: float
+    problems: int
+    reasons: dict[str, int]
+    seconds: float
+    generated_tokens: int
+    records: list[ProblemRecord] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"{self.benchmark}: avg@{self.k} {self.avg_at_k:.4f}  pass@{self.k} {self.pass_at_k:.4f}  "
+            f"({self.problems} problems, {self.seconds:.1f}s)"
+        )
+
+    def write(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1) + "\n")
+        return path
+
+
+def evaluate(
+    engine: RolloutEngine,
+    problems: ProblemSet,
+    tokenizer: Any,
+    verifier: Any,
+    data_cfg: DictConfig,
+    sampling: SamplingSettings,
+    k: int,
+    seed: int = 0,
+    batch_prompts: int = 64,
+    progress: bool = True,
+) -> EvalResult:
+    """k samples per problem of `problems` from `engine`, graded by `verifier` (a MathVerifier)."""
+    sampling = SamplingSettings(k, sampling.temperature, sampling.top_p, sampling.max_tokens)
+    records: list[ProblemRecord] = []
+    reasons: Counter = Counter()
+    tokens = 0
+    start = time.perf_counter()
+    bar = tqdm(total=len(problems), desc=f"eval {problems.name}", unit="problem", disable=not progress)
+    for first in range(0, len(problems), batch_prompts):
+        batch = problems.problems[first : first + batch_prompts]
+        prompts = [render_prompt(p.problem, tokenizer, data_cfg.prompt_template, data_cfg.instruction) for p in batch]
+        generation = engine.generate(prompts, sampling, seed + first)
+        tokens += generation.generated_tokens
+        texts = [[tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in g] for g in generation.responses]
+        grades = verifier.grade([t for group in texts for t in group], [p.answer for p in batch for _ in range(k)])
+        for i, (problem, group) in enumerate(zip(batch, texts, strict=True)):
+            mine = grades[i * k : (i + 1) * k]
+            reasons.update(g.reason for g in mine)
+            correct = sum(g.correct for g in mine)
+            records.append(ProblemRecord(problem.source, problem.answer, correct, group, [g.reason for g in mine]))
+        bar.update(len(batch))
+    bar.close()
+    return EvalResult(
+        benchmark=problems.name,
+        k=k,
+        avg_at_k=sum(r.correct for r in records) / (k * len(records)),
+        pass_at_k=sum(pass_at_k(k, r.correct, k) for r in records) / len(records),
+        problems=len(records),
+        reasons=dict(reasons),
+        seconds=time.perf_counter() - start,
+        generated_tokens=tokens,
+        records=records,
+    )
+
+
+@contextmanager
+def hf_model_dir(checkpoint: str | Path, weights: str = "model") -> Iterator[Path]:
+    """An HF model directory for `checkpoint`: itself when it is one, else a temporary export of a popo
+    checkpoint's policy (or twin) weights, removed afterwards (one process: not collective)."""
+    from popo_megatron.convert.checkpoint_dir import INFO_FILE
+    from popo_megatron.convert.offline import mcore_to_hf
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / INFO_FILE).is_file():
+        yield checkpoint
+        return
+    with tempfile.TemporaryDirectory(prefix="popo-eval-") as tmp:
+        out = Path(tmp) / "hf"
+        mcore_to_hf(checkpoint, out, weights=weights, progress=False)
+        yield out

@@ -1,0 +1,85 @@
+"""The evaluation primitive: k samples per problem from a real vLLM engine on a popo checkpoint, avg@k and pass@k
+checked against an independent re-grading of the recorded responses."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from popo_megatron.evaluate import hf_model_dir, pass_at_k
+from popo_megatron.launch import run_local
+
+K = 4
+
+
+@pytest.mark.parametrize("n, correct, k", [(4, 0, 4), (4, 1, 4), (5, 2, 3), (6, 3, 2), (3, 3, 1)])
+def test_pass_at_k_matches_enumeration(n, correct, k):
+    samples = [True] * correct + [False] * (n - correct)
+    subsets = list(itertools.combinations(samples, k))
+    assert pass_at_k(n, correct, k) == pytest.approx(sum(any(s) for s in subsets) / len(subsets))
+    with pytest.raises(ValueError, match="needs at least"):
+        pass_at_k(2, 1, 3)
+
+
+def _eval_worker(ckpt: str, out: str) -> None:
+    from transformers import AutoTokenizer
+
+    from popo_megatron.config import load_config
+    from popo_megatron.data.problems import load_dataset
+    from popo_megatron.evaluate import evaluate
+    from popo_megatron.reward.math_verifier import MathVerifier
+    from popo_megatron.rollout.engine import SamplingSettings
+    from popo_megatron.rollout.vllm_engine import vllm_engine
+
+    cfg = load_config(
+        overrides=[
+            f"model.hf_path={ckpt}",
+            "data.synthetic.size=48",
+            "reward.answer_fallbacks=[last_number]",
+            "reward.workers=1",
+            "rollout.max_tokens=4",
+            "rollout.max_model_len=32",
+            "rollout.kv_cache_memory_mb=16",
+        ]
+    )
+    with hf_model_dir(ckpt) as model_dir:
+        engine = vllm_engine(cfg, model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    verifier = MathVerifier(cfg.reward)
+    try:
+        problems = load_dataset(cfg.data)
+        sampling = SamplingSettings.from_config(cfg.rollout)
+        result = evaluate(engine, problems, tokenizer, verifier, cfg.data, sampling, K, batch_prompts=20)
+    finally:
+        verifier.close()
+        engine.shutdown()
+    result.write(Path(out))
+
+
+def test_evaluate_a_checkpoint(tmp_path):
+    from popo_megatron.convert.offline import hf_to_mcore
+    from popo_megatron.data.synthetic import save_arithmetic_model
+
+    hf = save_arithmetic_model(tmp_path / "hf", seed=1)
+    with hf_model_dir(hf) as model_dir:
+        assert model_dir == hf, "an HF directory is used as it is"
+    hf_to_mcore(hf, tmp_path / "ckpt", tp=1, progress=False)
+    out = tmp_path / "eval.json"
+    run_local(_eval_worker, 1, str(tmp_path / "ckpt"), str(out))
+    result = json.loads(out.read_text())
+    records = result["records"]
+    assert result["problems"] == len(records) == 48 and result["k"] == K
+    # Re-grade every recorded response independently: the last integer in it against the answer.
+    regraded = []
+    for record in records:
+        assert len(record["responses"]) == K
+        last = [re.findall(r"-?\d+", text) for text in record["responses"]]
+        regraded.append(sum(bool(n) and n[-1] == record["answer"] for n in last))
+        assert regraded[-1] == record["correct"], record
+    assert result["avg_at_k"] == pytest.approx(sum(regraded) / (K * len(records)))
+    assert result["pass_at_k"] == pytest.approx(sum(c > 0 for c in regraded) / len(records))
+    assert sum(result["reasons"].values()) == K * len(records)
