@@ -8,8 +8,10 @@ import time
 import pytest
 from grading_helpers import crashing_grade, raising_grade, sleepy_grade
 
+from popo_megatron.algo.metrics import MetricAccumulator
 from popo_megatron.config import load_config
 from popo_megatron.reward.extract import extract_answer, last_boxed
+from popo_megatron.reward.grade import add_grade_metrics
 from popo_megatron.reward.math_verifier import MathVerifier
 from popo_megatron.reward.pool import GRACE_S, GradingPool
 
@@ -87,6 +89,11 @@ def test_grade_table(verifier):
             assert grade.reason == reason, where
     reasons = verifier.pool.stats.reasons
     assert reasons["timeout"] >= 1, "the power tower must end by timeout"
+    metrics = MetricAccumulator()
+    add_grade_metrics(grades, metrics)
+    reported = metrics.reduce()
+    assert reported["reward/mean"] == pytest.approx(sum(c[2] for c in CASES) / len(CASES))
+    assert reported["reward/timeout"] == sum(g.reason == "timeout" for g in grades) >= 1
     # Two workers; the slow cases are bounded by their timeout (plus the grace and a worker restart each).
     assert elapsed < 3 * (TIMEOUT_S + GRACE_S) + 30, f"the table took {elapsed:.1f}s"
 

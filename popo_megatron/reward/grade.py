@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from popo_megatron.algo.metrics import MetricAccumulator
 
 # Every grade carries exactly one reason.
 REASONS = ("correct", "mismatch", "no_answer", "parse_failure", "bad_gold", "timeout", "worker_crash")
@@ -17,3 +20,20 @@ class Grade:
     @property
     def correct(self) -> bool:
         return self.reason == "correct"
+
+
+class Verifier(Protocol):
+    """Grades responses against reference answers (popo_megatron.reward.math_verifier.MathVerifier)."""
+
+    def grade(self, responses: Sequence[str], golds: Sequence[str]) -> list[Grade]:
+        """One grade per response, in input order."""
+
+    def close(self) -> None:
+        """Stop the verifier's workers."""
+
+
+def add_grade_metrics(grades: Sequence[Grade], metrics: MetricAccumulator) -> None:
+    """The mean reward and how many grades had each reason (timeouts and crashes included), as step metrics."""
+    metrics.add_mean("reward/mean", sum(g.score for g in grades), len(grades))
+    for reason in REASONS:
+        metrics.add_total(f"reward/{reason}", sum(g.reason == reason for g in grades))
