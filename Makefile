@@ -22,3 +22,5 @@ bench: setup
 	$(PY) bench/bench_conversion.py
 	$(PY) bench/bench_logprobs.py
 	$(PY) bench/bench_twin_memory.py
+	$(PY) bench/bench_reward.py
+	$(PY) bench/bench_rollout.py
