@@ -79,6 +79,19 @@ class LossSettings:
     def uses_twin_hidden(self) -> bool:
         return self.algorithm == Algorithm.popo and self.similarity_beta > 0
 
+    def logprobs(
+        self, logits: torch.Tensor, batch: PolicyBatch, with_entropy: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs (and entropy) of the batch's target tokens from this rank's vocab-parallel logits."""
+        return vocab_parallel_logprobs(
+            logits,
+            batch.targets,
+            self.vocab_size,
+            temperature=self.temperature,
+            chunk_tokens=self.chunk_tokens,
+            with_entropy=with_entropy,
+        )
+
 
 @dataclass(frozen=True)
 class Normalizers:
@@ -168,14 +181,7 @@ def forward_only(
     def loss_of(index, mb, logits, final_hidden):
         out = ForwardOutput(hidden=final_hidden.detach() if hidden else None)
         if logprobs or entropy:
-            lp, ent = vocab_parallel_logprobs(
-                logits,
-                mb.targets,
-                settings.vocab_size,
-                temperature=settings.temperature,
-                chunk_tokens=settings.chunk_tokens,
-                with_entropy=entropy,
-            )
+            lp, ent = settings.logprobs(logits, mb, with_entropy=entropy)
             out.logprobs = lp if logprobs else None
             out.entropy = ent
         return logits.new_zeros(()), {"output": out}
@@ -213,14 +219,7 @@ def forward_backward(
 
     def loss_of(index, mb, logits, final_hidden):
         mask = mb.loss_mask
-        lp, ent = vocab_parallel_logprobs(
-            logits,
-            mb.targets,
-            settings.vocab_size,
-            temperature=settings.temperature,
-            chunk_tokens=settings.chunk_tokens,
-            with_entropy=True,
-        )
+        lp, ent = settings.logprobs(logits, mb, with_entropy=True)
         metrics.add_masked("entropy", ent, mask)
         if mb.old_logprobs is None:
             raise ValueError("the batch has no old_logprobs (fill them from the trainer or the rollout engine)")
