@@ -1,4 +1,5 @@
-"""`popo` command line: `popo convert ...` (checkpoint conversion) and `popo parity` (a model check)."""
+"""`popo` command line: `popo train` (POPO / GRPO training), `popo convert ...` (checkpoint conversion)
+and `popo parity` (a model check)."""
 
 from __future__ import annotations
 
@@ -113,9 +114,52 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     convert.set_defaults(func=_convert)
 
 
+def _train_worker(config: str | None, overrides: list[str]) -> None:
+    from popo_megatron.config import load_config
+    from popo_megatron.trainer.loop import train
+
+    train(load_config(config, overrides))
+
+
+def _train(ns: argparse.Namespace) -> int:
+    from popo_megatron.config import ConfigError, load_config
+    from popo_megatron.convert.checkpoint_dir import CheckpointError
+    from popo_megatron.data.problems import DataError
+    from popo_megatron.launch import run_local
+    from popo_megatron.trainer.launch import prepare_model, print_summary
+
+    overrides = list(ns.overrides)
+    try:
+        cfg = load_config(ns.config, overrides)
+        overrides += prepare_model(cfg)
+        cfg = load_config(ns.config, overrides)
+    except (ConfigError, DataError, CheckpointError, ValueError) as exc:
+        print(f"popo train: error: {exc}", file=sys.stderr)
+        return 2
+    config = str(ns.config) if ns.config else None
+    if "WORLD_SIZE" in os.environ:  # torchrun / srun: this process is one rank
+        _train_worker(config, overrides)
+    else:
+        par = cfg.parallel
+        nproc = ns.nproc or par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+        print(f"popo train: starting {nproc} local rank(s)")
+        run_local(_train_worker, nproc, config, overrides)
+    print_summary(cfg)
+    return 0
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser("train", help="train with POPO (or GRPO) from a YAML config and key=value overrides")
+    train.add_argument("config", type=Path, nargs="?", help="YAML config (examples/*.yaml)")
+    train.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
+    train.add_argument("--nproc", type=int, help="local ranks to start when not under torchrun/srun (default: TP x PP)")
+    train.set_defaults(func=_train)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="popo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_train(sub)
     _add_convert(sub)
     parity = sub.add_parser("parity", help="check Megatron-Core logits against transformers at several layouts")
     parity.add_argument("--hf", type=Path, help="HF checkpoint directory (default: a generated tiny Qwen2)")

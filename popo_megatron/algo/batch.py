@@ -44,7 +44,7 @@ class PolicyBatch:
         step = self.size // count
         return [self[i * step : (i + 1) * step] for i in range(count)]
 
-    def __getitem__(self, rows: slice) -> "PolicyBatch":
+    def __getitem__(self, rows: slice | torch.Tensor) -> "PolicyBatch":
         tensors = {f.name: getattr(self, f.name) for f in fields(self)}
         return PolicyBatch(**{k: None if v is None else v[rows] for k, v in tensors.items()})
 
@@ -54,6 +54,16 @@ class PolicyBatch:
 
     def with_fields(self, **changes: torch.Tensor) -> "PolicyBatch":
         return replace(self, **changes)
+
+    def trimmed(self, multiple: int = 1) -> "PolicyBatch":
+        """Without the trailing positions no loss token needs (the longest row's last response token
+        is predicted at its last mask position; the token after it closes the row), length rounded up
+        to `multiple`."""
+        used = self.loss_mask.any(0).nonzero()
+        length = int(used[-1]) + 2 if len(used) else 1
+        length = min(self.tokens.shape[1], -(-length // multiple) * multiple)
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
+        return PolicyBatch(**{k: v if v is None or v.dim() == 1 else v[:, :length] for k, v in tensors.items()})
 
     def without_rows(self, drop: torch.Tensor) -> "PolicyBatch":
         """The batch with the `drop` [B] rows' loss masks cleared: they stay (shapes are unchanged) but carry

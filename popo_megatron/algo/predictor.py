@@ -54,14 +54,20 @@ class SimilarityPredictor(torch.nn.Module):
             param.grad = flat[offset : offset + param.numel()].view_as(param).clone()
             offset += param.numel()
 
-    def sharded_state_dict(self, prefix: str = "predictor.") -> dict:
-        """Replicated tensors: only tensor- and data-parallel rank 0 of the last stage writes them."""
+    @staticmethod
+    def is_main_replica() -> bool:
+        """Tensor- and data-parallel rank 0 (of the last stage, where the predictor lives) writes it."""
         from megatron.core import parallel_state
+
+        return parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
+
+    def sharded_state_dict(self, prefix: str = "predictor.") -> dict:
+        """Replicated tensors, written by the main replica."""
         from megatron.core.dist_checkpointing import ShardedTensor
 
-        main = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
+        replica = 0 if self.is_main_replica() else 1
         return {
-            prefix + name: ShardedTensor.from_rank_offsets(prefix + name, param.detach(), replica_id=0 if main else 1)
+            prefix + name: ShardedTensor.from_rank_offsets(prefix + name, param.detach(), replica_id=replica)
             for name, param in self.named_parameters()
         }
 

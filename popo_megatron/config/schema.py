@@ -66,6 +66,8 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     spec: LayerSpec = LayerSpec.auto
     fp8: FP8Config = field(default_factory=FP8Config)
+    # Run the checkpoint's own tokenizer code (never by default; only config.json is read for the model).
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -183,6 +185,12 @@ class LossConfig:
     mask_truncated: bool = False
 
 
+class LRDecayStyle(str, Enum):
+    constant = "constant"
+    linear = "linear"
+    cosine = "cosine"
+
+
 @dataclass
 class OptimConfig:
     lr: float = 1e-6
@@ -191,6 +199,9 @@ class OptimConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0  # global gradient-norm clip; 0 switches it off
+    lr_warmup_steps: int = 0  # optimiser steps of linear warm-up
+    lr_decay_style: LRDecayStyle = LRDecayStyle.constant  # over the run's optimiser steps, down to min_lr
+    min_lr: float = 0.0
     # ZeRO-1: optimiser state (and the twin) sliced across data-parallel ranks.
     use_distributed_optimizer: bool = True
     # Parameters per gradient-reduction bucket (Megatron DDP); None: one bucket per dtype.
@@ -228,6 +239,11 @@ class DataConfig:
     instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
     shuffle_seed: int = 0
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    # DAPO's dynamic sampling: drop groups without a learning signal (POPO: no positive; GRPO: all
+    # rewards equal) and sample more prompts until the step has prompts_per_step groups, at most
+    # dynamic_sampling_max_rounds generation rounds.
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_rounds: int = 4
 
 
 @dataclass
@@ -256,6 +272,19 @@ class RewardConfig:
 
 
 @dataclass
+class TrainConfig:
+    output_dir: str = "outputs/popo"
+    steps: int = 50  # rollout steps
+    prompts_per_step: int = 16  # prompts per step over all ranks; each gets rollout.n responses
+    mini_batches: int = 1  # optimiser steps per rollout step
+    micro_batch_size: int = 8  # rows per micro-batch on each data-parallel rank
+    checkpoint_every: int = 0  # steps; 0: only at the end and on SIGTERM / SIGUSR1
+    keep_last: int = 2  # checkpoints kept in output_dir
+    resume: bool = True  # continue from output_dir/latest when there is one
+    weight_sync_bucket_mb: int = 256
+
+
+@dataclass
 class PopoConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -267,4 +296,5 @@ class PopoConfig:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 1234

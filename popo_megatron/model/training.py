@@ -56,3 +56,24 @@ def build_optimizer(ddp_model: torch.nn.Module, cfg: DictConfig):
         ),
         [ddp_model],
     )
+
+
+def build_scheduler(optimizer, cfg: DictConfig, total_updates: int):
+    """Megatron's learning-rate schedule: linear warm-up, then constant / linear / cosine decay to min_lr
+    over the run's optimiser steps."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    optim = cfg.optim
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if optim.lr_warmup_steps else optim.lr,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr,
+        lr_warmup_steps=optim.lr_warmup_steps,
+        lr_decay_steps=max(total_updates, optim.lr_warmup_steps + 1),
+        lr_decay_style=optim.lr_decay_style.value,
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=max(total_updates, 1),
+        wd_incr_style="constant",
+    )

@@ -1,0 +1,54 @@
+"""From a step's graded groups to this data-parallel rank's training rows.
+
+POPO trains on the positive rollouts only: a negative has weight 0 and is
+not under the similarity penalty, so leaving it out changes no gradient and
+saves its forward and backward. GRPO trains on every rollout (its token-mean
+counts the tokens of zero-advantage rollouts too). The rows are dealt to the
+data-parallel ranks in turn and each rank's share is padded with empty rows
+(no loss token) to a whole number of micro-batches per mini-batch, so every
+rank runs the same schedule even in a step without positives.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from omegaconf import DictConfig
+
+from popo_megatron.algo.batch import PolicyBatch, make_policy_batch
+from popo_megatron.config.schema import Algorithm
+from popo_megatron.trainer.rollouts import Group
+
+
+def step_batch(groups: list[Group], cfg: DictConfig, pad_id: int) -> PolicyBatch:
+    """Every rollout of the step as a training batch (weights or advantages from the group rewards)."""
+    n = len(groups[0].responses)
+    rollouts = [r for g in groups for r in g.responses]
+    return make_policy_batch(
+        cfg,
+        [g.prompt for g in groups for _ in range(n)],
+        [r.token_ids for r in rollouts],
+        torch.tensor([g.rewards for g in groups], dtype=torch.float32),
+        torch.tensor([[r.truncated for r in g.responses] for g in groups]),
+        [r.logprobs for r in rollouts],
+        pad_id,
+    )
+
+
+def rank_rows(batch: PolicyBatch, cfg: DictConfig, dp: int, dp_rank: int) -> PolicyBatch:
+    """This data-parallel rank's rows of the step, padded to mini_batches x micro_batch_size multiples."""
+    train = batch.positive if Algorithm(cfg.algorithm) == Algorithm.popo else torch.ones(batch.size, dtype=torch.bool)
+    rows = train.nonzero().squeeze(-1)[dp_rank::dp]
+    unit = cfg.train.mini_batches * cfg.train.micro_batch_size
+    most = math.ceil(int(train.sum()) / dp)  # rows of the busiest rank
+    per_rank = max(1, math.ceil(most / unit)) * unit
+    padding = per_rank - len(rows)
+    index = torch.cat([rows, torch.zeros(padding, dtype=torch.long)])
+    mine = batch[index]
+    empty = torch.arange(per_rank) >= len(rows)
+    mine = mine.without_rows(empty).with_fields(
+        sample_weights=torch.where(empty, 0.0, mine.sample_weights), positive=mine.positive & ~empty
+    )
+    tp = cfg.parallel.tensor_model_parallel_size
+    return mine.trimmed(tp if cfg.parallel.sequence_parallel else 1)

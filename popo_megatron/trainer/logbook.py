@@ -1,0 +1,127 @@
+"""What a run shows and keeps: a log line and a progress bar per step, metrics.jsonl, TensorBoard, a curve.
+
+Only global rank 0 writes; the step's metrics reach it already reduced.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from tqdm import tqdm
+
+# metrics.jsonl's names for the step metrics (popo_megatron.algo.step and reward.grade names on the right).
+JSONL_NAMES = {
+    "reward_mean": "reward/mean",
+    "positive_frac": "reward/positive_fraction",
+    "groups_without_positive": "reward/groups_without_positives",
+    "groups_all_positive": "reward/groups_all_positive",
+    "loss": "loss/total",
+    "pos_loss": "loss/policy",
+    "sim_penalty": "popo/similarity",
+    "clip_frac": "popo/clip_fraction",
+    "ratio_mean": "popo/ratio",
+    "ratio_max": "popo/ratio_max",
+    "entropy": "entropy",
+    "logprob_mismatch": "rollout/logprob_abs_diff",
+    "logprob_mismatch_max": "rollout/logprob_abs_diff_max",
+    "reward_timeouts": "reward/timeout",
+}
+GRPO_NAMES = {"clip_frac": "grpo/clip_fraction", "ratio_mean": "grpo/ratio", "ratio_max": "grpo/ratio_max"}
+
+
+def step_record(step: int, metrics: dict[str, float], extra: dict[str, float], grpo: bool) -> dict:
+    """The metrics.jsonl object of a step: the fixed names first, then everything measured."""
+    names = {**JSONL_NAMES, **(GRPO_NAMES if grpo else {})}
+    record = {"step": step}
+    for short, long in names.items():
+        record[short] = metrics.get(long, float("nan"))
+    record.update(extra)
+    record["all"] = metrics
+    return record
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def log_line(record: dict, total: int) -> str:
+    return (
+        f"step {record['step']}/{total} | reward {_fmt(record['reward_mean'])} "
+        f"pos {_fmt(record['positive_frac'])} no-pos {record['groups_without_positive']:.0f} | "
+        f"loss {_fmt(record['loss'], 4)} sim {_fmt(record['sim_penalty'], 4)} m {_fmt(record['twin_momentum'], 4)} | "
+        f"clip {_fmt(record['clip_frac'])} ent {_fmt(record['entropy'])} len {_fmt(record['response_len_mean'], 1)} | "
+        f"{record['time_step_s']:.1f}s (rollout {record['time_rollout_s']:.1f} reward {record['time_reward_s']:.1f} "
+        f"train {record['time_train_s']:.1f} sync {record['time_sync_s']:.1f}) {record['tokens_per_s']:.0f} tok/s"
+    )
+
+
+class Logbook:
+    def __init__(self, output_dir: str | Path, total_steps: int, start_step: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.total = total_steps
+        self.dir = Path(output_dir)
+        if not enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
+        self.tensorboard = SummaryWriter(str(self.dir / "tensorboard"), purge_step=start_step + 1)
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def record(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        step = record["step"]
+        for name, value in record["all"].items():
+            self.tensorboard.add_scalar(name, value, step)
+        for name in ("twin_momentum", "lr", "grad_norm", "tokens_per_s", "response_len_mean", "time_step_s"):
+            if name in record:
+                self.tensorboard.add_scalar(f"train/{name}", record[name], step)
+        self.bar.write(log_line(record, self.total))
+        self.bar.update(1)
+
+    def close(self) -> Path | None:
+        """Flush everything and draw the reward curve of the whole run (metrics.jsonl, resumed runs too)."""
+        if not self.enabled:
+            return None
+        self.bar.close()
+        self.jsonl.close()
+        self.tensorboard.close()
+        return plot_learning_curve(self.dir / "metrics.jsonl", self.dir / "learning_curve.png")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The last record of each step (a resumed run may have rewritten some steps)."""
+    by_step = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot_learning_curve(metrics_path: Path, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    steps = [r["step"] for r in records]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, [r["reward_mean"] for r in records], marker="o", markersize=3, label="mean reward")
+    ax.plot(steps, [r["positive_frac"] for r in records], alpha=0.5, label="positive fraction")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

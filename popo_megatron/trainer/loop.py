@@ -1,0 +1,213 @@
+"""The POPO (or GRPO) training loop, as architecture.md draws it. Every rank runs this function.
+
+prompts -> rollout (vLLM, n per prompt) -> reward (math-verify pool) -> positives and weights
+        -> old log-probs (trainer forward, optional) -> per mini-batch: twin forward (hidden states)
+        -> loss, backward, optimiser step -> twin EMA and momentum -> weight sync to vLLM
+        -> metrics -> checkpoint on schedule or on signal
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from popo_megatron.algo.advantages import group_stats
+from popo_megatron.algo.batch import PolicyBatch
+from popo_megatron.algo.metrics import MetricAccumulator
+from popo_megatron.algo.step import LossSettings, forward_backward, forward_only, loss_normalizers
+from popo_megatron.config.schema import Algorithm, OldLogprobs
+from popo_megatron.reward.grade import add_grade_metrics
+from popo_megatron.trainer.batching import rank_rows, step_batch
+from popo_megatron.trainer.logbook import Logbook, step_record
+from popo_megatron.trainer.rollouts import collect_groups
+from popo_megatron.trainer.state import TrainState, build_train_state
+
+# Seeds of a step's rollouts: step_seed = seed + STEP_SEED_STRIDE * step, prompt j uses step_seed + j.
+STEP_SEED_STRIDE = 1_000_003
+
+
+@dataclass
+class RunSummary:
+    steps: int
+    first_reward: float
+    last_reward: float
+    output_dir: Path
+    stopped_by_signal: bool = False
+
+
+class _StopRequest:
+    """SIGTERM / SIGUSR1 (Slurm's warning before the end of a job) ask for a checkpoint and a clean exit
+    at the end of the current step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """Whether any rank was asked to stop (collective: signals may reach ranks at different times)."""
+        flag = torch.tensor([float(self.requested)])
+        if dist.is_initialized():
+            from popo_megatron.platform import collective_device
+
+            flag = flag.to(collective_device())
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def _forward_logprobs(state: TrainState, batch: PolicyBatch, settings: LossSettings) -> torch.Tensor | None:
+    micro = batch.micro_batches(batch.size // state.cfg.train.micro_batch_size)
+    outputs = forward_only(state.ddp, micro, settings)
+    return torch.cat([o.logprobs.cpu() for o in outputs]) if outputs else None
+
+
+def _reduce_to_rank0(metrics: MetricAccumulator) -> dict[str, float]:
+    """Reduce over data-parallel ranks; the last pipeline stage's metrics (the loss lives there) reach rank 0."""
+    from megatron.core import parallel_state
+
+    reduced = metrics.reduce(parallel_state.get_data_parallel_group())
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return reduced
+    holder = [reduced]
+    last = parallel_state.get_pipeline_model_parallel_last_rank()
+    dist.broadcast_object_list(holder, src=last, group=parallel_state.get_pipeline_model_parallel_group())
+    return {**holder[0], **{k: v for k, v in reduced.items() if k.startswith("reward/")}}
+
+
+def train_step(state: TrainState, step: int) -> dict:
+    """One rollout step and its updates; returns the metrics.jsonl record (on every rank)."""
+    from megatron.core import parallel_state
+
+    cfg = state.cfg
+    step_start = time.perf_counter()
+    settings = state.settings
+    problems = [state.problems[i] for i in state.sampler.next_indices(cfg.train.prompts_per_step)]
+    state.engine.wake()
+    groups, rollout_times = collect_groups(
+        state.engine, state.verifier, state.tokenizer, problems, cfg, cfg.seed + STEP_SEED_STRIDE * step
+    )
+    state.engine.sleep()
+    metrics = MetricAccumulator()
+    add_grade_metrics([g for group in groups for g in group.grades], metrics)
+    rewards = torch.tensor([g.rewards for g in groups])
+    group_stats(rewards).add_to(metrics)
+    lengths = [len(r.token_ids) for g in groups for r in g.responses]
+    metrics.add_mean("response/length", sum(lengths), len(lengths))
+    metrics.add_mean("response/truncated", sum(r.truncated for g in groups for r in g.responses), len(lengths))
+
+    train_start = time.perf_counter()
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    batch = rank_rows(step_batch(groups, cfg, state.pad_id), cfg, dp, dp_rank)
+    if cfg.popo.old_logprobs == OldLogprobs.trainer or settings.tis_cap is not None:
+        batch = batch.with_fields(old_logprobs=_forward_logprobs(state, batch, settings))
+    else:
+        batch = batch.with_fields(old_logprobs=batch.rollout_logprobs)
+    if state.reference is not None:
+        with state.reference.swapped_in():
+            batch = batch.with_fields(ref_logprobs=_forward_logprobs(state, batch, settings))
+    rows = batch.size // cfg.train.mini_batches
+    micro = rows // cfg.train.micro_batch_size
+    grad_norm = float("nan")
+    for index in range(cfg.train.mini_batches):
+        mini = batch[index * rows : (index + 1) * rows]
+        normalizers = loss_normalizers(mini, settings.algorithm)
+        twin_hidden = None
+        if settings.uses_twin_hidden:
+            with state.twin.swapped_in():
+                outputs = forward_only(state.ddp, mini.micro_batches(micro), settings, hidden=True, logprobs=False)
+            twin_hidden = [o.hidden for o in outputs]
+        drift = None
+        if normalizers.policy > 0 or normalizers.similarity > 0:
+            state.ddp.zero_grad_buffer()
+            state.optimizer.zero_grad()
+            step_metrics = forward_backward(
+                state.ddp, mini.micro_batches(micro), settings, normalizers, twin_hidden, state.predictor
+            )
+            if state.predictor is not None:
+                state.predictor.finish_grad_sync()
+                state.predictor_optimizer.step()
+                state.predictor_optimizer.zero_grad()
+            _, grad_norm, _ = state.optimizer.step()
+            state.scheduler.step(1)
+            reduced = step_metrics.reduce(parallel_state.get_data_parallel_group())
+            drift = reduced.get("popo/similarity")
+            metrics.merge(step_metrics)
+        else:  # nothing to learn from: no gradient, and no Adam step that would move the weights anyway
+            metrics.add_total("train/skipped_updates", 1)
+        if state.twin is not None:
+            state.twin.update(state.momentum.value)
+            state.momentum.advance(_broadcast_from_last_stage(drift))
+    train_s = time.perf_counter() - train_start
+
+    sync_start = time.perf_counter()
+    state.sync_weights()
+    sync_s = time.perf_counter() - sync_start
+    reduced = _reduce_to_rank0(metrics)
+    step_s = time.perf_counter() - step_start
+    extra = {
+        "twin_momentum": state.momentum.value if state.twin is not None else float("nan"),
+        "lr": state.optimizer.param_groups[0]["lr"],
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "response_len_mean": reduced.get("response/length", float("nan")),
+        "time_rollout_s": rollout_times.generate_s,
+        "time_reward_s": rollout_times.grade_s,
+        "time_train_s": train_s,
+        "time_sync_s": sync_s,
+        "time_step_s": step_s,
+        "tokens_per_s": rollout_times.generated_tokens / step_s,
+    }
+    return step_record(step + 1, reduced, extra, grpo=Algorithm(cfg.algorithm) == Algorithm.grpo)
+
+
+def _broadcast_from_last_stage(value: float | None) -> float | None:
+    """The drift is measured where the loss is (the last pipeline stage); every stage's twin needs it."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return value
+    holder = [value]
+    last = parallel_state.get_pipeline_model_parallel_last_rank()
+    dist.broadcast_object_list(holder, src=last, group=parallel_state.get_pipeline_model_parallel_group())
+    return holder[0]
+
+
+def train(cfg: DictConfig) -> RunSummary:
+    """Run (or resume) the configured training on this rank; collective over the world."""
+    stop = _StopRequest()
+    state = build_train_state(cfg)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    logbook = Logbook(cfg.train.output_dir, cfg.train.steps, state.step, enabled=rank0)
+    rewards = []
+    stopped = False
+    try:
+        for step in range(state.step, cfg.train.steps):
+            record = train_step(state, step)
+            state.step = step + 1
+            rewards.append(record["reward_mean"])
+            logbook.record(record)
+            stopping = stop.agreed()
+            every = cfg.train.checkpoint_every
+            if stopping or state.step == cfg.train.steps or (every and state.step % every == 0):
+                state.save_checkpoint()
+            if stopping:
+                stopped = True
+                break
+    finally:
+        logbook.close()
+        state.close()
+    return RunSummary(
+        steps=state.step,
+        first_reward=rewards[0] if rewards else float("nan"),
+        last_reward=rewards[-1] if rewards else float("nan"),
+        output_dir=Path(cfg.train.output_dir),
+        stopped_by_signal=stopped,
+    )
