@@ -21,7 +21,7 @@ from popo_megatron.platform.cpu_compat import PATCHES
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU layer is only applied without CUDA")
 
 
-def _tiny_gpt():
+def _tiny_gpt(dropout: float = 0.1):
     import torch.nn.functional as F
     from megatron.core import tensor_parallel
     from megatron.core.models.gpt import GPTModel
@@ -39,6 +39,8 @@ def _tiny_gpt():
         activation_func=F.silu,
         normalization="RMSNorm",
         add_bias_linear=False,
+        hidden_dropout=dropout,
+        attention_dropout=dropout,
         **transformer_config_device_kwargs("local"),
     )
     return GPTModel(
@@ -133,6 +135,58 @@ def probe_rng_tracker():
     with tracker.fork():
         again = torch.rand(3)
     assert torch.equal(first, again)  # the forked stream is seeded, and reproducible
+
+
+def probe_optimizer_step_state():
+    """Save the distributed optimiser after one step, load it into a fresh one, take one more step on
+    both: the weights and every Adam step count must agree."""
+    import tempfile
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from popo_megatron.model.forward import forward_backward
+
+    metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
+    tokens = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
+
+    def setup():
+        torch.manual_seed(0)
+        model = _tiny_gpt(dropout=0.0)  # the two runs' forwards must be deterministic
+        ddp = DistributedDataParallel(
+            model.config, DistributedDataParallelConfig(use_distributed_optimizer=True), model
+        )
+        return model, ddp, get_megatron_optimizer(OptimizerConfig(lr=1e-2, use_distributed_optimizer=True), [ddp])
+
+    def step(ddp, optimizer):
+        ddp.zero_grad_buffer()
+        forward_backward(ddp, tokens, loss_fn=lambda lg: lg.float().pow(2).mean())
+        optimizer.step()
+
+    model, ddp, optimizer = setup()
+    step(ddp, optimizer)
+    sharded = {"model": model.sharded_state_dict()}
+    sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], metadata=metadata)
+    with tempfile.TemporaryDirectory() as ckpt:
+        dist_checkpointing.save(sharded, ckpt)
+        fresh_model, fresh_ddp, fresh = setup()
+        inner = fresh.chained_optimizers[0].optimizer
+        for group in inner.param_groups:  # torch's Adam creates its state at the first step
+            for param in group["params"]:
+                param.grad = torch.zeros_like(param)
+        inner.step()
+        request = {"model": fresh_model.sharded_state_dict()}
+        request["optimizer"] = fresh.sharded_state_dict(request["model"], is_loading=True, metadata=metadata)
+        loaded = dist_checkpointing.load(request, ckpt)
+        fresh_model.load_state_dict({k: v for k, v in loaded["model"].items() if "_extra_state" not in k})
+        fresh.load_state_dict(loaded["optimizer"])
+    step(ddp, optimizer)
+    step(fresh_ddp, fresh)
+    for a, b in zip(model.parameters(), fresh_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    steps = [float(s["step"]) for s in fresh.chained_optimizers[0].optimizer.state.values()]
+    assert steps == [2.0] * len(steps), steps
 
 
 PROBES = {name[len("probe_") :]: fn for name, fn in globals().items() if name.startswith("probe_")}

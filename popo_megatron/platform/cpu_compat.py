@@ -214,6 +214,42 @@ def _patch_rng_tracker() -> None:
     mpu_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
 
 
+# --- 8. the distributed optimiser's state "step" with torch's Adam --------------------
+def _patch_optimizer_step_state() -> None:
+    # Without Apex / Transformer Engine (so on CPU) the optimiser is torch's Adam, which keeps a "step"
+    # tensor in every parameter's state. DistributedOptimizer.load_state_dict restores it as ONE tensor
+    # shared by all parameters (Adam then increments it once per parameter: a resumed run's bias
+    # correction jumps ahead), and the "fully_reshardable" format then copies every state key from the
+    # per-parameter tensors, which carry no "step" (KeyError). Give each parameter its own restored step.
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original_set = DistributedOptimizer._set_main_param_and_optimizer_states
+    original_load = DistributedOptimizer.load_state_dict
+
+    def own_steps(optimizer) -> None:
+        for state in optimizer.state.values():
+            if "step" in state:
+                state["step"] = state["step"].detach().clone()
+
+    def set_states(self, model_param, tensors):
+        if "step" not in tensors:
+            own_steps(self.optimizer)
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            step = self.optimizer.state[main_param].get("step")
+            if step is not None:
+                tensors = {**tensors, "step": step}
+        return original_set(self, model_param, tensors)
+
+    def load_state_dict(self, state_dict):
+        result = original_load(self, state_dict)
+        own_steps(self.optimizer)
+        return result
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+    DistributedOptimizer.load_state_dict = load_state_dict
+
+
 # The order matters only in that later patches may rely on earlier ones being in place.
 PATCHES: dict[str, Callable[[], None]] = {
     "current_device": _patch_current_device,
@@ -224,6 +260,7 @@ PATCHES: dict[str, Callable[[], None]] = {
     "sequence_parallel_norm": _patch_sequence_parallel_norm,
     "cuda_type_checks": _patch_cuda_type_checks,
     "rng_tracker": _patch_rng_tracker,
+    "optimizer_step_state": _patch_optimizer_step_state,
 }
 
 

@@ -10,12 +10,16 @@ returns, every sample costs at most its timeout (plus the grace below), and a
 bug in the grading code itself (an exception) is raised, not hidden as a zero.
 
 Workers are started with "spawn": the trainer's processes hold threads
-(gloo, vLLM) that make fork unsafe. They ignore SIGINT and SIGTERM: the
-parent decides when grading stops (`close`), e.g. after saving a checkpoint.
+(gloo, vLLM) that make fork unsafe. They ignore SIGINT and SIGTERM (Ctrl-C
+and a Slurm preemption signal reach every process; the trainer finishes its
+step, grading included, and saves a checkpoint): the parent decides when
+grading stops. `close` stops them, and runs at exit if nobody called it; a
+worker whose parent is gone exits when its pipe closes.
 """
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing as mp
 import signal
 import time
@@ -80,6 +84,7 @@ class GradingPool:
         self.stats = PoolStats()
         self._context = mp.get_context("spawn")
         self._workers = [self._start() for _ in range(workers)]
+        atexit.register(self.close)
 
     def _start(self) -> _Worker:
         parent, child = self._context.Pipe()
@@ -165,6 +170,7 @@ class GradingPool:
                 worker.process.join()
             worker.conn.close()
         self._workers = []
+        atexit.unregister(self.close)
 
     def __enter__(self) -> "GradingPool":
         return self

@@ -158,6 +158,7 @@ class TrainState:
                 f"{ckpt}: {'has no' if self.twin is not None else 'has a'} twin, but popo.twin.enabled="
                 f"{self.twin is not None} here"
             )
+        _materialise_optimizer_state(self.optimizer)
         loaded = dist_checkpointing.load(self._sharded_state(loading=True), str(ckpt / MEGATRON_DIR))
         params = dict(self.model.named_parameters())
         with torch.no_grad():
@@ -185,6 +186,22 @@ class TrainState:
             self.verifier.close()
             self.engine.shutdown()
             self.closed = True
+
+
+def _materialise_optimizer_state(optimizer: Any) -> None:
+    """Give every parameter its Adam state (one step with zero gradients) before loading a checkpoint into it.
+
+    Megatron's optimisers describe their checkpoint from their current state, which torch's Adam creates
+    lazily at the first step; without Apex or Transformer Engine (CPU) the distributed optimiser then
+    fails on an empty state. Whatever this step changes is overwritten by the checkpoint.
+    """
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = chained.optimizer
+        for group in inner.param_groups:
+            for param in group["params"]:
+                param.grad = torch.zeros_like(param)
+        inner.step()
+        inner.zero_grad()
 
 
 def _barrier() -> None:
