@@ -71,7 +71,7 @@ ARITHMETIC_QWEN2 = dict(
     intermediate_size=256,
     num_hidden_layers=2,
     num_attention_heads=2,
-    num_key_value_heads=1,
+    num_key_value_heads=2,  # divisible by TP=2: checkpoints move between TP=1 and TP=2 as they are
     max_position_embeddings=128,
     rope_theta=1e4,
     tie_word_embeddings=True,

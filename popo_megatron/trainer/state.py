@@ -115,6 +115,7 @@ class TrainState:
 
         root = Path(self.cfg.train.output_dir) / CHECKPOINTS
         name = f"step_{self.step:06d}"
+        _materialise_optimizer_state(self.optimizer)
         rank = dist.get_rank() if dist.is_initialized() else 0
         sharded = self._sharded_state(loading=False)
         weights = ["model"] + (["twin"] if self.twin is not None else [])
@@ -189,19 +190,30 @@ class TrainState:
 
 
 def _materialise_optimizer_state(optimizer: Any) -> None:
-    """Give every parameter its Adam state (one step with zero gradients) before loading a checkpoint into it.
+    """Give every parameter the Adam state a fresh optimiser would have before its first step.
 
     Megatron's optimisers describe their checkpoint from their current state, which torch's Adam creates
-    lazily at the first step; without Apex or Transformer Engine (CPU) the distributed optimiser then
-    fails on an empty state. Whatever this step changes is overwritten by the checkpoint.
+    lazily at the first step; without Apex or Transformer Engine (CPU) the distributed optimiser fails
+    on an empty state, when saving before any update (a run whose first steps had no positive) and when
+    loading. A step with zero gradients at learning rate 0 creates the state without moving any weight,
+    and its step count is set back to 0.
     """
     for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = chained.optimizer
+        missing = [p for g in inner.param_groups for p in g["params"] if p not in inner.state]
+        if not missing:
+            continue
+        rates = [group["lr"] for group in inner.param_groups]
         for group in inner.param_groups:
-            for param in group["params"]:
-                param.grad = torch.zeros_like(param)
+            group["lr"] = 0.0
+        for param in missing:
+            param.grad = torch.zeros_like(param)
         inner.step()
-        inner.zero_grad()
+        for group, rate in zip(inner.param_groups, rates, strict=True):
+            group["lr"] = rate
+        for param in missing:
+            param.grad = None
+            inner.state[param]["step"].zero_()
 
 
 def _barrier() -> None:
