@@ -1,5 +1,5 @@
-"""`popo` command line: `popo train` (POPO / GRPO training), `popo convert ...` (checkpoint conversion)
-and `popo parity` (a model check)."""
+"""`popo` command line: `popo train` (POPO / GRPO training), `popo eval` (avg@k / pass@k of a checkpoint),
+`popo convert ...` (checkpoint conversion) and `popo parity` (a model check)."""
 
 from __future__ import annotations
 
@@ -148,6 +148,39 @@ def _train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(ns: argparse.Namespace) -> int:
+    from popo_megatron.config import ConfigError
+    from popo_megatron.convert.checkpoint_dir import CheckpointError
+    from popo_megatron.data.problems import DataError
+    from popo_megatron.trainer.evaluation import evaluate_checkpoint
+
+    try:
+        results = evaluate_checkpoint(ns.checkpoint, ns.benchmarks, ns.k, ns.out, ns.config, ns.overrides, ns.weights)
+    except (ConfigError, CheckpointError, DataError, ValueError) as exc:
+        print(f"popo eval: error: {exc}", file=sys.stderr)
+        return 2
+    for result, path in results:
+        print(f"{result.summary()}  -> {path}")
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    evaluate = sub.add_parser("eval", help="avg@k and pass@k of a checkpoint (HF or popo) on benchmarks")
+    evaluate.add_argument("checkpoint", type=Path, help="an HF model directory or a popo checkpoint")
+    evaluate.add_argument("overrides", nargs="*", help="key.sub=value overrides (rollout.*, data.*, reward.*)")
+    evaluate.add_argument(
+        "--benchmark",
+        dest="benchmarks",
+        action="append",
+        help="math500 (default), math_train_slice, synthetic, or a .jsonl / .parquet file; repeat for several",
+    )
+    evaluate.add_argument("--k", type=int, default=4, help="samples per problem")
+    evaluate.add_argument("--config", type=Path, help="YAML config (default: the training run's, when stored)")
+    evaluate.add_argument("--weights", choices=["model", "twin"], default="model", help="popo checkpoints: which")
+    evaluate.add_argument("--out", type=Path, default=Path("outputs/eval"), help="directory for the JSON results")
+    evaluate.set_defaults(func=_eval)
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="train with POPO (or GRPO) from a YAML config and key=value overrides")
     train.add_argument("config", type=Path, nargs="?", help="YAML config (examples/*.yaml)")
@@ -160,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="popo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
+    _add_eval(sub)
     _add_convert(sub)
     parity = sub.add_parser("parity", help="check Megatron-Core logits against transformers at several layouts")
     parity.add_argument("--hf", type=Path, help="HF checkpoint directory (default: a generated tiny Qwen2)")
@@ -171,7 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parity.add_argument("--out", default="outputs/parity", help="where the generated tiny model is kept")
     parity.set_defaults(func=_parity)
-    ns = parser.parse_args(argv)
+    ns, extra = parser.parse_known_args(argv)
+    # key=value overrides may also come after the options (argparse stops collecting positionals there).
+    if extra and hasattr(ns, "overrides") and all("=" in item and not item.startswith("-") for item in extra):
+        ns.overrides = [*ns.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return ns.func(ns)
 
 

@@ -1,0 +1,66 @@
+"""`popo eval`: a checkpoint's avg@k and pass@k on benchmarks, with the settings it was trained with.
+
+The config starts from the training run's own (stored in a training
+checkpoint's trainer_state.json), so prompts, sampling and answer extraction
+match training; a YAML file and key=value overrides change it. A popo
+checkpoint is exported to a temporary HF directory first.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from popo_megatron.evaluate import EvalResult, evaluate, hf_model_dir
+
+
+def _config(checkpoint: Path, config: Path | None, overrides: list[str]):
+    import tempfile
+
+    from popo_megatron.config import load_config
+    from popo_megatron.trainer.state import TRAINER_STATE
+
+    stored = checkpoint / TRAINER_STATE
+    if config is None and stored.is_file():
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            f.write(OmegaConf.to_yaml(json.loads(stored.read_text())["config"]))
+        config = Path(f.name)
+    return load_config(config, [f"model.hf_path={checkpoint}", *overrides])
+
+
+def evaluate_checkpoint(
+    checkpoint: Path,
+    benchmarks: list[str] | None,
+    k: int,
+    out: Path,
+    config: Path | None = None,
+    overrides: list[str] = (),
+    weights: str = "model",
+) -> list[tuple[EvalResult, Path]]:
+    """Evaluate one checkpoint on each benchmark (one process, one engine); JSON per benchmark under `out`."""
+    from transformers import AutoTokenizer
+
+    from popo_megatron.data.problems import load_dataset
+    from popo_megatron.reward.math_verifier import MathVerifier
+    from popo_megatron.rollout.engine import SamplingSettings
+    from popo_megatron.rollout.vllm_engine import vllm_engine
+
+    checkpoint = Path(checkpoint)
+    cfg = _config(checkpoint, config, list(overrides))
+    results = []
+    with hf_model_dir(checkpoint, weights) as model_dir:
+        engine = vllm_engine(cfg, model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+    verifier = MathVerifier(cfg.reward)
+    try:
+        for name in benchmarks or ["math500"]:
+            problems = load_dataset(cfg.data, name)
+            sampling = SamplingSettings.from_config(cfg.rollout)
+            result = evaluate(engine, problems, tokenizer, verifier, cfg.data, sampling, k, seed=cfg.seed)
+            results.append((result, result.write(Path(out) / f"{Path(name).stem}.json")))
+    finally:
+        verifier.close()
+        engine.shutdown()
+    return results
