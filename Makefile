@@ -1,14 +1,18 @@
 # One entry point per job. Each target sets up .venv first (fast when nothing changed).
 PY := .venv/bin/python
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo parity test lint bench
 
 setup:
 	bash scripts/setup.sh
 
-# The main job (until the trainer lands): Megatron-Core vs transformers logits
-# parity of a tiny Qwen2 at TP=1, TP=2, TP=2+SP and PP=2 on local processes.
+# The main job: POPO on the synthetic arithmetic task with a tiny random Qwen2 (generated),
+# real megatron-core, vLLM and math-verify on CPU; ends with a summary and outputs/tiny_cpu/learning_curve.png.
 demo: setup
+	.venv/bin/popo train examples/tiny_cpu.yaml
+
+# Megatron-Core vs transformers logits of a tiny Qwen2 at TP=1, TP=2, TP=2+SP and PP=2.
+parity: setup
 	.venv/bin/popo parity
 
 test: setup

@@ -157,6 +157,9 @@ def test_rope_theta_from_old_and_new_config_formats():
         (["optim.ddp_bucket_size=0"], r"optim\.ddp_bucket_size=0: must be >= 1"),
         (["popo.rollout_correction=tis", "popo.old_logprobs=rollout"], r"needs popo\.old_logprobs=trainer"),
         (["reward.workers=0"], r"reward\.workers=0: must be >= 1"),
+        (["rollout.temperature=0"], r"rollout\.temperature=0\.0: must be > 0"),
+        (["train.micro_batch_size=0"], r"train\.micro_batch_size=0: must be >= 1"),
+        (["optim.min_lr=1.0"], r"optim\.min_lr=1\.0: must be in \[0, optim\.lr="),
         (["reward.answer_fallbacks=[last_word]"], r"reward\.answer_fallbacks: unknown \['last_word'\]"),
     ],
 )
@@ -187,3 +190,8 @@ def test_twin_of_fp8_weights_is_refused():
         parse_hf_config(QWEN),
         cuda_available=True,
     )
+
+
+def test_rollout_tp_must_divide_the_world():
+    msg = _invalid(_cfg("rollout.tensor_parallel_size=4"), world_size=2)
+    assert "rollout.tensor_parallel_size=4 does not divide the world size 2" in msg

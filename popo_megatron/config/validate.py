@@ -34,6 +34,11 @@ def validate_config(
     if problems:  # the rules below divide by these
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
+    if world_size % cfg.rollout.tensor_parallel_size != 0:
+        problems.append(
+            f"rollout.tensor_parallel_size={cfg.rollout.tensor_parallel_size} does not divide the world size "
+            f"{world_size} (each vLLM engine spans that many ranks)"
+        )
     if world_size % (tp * pp) != 0:
         problems.append(
             f"parallel: world size {world_size} is not divisible by "
@@ -102,6 +107,17 @@ def _algorithm_problems(cfg: DictConfig) -> list[str]:
         ("optim.clip_grad", cfg.optim.clip_grad >= 0, "must be >= 0 (0: no clipping)"),
         ("optim.ddp_bucket_size", cfg.optim.ddp_bucket_size is None or cfg.optim.ddp_bucket_size >= 1, "must be >= 1"),
         ("reward.workers", cfg.reward.workers >= 1, "must be >= 1"),
+        ("rollout.n", cfg.rollout.n >= 1, "must be >= 1"),
+        ("rollout.temperature", cfg.rollout.temperature > 0, "must be > 0 (the loss divides the logits by it)"),
+        ("rollout.top_p", 0 < cfg.rollout.top_p <= 1, "must be in (0, 1]"),
+        ("rollout.max_tokens", cfg.rollout.max_tokens >= 1, "must be >= 1"),
+        ("rollout.tensor_parallel_size", cfg.rollout.tensor_parallel_size >= 1, "must be >= 1"),
+        ("train.steps", cfg.train.steps >= 1, "must be >= 1"),
+        ("train.prompts_per_step", cfg.train.prompts_per_step >= 1, "must be >= 1"),
+        ("train.mini_batches", cfg.train.mini_batches >= 1, "must be >= 1"),
+        ("train.micro_batch_size", cfg.train.micro_batch_size >= 1, "must be >= 1"),
+        ("train.keep_last", cfg.train.keep_last >= 1, "must be >= 1"),
+        ("optim.min_lr", 0 <= cfg.optim.min_lr <= cfg.optim.lr, f"must be in [0, optim.lr={cfg.optim.lr}]"),
         ("data.synthetic.size", cfg.data.synthetic.size >= 1, "must be >= 1"),
         ("data.synthetic.max_operand", cfg.data.synthetic.max_operand >= 0, "must be >= 0"),
         ("data.synthetic.operands", cfg.data.synthetic.operands >= 1, "must be >= 1"),
