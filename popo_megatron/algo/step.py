@@ -258,7 +258,7 @@ def forward_backward(
         # Loss metrics: the mean over the mini-batches of a step of each mini-batch's global loss (the shares
         # of all micro-batches and ranks carry weights that add up to 1 per mini-batch).
         share = 1.0 / scale
-        metrics.add_mean("loss/policy", loss.detach() / share, share)
+        metrics.add_mean("loss/policy", loss.detach(), share)
         if use_twin:
             sim_mask = (mask & mb.positive.unsqueeze(-1)).transpose(0, 1)  # [S, mb], like the hidden states
             local_mask = sim_mask[sequence_slice(model, sim_mask.shape[0])]
@@ -270,7 +270,7 @@ def forward_backward(
             metrics.add_mean("popo/similarity", distance.detach(), sim_mask.sum())
             similarity = distance / (normalizers.similarity if normalizers.similarity > 0 else 1.0)
             loss = loss + settings.similarity_beta * similarity
-        metrics.add_mean("loss/total", loss.detach() / share, share)
+        metrics.add_mean("loss/total", loss.detach(), share)
         return loss * scale, {}
 
     _run_schedule(model, micro_batches, loss_of, capture_hidden=use_twin, forward_only=False)
