@@ -107,6 +107,7 @@ def train_step(state: TrainState, step: int) -> dict:
     train_start = time.perf_counter()
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     batch = rank_rows(step_batch(groups, cfg, state.pad_id), cfg, dp, dp_rank)
+    old_start = time.perf_counter()
     if cfg.popo.old_logprobs == OldLogprobs.trainer or settings.tis_cap is not None:
         batch = batch.with_fields(old_logprobs=_forward_logprobs(state, batch, settings))
     else:
@@ -114,6 +115,8 @@ def train_step(state: TrainState, step: int) -> dict:
     if state.reference is not None:
         with state.reference.swapped_in():
             batch = batch.with_fields(ref_logprobs=_forward_logprobs(state, batch, settings))
+    old_s = time.perf_counter() - old_start
+    twin_s = 0.0
     rows = batch.size // cfg.train.mini_batches
     micro = rows // cfg.train.micro_batch_size
     grad_norm = float("nan")
@@ -122,9 +125,11 @@ def train_step(state: TrainState, step: int) -> dict:
         normalizers = loss_normalizers(mini, settings.algorithm)
         twin_hidden = None
         if settings.uses_twin_hidden:
+            twin_start = time.perf_counter()
             with state.twin.swapped_in():
                 outputs = forward_only(state.ddp, mini.micro_batches(micro), settings, hidden=True, logprobs=False)
             twin_hidden = [o.hidden for o in outputs]
+            twin_s += time.perf_counter() - twin_start
         drift = None
         if normalizers.policy > 0 or normalizers.similarity > 0:
             state.ddp.zero_grad_buffer()
@@ -160,7 +165,9 @@ def train_step(state: TrainState, step: int) -> dict:
         "response_len_mean": reduced.get("response/length", float("nan")),
         "time_rollout_s": rollout_times.generate_s,
         "time_reward_s": rollout_times.grade_s,
-        "time_train_s": train_s,
+        "time_train_s": train_s,  # everything below, and the updates
+        "time_old_logprobs_s": old_s,
+        "time_twin_forward_s": twin_s,
         "time_sync_s": sync_s,
         "time_step_s": step_s,
         "tokens_per_s": rollout_times.generated_tokens / step_s,
