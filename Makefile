@@ -28,3 +28,4 @@ bench: setup
 	$(PY) bench/bench_twin_memory.py
 	$(PY) bench/bench_reward.py
 	$(PY) bench/bench_rollout.py
+	$(PY) bench/bench_train.py

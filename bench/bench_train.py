@@ -24,14 +24,14 @@ import sys
 import tempfile
 from pathlib import Path
 
+from popo_megatron.trainer.logbook import moving_average, read_metrics
+
 EXAMPLE = Path(__file__).parent.parent / "examples" / "tiny_cpu.yaml"
 THRESHOLD = 0.10
 PARTS = ["rollout", "reward", "old_logprobs", "twin_forward", "update", "sync"]
 
 
 def run(algorithm: str, seed: int, steps: int, out: Path) -> list[dict]:
-    from popo_megatron.trainer.logbook import read_metrics
-
     command = [
         sys.executable,
         "-m",
@@ -68,13 +68,6 @@ def breakdown(records: list[dict]) -> dict[str, float]:
     result = {part: statistics.median(values) for part, values in shares.items()}
     result["step_s"] = statistics.median(r["time_step_s"] for r in records[1:])
     return result
-
-
-def moving_average(values: list[float], window: int = 10) -> list[float]:
-    return [
-        sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
-        for i in range(len(values))
-    ]
 
 
 def main() -> int:

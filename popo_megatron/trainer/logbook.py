@@ -105,6 +105,15 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def moving_average(values: list[float], window: int = 10) -> list[float]:
+    """The mean of each value and the (up to) window - 1 before it."""
+    out = []
+    for i in range(len(values)):
+        recent = values[max(0, i - window + 1) : i + 1]
+        out.append(sum(recent) / len(recent))
+    return out
+
+
 def plot_learning_curve(metrics_path: Path, out: Path) -> Path:
     import matplotlib
 
@@ -114,8 +123,9 @@ def plot_learning_curve(metrics_path: Path, out: Path) -> Path:
     records = read_metrics(metrics_path)
     steps = [r["step"] for r in records]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, [r["reward_mean"] for r in records], marker="o", markersize=3, label="mean reward")
-    ax.plot(steps, [r["positive_frac"] for r in records], alpha=0.5, label="positive fraction")
+    rewards = [r["reward_mean"] for r in records]
+    ax.plot(steps, rewards, marker="o", markersize=2, alpha=0.4, label="mean reward of the step")
+    ax.plot(steps, moving_average(rewards), linewidth=2, label="10-step moving average")
     ax.set_xlabel("step")
     ax.set_ylabel("reward")
     ax.set_ylim(bottom=0)
