@@ -195,3 +195,10 @@ def test_twin_of_fp8_weights_is_refused():
 def test_rollout_tp_must_divide_the_world():
     msg = _invalid(_cfg("rollout.tensor_parallel_size=4"), world_size=2)
     assert "rollout.tensor_parallel_size=4 does not divide the world size 2" in msg
+
+
+@pytest.mark.parametrize("value", ["{problem}", "{problem}="])
+def test_braces_on_the_command_line_get_a_quoting_hint(value):
+    with pytest.raises(ConfigError, match=r"to pass text, quote it: data\.prompt_template='\"\{problem\}"):
+        _cfg(f"data.prompt_template={value}")
+    assert _cfg(f'data.prompt_template="{value}"').data.prompt_template == value

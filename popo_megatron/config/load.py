@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -47,8 +48,12 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"command line: override {item!r} is not of the form key.sub=value")
         try:
             cfg.merge_with_dotlist([item])
-        except OmegaConfBaseException as exc:
-            raise ConfigError(f"command line: {item!r}: {_describe(exc)}") from exc
+        except (OmegaConfBaseException, yaml.YAMLError) as exc:
+            key, _, value = item.partition("=")
+            reason = _describe(exc) if isinstance(exc, OmegaConfBaseException) else f"not valid YAML ({exc.problem})"
+            # Values are read as YAML: {...} and [...] are a mapping and a list, not text.
+            hint = f" (to pass text, quote it: {key}='\"{value}\"')" if value[:1] in "{[" else ""
+            raise ConfigError(f"command line: {item!r}: {reason}{hint}") from exc
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"required key(s) not set: {', '.join(missing)}")

@@ -12,6 +12,7 @@ from popo_megatron.data.prompts import PLACEHOLDER
 from popo_megatron.data.synthetic import OPERATIONS
 from popo_megatron.model.hf_config import HFModelArgs
 from popo_megatron.reward.extract import FALLBACKS
+from popo_megatron.trainer.rollouts import MAX_ROUNDS
 
 
 def validate_config(
@@ -117,6 +118,11 @@ def _algorithm_problems(cfg: DictConfig) -> list[str]:
         ("train.mini_batches", cfg.train.mini_batches >= 1, "must be >= 1"),
         ("train.micro_batch_size", cfg.train.micro_batch_size >= 1, "must be >= 1"),
         ("train.keep_last", cfg.train.keep_last >= 1, "must be >= 1"),
+        (
+            "data.dynamic_sampling_max_rounds",
+            1 <= cfg.data.dynamic_sampling_max_rounds <= MAX_ROUNDS,
+            f"must be in [1, {MAX_ROUNDS}]",
+        ),
         ("optim.min_lr", 0 <= cfg.optim.min_lr <= cfg.optim.lr, f"must be in [0, optim.lr={cfg.optim.lr}]"),
         ("data.synthetic.size", cfg.data.synthetic.size >= 1, "must be >= 1"),
         ("data.synthetic.max_operand", cfg.data.synthetic.max_operand >= 0, "must be >= 0"),

@@ -25,7 +25,7 @@ from popo_megatron.config.schema import Algorithm, OldLogprobs
 from popo_megatron.reward.grade import add_grade_metrics
 from popo_megatron.trainer.batching import rank_rows, step_batch
 from popo_megatron.trainer.logbook import Logbook, step_record
-from popo_megatron.trainer.rollouts import collect_groups
+from popo_megatron.trainer.rollouts import collect_step
 from popo_megatron.trainer.state import TrainState, build_train_state
 
 # Seeds of a step's rollouts: step_seed = seed + STEP_SEED_STRIDE * step, prompt j uses step_seed + j.
@@ -90,23 +90,31 @@ def train_step(state: TrainState, step: int) -> dict:
     cfg = state.cfg
     step_start = time.perf_counter()
     settings = state.settings
-    problems = [state.problems[i] for i in state.sampler.next_indices(cfg.train.prompts_per_step)]
     state.engine.wake()
-    groups, rollout_times = collect_groups(
-        state.engine, state.verifier, state.tokenizer, problems, cfg, cfg.seed + STEP_SEED_STRIDE * step
+    rollouts = collect_step(
+        state.engine,
+        state.verifier,
+        state.tokenizer,
+        lambda count: [state.problems[i] for i in state.sampler.next_indices(count)],
+        cfg,
+        cfg.seed + STEP_SEED_STRIDE * step,
     )
+    rollout_times, groups, generated = rollouts.times, rollouts.trained, rollouts.generated
     state.engine.sleep()
-    metrics = MetricAccumulator()
-    add_grade_metrics([g for group in groups for g in group.grades], metrics)
-    rewards = torch.tensor([g.rewards for g in groups])
-    group_stats(rewards).add_to(metrics)
-    lengths = [len(r.token_ids) for g in groups for r in g.responses]
+    metrics = MetricAccumulator()  # the rollout metrics describe every group sampled in the step
+    add_grade_metrics([g for group in generated for g in group.grades], metrics)
+    group_stats(torch.tensor([g.rewards for g in generated])).add_to(metrics)
+    lengths = [len(r.token_ids) for g in generated for r in g.responses]
     metrics.add_mean("response/length", sum(lengths), len(lengths))
-    metrics.add_mean("response/truncated", sum(r.truncated for g in groups for r in g.responses), len(lengths))
+    metrics.add_mean("response/truncated", sum(r.truncated for g in generated for r in g.responses), len(lengths))
+    metrics.add_mean("data/rounds", rollouts.rounds, 1)
+    metrics.add_mean("data/groups_trained", len(groups), 1)
 
     train_start = time.perf_counter()
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    batch = rank_rows(step_batch(groups, cfg, state.pad_id), cfg, dp, dp_rank)
+    # No group with a signal (dynamic sampling gave up): the generated ones, which teach nothing, keep the
+    # schedule (POPO: no positive, nothing trains; GRPO: zero advantages).
+    batch = rank_rows(step_batch(groups or generated, cfg, state.pad_id), cfg, dp, dp_rank)
     old_start = time.perf_counter()
     if cfg.popo.old_logprobs == OldLogprobs.trainer or settings.tis_cap is not None:
         batch = batch.with_fields(old_logprobs=_forward_logprobs(state, batch, settings))

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from popo_megatron.config.schema import Algorithm
 from popo_megatron.data.problems import Problem
 from popo_megatron.data.prompts import render_prompt
 from popo_megatron.reward.grade import Grade, Verifier
@@ -98,3 +99,55 @@ def collect_groups(
     everything = [g for part in firsts for g in part[0]]
     times = RolloutTimes(max(p[1] for p in firsts), max(p[2] for p in firsts), sum(p[3] for p in firsts))
     return everything, times
+
+
+# Seeds of a dynamic-sampling round: round r of a step samples prompt j with step_seed + r * ROUND_SEED_STRIDE + j.
+ROUND_SEED_STRIDE = 100_003
+MAX_ROUNDS = 9  # rounds stay below the next step's seeds (loop.STEP_SEED_STRIDE)
+
+
+def has_signal(group: Group, algorithm: Algorithm | str) -> bool:
+    """Whether a group can teach anything: POPO needs a positive, GRPO rewards that differ."""
+    rewards = group.rewards
+    if Algorithm(algorithm) == Algorithm.popo:
+        return any(r > 0 for r in rewards)
+    return max(rewards) != min(rewards)
+
+
+@dataclass
+class StepRollouts:
+    trained: list[Group]  # the groups the step learns from
+    generated: list[Group]  # every group sampled this step (all rounds): what reward metrics describe
+    times: RolloutTimes
+    rounds: int
+
+
+def collect_step(
+    engine: RolloutEngine,
+    verifier: Verifier,
+    tokenizer: Any,
+    next_problems: Callable[[int], list[Problem]],
+    cfg: DictConfig,
+    step_seed: int,
+) -> StepRollouts:
+    """The step's groups. With data.dynamic_sampling (DAPO), groups without a learning signal are dropped
+    and more prompts are sampled, until train.prompts_per_step groups have one or
+    data.dynamic_sampling_max_rounds rounds were generated (the step then learns from what it has)."""
+    want = cfg.train.prompts_per_step
+    kept: list[Group] = []
+    generated: list[Group] = []
+    times = RolloutTimes(0.0, 0.0, 0)
+    rounds = 0
+    while True:
+        problems = next_problems(want - len(kept))
+        new, t = collect_groups(engine, verifier, tokenizer, problems, cfg, step_seed + rounds * ROUND_SEED_STRIDE)
+        times = RolloutTimes(
+            times.generate_s + t.generate_s, times.grade_s + t.grade_s, times.generated_tokens + t.generated_tokens
+        )
+        generated += new
+        rounds += 1
+        if not cfg.data.dynamic_sampling:
+            return StepRollouts(new, generated, times, rounds)
+        kept += [g for g in new if has_signal(g, cfg.algorithm)]
+        if len(kept) >= want or rounds >= cfg.data.dynamic_sampling_max_rounds:
+            return StepRollouts(kept[:want], generated, times, rounds)
