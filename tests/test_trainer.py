@@ -218,11 +218,15 @@ def test_resume_at_another_layout(arith_model, tmp_path):
     tp2 = ["parallel.tensor_model_parallel_size=2", "train.checkpoint_every=0", *SMALL]
     reference = tmp_path / "tp2"
     _finish(_popo_train(reference, arith_model, "train.steps=4", *tp2), reference)
+    first = tmp_path / "first"
+    _finish(_popo_train(first, arith_model, "train.steps=3", *tp2), first)
+    # Another run picks the TP=2 checkpoint up at TP=1 (train.resume_from), in its own directory.
     moved = tmp_path / "moved"
-    _finish(_popo_train(moved, arith_model, "train.steps=3", *tp2), moved)
     tp1 = ["parallel.tensor_model_parallel_size=1", "train.checkpoint_every=0", *SMALL]
-    _finish(_popo_train(moved, arith_model, "train.steps=4", *tp1), moved)
-    expected, resumed = _records(reference)[3], _records(moved)[3]
+    resume = f"train.resume_from={first / 'checkpoints' / 'step_000003'}"
+    _finish(_popo_train(moved, arith_model, "train.steps=4", resume, *tp1), moved)
+    assert [r["step"] for r in _records(moved)] == [4], "the new run starts where the checkpoint stopped"
+    expected, resumed = _records(reference)[3], _records(moved)[0]
     assert resumed["step"] == 4 and resumed["reward_mean"] == expected["reward_mean"], "the same rollouts"
     for key in ("loss", "pos_loss", "sim_penalty", "entropy"):
         if math.isfinite(expected[key]):

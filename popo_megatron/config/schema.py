@@ -281,6 +281,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps; 0: only at the end and on SIGTERM / SIGUSR1
     keep_last: int = 2  # checkpoints kept in output_dir
     resume: bool = True  # continue from output_dir/latest when there is one
+    # Start from this training checkpoint instead (e.g. another run's, at another layout); wins over `resume`.
+    resume_from: Optional[str] = None
     weight_sync_bucket_mb: int = 256
 
 

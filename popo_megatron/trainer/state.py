@@ -303,6 +303,8 @@ def build_train_state(cfg: DictConfig) -> TrainState:
         predictor_optimizer=predictor_optimizer,
     )
     previous = latest_checkpoint(cfg.train.output_dir) if cfg.train.resume else None
+    if cfg.train.resume_from:
+        previous = Path(cfg.train.resume_from)
     if previous is not None:
         state.load_checkpoint(previous)
         state.sync_weights()  # the engine started from model.hf_path's weights
