@@ -28,6 +28,8 @@ from popo_megatron.trainer.logbook import Logbook, step_record
 from popo_megatron.trainer.rollouts import collect_step
 from popo_megatron.trainer.state import TrainState, build_train_state
 
+# Metrics only the last pipeline stage measures (where the loss is computed).
+_LOSS_SIDE = ("loss/", "popo/", "grpo/", "entropy", "rollout/", "train/")
 # Seeds of a step's rollouts: step_seed = seed + STEP_SEED_STRIDE * step, prompt j uses step_seed + j.
 STEP_SEED_STRIDE = 1_000_003
 
@@ -70,17 +72,24 @@ def _forward_logprobs(state: TrainState, batch: PolicyBatch, settings: LossSetti
     return torch.cat([o.logprobs.cpu() for o in outputs]) if outputs else None
 
 
-def _reduce_to_rank0(metrics: MetricAccumulator) -> dict[str, float]:
-    """Reduce over data-parallel ranks; the last pipeline stage's metrics (the loss lives there) reach rank 0."""
+def _from_last_stage(value):
+    """`value` as the last pipeline stage has it (the loss and its metrics live there), on every stage."""
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return value
+    holder = [value]
+    last = parallel_state.get_pipeline_model_parallel_last_rank()
+    dist.broadcast_object_list(holder, src=last, group=parallel_state.get_pipeline_model_parallel_group())
+    return holder[0]
+
+
+def _reduce_metrics(metrics: MetricAccumulator) -> dict[str, float]:
+    """Reduced over data-parallel ranks; the loss metrics from the last stage, the rollout ones are everywhere."""
     from megatron.core import parallel_state
 
     reduced = metrics.reduce(parallel_state.get_data_parallel_group())
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return reduced
-    holder = [reduced]
-    last = parallel_state.get_pipeline_model_parallel_last_rank()
-    dist.broadcast_object_list(holder, src=last, group=parallel_state.get_pipeline_model_parallel_group())
-    return {**holder[0], **{k: v for k, v in reduced.items() if k.startswith("reward/")}}
+    return {**_from_last_stage(reduced), **{k: v for k, v in reduced.items() if not k.startswith(_LOSS_SIDE)}}
 
 
 def train_step(state: TrainState, step: int) -> dict:
@@ -158,13 +167,13 @@ def train_step(state: TrainState, step: int) -> dict:
             metrics.add_total("train/skipped_updates", 1)
         if state.twin is not None:
             state.twin.update(state.momentum.value)
-            state.momentum.advance(_broadcast_from_last_stage(drift))
+            state.momentum.advance(_from_last_stage(drift))
     train_s = time.perf_counter() - train_start
 
     sync_start = time.perf_counter()
     state.sync_weights()
     sync_s = time.perf_counter() - sync_start
-    reduced = _reduce_to_rank0(metrics)
+    reduced = _reduce_metrics(metrics)
     step_s = time.perf_counter() - step_start
     extra = {
         "twin_momentum": state.momentum.value if state.twin is not None else float("nan"),
@@ -181,18 +190,6 @@ def train_step(state: TrainState, step: int) -> dict:
         "tokens_per_s": rollout_times.generated_tokens / step_s,
     }
     return step_record(step + 1, reduced, extra, grpo=Algorithm(cfg.algorithm) == Algorithm.grpo)
-
-
-def _broadcast_from_last_stage(value: float | None) -> float | None:
-    """The drift is measured where the loss is (the last pipeline stage); every stage's twin needs it."""
-    from megatron.core import parallel_state
-
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
-        return value
-    holder = [value]
-    last = parallel_state.get_pipeline_model_parallel_last_rank()
-    dist.broadcast_object_list(holder, src=last, group=parallel_state.get_pipeline_model_parallel_group())
-    return holder[0]
 
 
 def train(cfg: DictConfig) -> RunSummary:
