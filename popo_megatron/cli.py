@@ -136,8 +136,10 @@ def _train(ns: argparse.Namespace) -> int:
     except (ConfigError, DataError, CheckpointError, ValueError) as exc:
         print(f"popo train: error: {exc}", file=sys.stderr)
         return 2
+    from popo_megatron.platform.distributed import slurm_environment
+
     config = str(ns.config) if ns.config else None
-    if "WORLD_SIZE" in os.environ:  # torchrun / srun: this process is one rank
+    if "WORLD_SIZE" in os.environ or slurm_environment(dict(os.environ)):  # torchrun / srun: this process is one rank
         _train_worker(config, overrides)
     else:
         par = cfg.parallel

@@ -202,3 +202,28 @@ def test_braces_on_the_command_line_get_a_quoting_hint(value):
     with pytest.raises(ConfigError, match=r"to pass text, quote it: data\.prompt_template='\"\{problem\}"):
         _cfg(f"data.prompt_template={value}")
     assert _cfg(f'data.prompt_template="{value}"').data.prompt_template == value
+
+
+def test_plain_srun_tasks_get_torchrun_variables():
+    from popo_megatron.platform.distributed import slurm_environment
+
+    srun = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "16",
+        "SLURM_LOCALID": "1",
+        "SLURM_JOB_ID": "123456",
+        "SLURM_STEP_NODELIST": "gpu[07-09,12],cpu1",
+    }
+    assert slurm_environment(srun) == {
+        "RANK": "5",
+        "WORLD_SIZE": "16",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "gpu07",
+        "MASTER_PORT": str(29500 + 3456),
+    }
+    assert (
+        slurm_environment({**srun, "SLURM_STEP_NODELIST": "node1,node2", "MASTER_PORT": "7000"})["MASTER_ADDR"]
+        == "node1"
+    )
+    assert slurm_environment({**srun, "RANK": "0"}) == {}, "torchrun under srun already set everything"
+    assert slurm_environment({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == {}, "a single task is not a world"

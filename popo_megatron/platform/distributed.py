@@ -1,7 +1,9 @@
 """Process-group, Megatron parallel-state and RNG set-up for one rank.
 
 Works under torchrun / srun+torchrun (reads RANK, WORLD_SIZE, LOCAL_RANK,
-MASTER_ADDR, MASTER_PORT) and as a plain single process (world of one).
+MASTER_ADDR, MASTER_PORT), under plain srun (one task per rank: the same
+read from Slurm's variables, see `slurm_environment`), and as a plain single
+process (world of one).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import re
 import socket
 import warnings
 from dataclasses import dataclass
@@ -35,6 +38,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Rendezvous port under plain srun when MASTER_PORT is not set: fixed per job, so every task agrees.
+SLURM_PORT_BASE = 29500
+
+
+def _first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list ("gpu[07-09,12],cpu1" -> "gpu07")."""
+    first = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
+    if first is None:
+        raise RuntimeError(f"cannot read the Slurm node list {nodelist!r}: set MASTER_ADDR")
+    prefix, ranges = first.groups()
+    return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
+
+
+def slurm_environment(env: dict[str, str]) -> dict[str, str]:
+    """torchrun's variables for a task started by srun without torchrun (empty when not under srun, or when
+    a launcher already set them): RANK, WORLD_SIZE, LOCAL_RANK from the task's ids, MASTER_ADDR the step's
+    first node, MASTER_PORT derived from the job id."""
+    if "RANK" in env or "SLURM_PROCID" not in env or int(env.get("SLURM_NTASKS", "1")) <= 1:
+        return {}
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": env.get("MASTER_ADDR") or _first_host(nodelist),
+        "MASTER_PORT": env.get("MASTER_PORT") or str(SLURM_PORT_BASE + int(env.get("SLURM_JOB_ID", "0")) % 10000),
+    }
+
+
 def init_distributed(timeout_minutes: float = 30.0) -> RankInfo:
     """Initialise torch.distributed from the launcher's environment (idempotent).
 
@@ -51,6 +83,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> RankInfo:
     warnings.filterwarnings("ignore", message="full scope is deprecated")
     if dist.is_initialized():
         return RankInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+    os.environ.update(slurm_environment(dict(os.environ)))
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
