@@ -128,7 +128,7 @@ def _train(ns: argparse.Namespace) -> int:
     from popo_megatron.launch import run_local
     from popo_megatron.trainer.launch import prepare_model, print_summary
 
-    overrides = list(ns.overrides)
+    overrides = list(ns.overrides) + ([f"train.resume_from={ns.resume.absolute()}"] if ns.resume else [])
     try:
         cfg = load_config(ns.config, overrides)
         overrides += prepare_model(cfg)
