@@ -188,6 +188,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     train.add_argument("config", type=Path, nargs="?", help="YAML config (examples/*.yaml)")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
     train.add_argument("--nproc", type=int, help="local ranks to start when not under torchrun/srun (default: TP x PP)")
+    train.add_argument("--resume", type=Path, help="start from this training checkpoint (default: OUTPUT_DIR's latest)")
     train.set_defaults(func=_train)
 
 
