@@ -20,42 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-# Architecture shapes (config.json fields) of public checkpoints; weights are never needed.
-SHAPES = {
-    "llama2-7b": dict(
-        architectures=["LlamaForCausalLM"],
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-    ),
-    "qwen2.5-7b": dict(
-        architectures=["Qwen2ForCausalLM"],
-        vocab_size=152064,
-        hidden_size=3584,
-        intermediate_size=18944,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        max_position_embeddings=32768,
-        tie_word_embeddings=False,
-    ),
-    "qwen2.5-32b": dict(
-        architectures=["Qwen2ForCausalLM"],
-        vocab_size=152064,
-        hidden_size=5120,
-        intermediate_size=27648,
-        num_hidden_layers=64,
-        num_attention_heads=40,
-        num_key_value_heads=8,
-        max_position_embeddings=32768,
-        tie_word_embeddings=False,
-    ),
-}
+from popo_megatron.model.public_shapes import PUBLIC_SHAPES
+
 # (shape, TP, DP): TP=8 needs the heads divisible by 8 (Qwen2.5-7B has 28 heads: TP=4).
 RUNS = [("llama2-7b", 8, 4), ("qwen2.5-7b", 4, 4), ("qwen2.5-32b", 8, 4)]
 
@@ -80,7 +46,7 @@ def measure(shape: str, tp: int, dp: int) -> dict:
     dist.init_process_group("fake", rank=0, world_size=tp * dp, store=FakeStore())
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, create_gloo_process_groups=False)
     with tempfile.TemporaryDirectory() as hf:
-        (Path(hf) / "config.json").write_text(json.dumps(SHAPES[shape]))
+        (Path(hf) / "config.json").write_text(json.dumps(PUBLIC_SHAPES[shape]))
         args = read_hf_config(hf)
         result = {"shape": shape, "tp": tp, "dp": dp}
         for sliced in (True, False):

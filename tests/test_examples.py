@@ -7,40 +7,12 @@ from pathlib import Path
 import pytest
 
 from popo_megatron.config import load_config, validate_config
+from popo_megatron.data.synthetic import ARITHMETIC_QWEN2
 from popo_megatron.model.hf_config import parse_hf_config
+from popo_megatron.model.public_shapes import PUBLIC_SHAPES
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
-# config.json fields of the public checkpoints the large examples are for.
-QWEN25_MATH_7B = dict(
-    architectures=["Qwen2ForCausalLM"],
-    vocab_size=152064,
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    max_position_embeddings=4096,
-)
-QWEN25_32B = dict(
-    architectures=["Qwen2ForCausalLM"],
-    vocab_size=152064,
-    hidden_size=5120,
-    intermediate_size=27648,
-    num_hidden_layers=64,
-    num_attention_heads=40,
-    num_key_value_heads=8,
-    max_position_embeddings=32768,
-)
-ARITHMETIC = dict(
-    architectures=["Qwen2ForCausalLM"],
-    vocab_size=16,
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=2,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-)
+ARITHMETIC = {"architectures": ["Qwen2ForCausalLM"], **ARITHMETIC_QWEN2}
 
 
 @pytest.mark.parametrize(
@@ -48,8 +20,8 @@ ARITHMETIC = dict(
     [
         ("tiny_cpu.yaml", ARITHMETIC, [1], False),
         ("tiny_cpu_grpo.yaml", ARITHMETIC, [1], False),
-        ("qwen2.5-math-7b_popo.yaml", QWEN25_MATH_7B, [8, 16], True),
-        ("qwen2.5-32b_popo.yaml", QWEN25_32B, [32, 64], True),
+        ("qwen2.5-math-7b_popo.yaml", PUBLIC_SHAPES["qwen2.5-math-7b"], [8, 16], True),
+        ("qwen2.5-32b_popo.yaml", PUBLIC_SHAPES["qwen2.5-32b"], [32, 64], True),
     ],
 )
 def test_example_validates(name, model, worlds, cuda):
