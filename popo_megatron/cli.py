@@ -125,13 +125,14 @@ def _train(ns: argparse.Namespace) -> int:
     from popo_megatron.config import ConfigError, load_config
     from popo_megatron.convert.checkpoint_dir import CheckpointError
     from popo_megatron.data.problems import DataError
+    from popo_megatron.data.synthetic import generated_model_overrides
     from popo_megatron.launch import run_local
-    from popo_megatron.trainer.launch import prepare_model, print_summary
+    from popo_megatron.trainer.logbook import print_summary
 
     overrides = list(ns.overrides) + ([f"train.resume_from={ns.resume.absolute()}"] if ns.resume else [])
     try:
         cfg = load_config(ns.config, overrides)
-        overrides += prepare_model(cfg)
+        overrides += generated_model_overrides(cfg)
         cfg = load_config(ns.config, overrides)
     except (ConfigError, DataError, CheckpointError, ValueError) as exc:
         print(f"popo train: error: {exc}", file=sys.stderr)

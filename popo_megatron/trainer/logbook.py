@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 # metrics.jsonl's names for the step metrics (popo_megatron.algo.step and reward.grade names on the right).
@@ -135,3 +136,26 @@ def plot_learning_curve(metrics_path: Path, out: Path) -> Path:
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def print_summary(cfg: DictConfig) -> None:
+    """A short table of the run from its metrics.jsonl (all steps, resumed runs included)."""
+    out = Path(cfg.train.output_dir)
+    if not (out / "metrics.jsonl").is_file():
+        return
+    records = read_metrics(out / "metrics.jsonl")
+    if not records:
+        return
+    first, last = records[0], records[-1]
+    window = records[-min(5, len(records)) :]
+    rows = [
+        ("steps", f"{last['step']}"),
+        ("mean reward, first step", f"{first['reward_mean']:.3f}"),
+        (f"mean reward, last {len(window)} steps", f"{sum(r['reward_mean'] for r in window) / len(window):.3f}"),
+        ("best step reward", f"{max(r['reward_mean'] for r in records):.3f}"),
+        ("metrics", str(out / "metrics.jsonl")),
+        ("learning curve", str(out / "learning_curve.png")),
+        ("checkpoints", str(out / "checkpoints")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print("\n" + "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
