@@ -203,7 +203,10 @@ def test_exact_resume_after_sigterm(arith_model, tmp_path):
     assert stopped_at < 6, "SIGTERM did not stop the run"
     latest = (stopped / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step_{stopped_at:06d}", "the signal saved a checkpoint of the last finished step"
+    state = json.loads((stopped / "run_state.json").read_text())
+    assert state == {"step": stopped_at, "steps": 6, "complete": False, "stopped_by": "signal"}
     _finish(_popo_train(stopped, arith_model, *steps), stopped)  # resumes from latest
+    assert json.loads((stopped / "run_state.json").read_text())["complete"]
 
     assert [_deterministic(r) for r in _records(stopped)] == [_deterministic(r) for r in _records(straight)]
     a = _checkpoint_tensors(straight / "checkpoints" / "step_000006")
@@ -269,3 +272,16 @@ def test_crash_while_checkpointing_keeps_the_previous_latest(arith_model, tmp_pa
     run_local(_crash_worker, 1, str(arith_model), str(out))
     assert latest_checkpoint(out).name == "step_000001"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000001"], "nothing partial"
+
+
+def test_stops_with_a_checkpoint_before_the_wall_time_limit(arith_model, tmp_path):
+    out = tmp_path / "limited"
+    # Start-up alone takes longer than a second: the first step is the last one that fits.
+    _finish(_popo_train(out, arith_model, "train.steps=5", "train.max_wall_time_s=1", *SMALL), out)
+    assert json.loads((out / "run_state.json").read_text()) == {
+        "step": 1,
+        "steps": 5,
+        "complete": False,
+        "stopped_by": "time",
+    }
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000001"

@@ -284,6 +284,9 @@ class TrainConfig:
     # Start from this training checkpoint instead (e.g. another run's, at another layout); wins over `resume`.
     resume_from: Optional[str] = None
     weight_sync_bucket_mb: int = 256
+    # Stop with a checkpoint once the next step might end later than this many seconds after start
+    # (slurm/train.sbatch sets it from the job's time limit); None: no limit.
+    max_wall_time_s: Optional[float] = None
 
 
 @dataclass

@@ -8,6 +8,7 @@ prompts -> rollout (vLLM, n per prompt) -> reward (math-verify pool) -> positive
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from dataclasses import dataclass
@@ -34,36 +35,48 @@ _LOSS_SIDE = ("loss/", "popo/", "grpo/", "entropy", "rollout/", "train/")
 STEP_SEED_STRIDE = 1_000_003
 
 
+# OUTPUT_DIR/RUN_STATE, written at the end of every run: whether it finished or stopped early (and why),
+# so a job script knows whether to requeue itself.
+RUN_STATE = "run_state.json"
+
+
 @dataclass
 class RunSummary:
     steps: int
     first_reward: float
     last_reward: float
     output_dir: Path
-    stopped_by_signal: bool = False
+    stopped_by: str | None = None  # "signal" or "time" when the run stopped before train.steps
 
 
 class _StopRequest:
-    """SIGTERM / SIGUSR1 (Slurm's warning before the end of a job) ask for a checkpoint and a clean exit
-    at the end of the current step."""
+    """When to stop early, with a checkpoint, at the end of a step: SIGTERM / SIGUSR1 (a scheduler's warning
+    before preemption or the end of the job), or the next step would end after train.max_wall_time_s."""
 
-    def __init__(self) -> None:
-        self.requested = False
+    def __init__(self, max_wall_time_s: float | None) -> None:
+        self.signalled = False
+        self.start = time.monotonic()
+        self.max_wall_time_s = max_wall_time_s
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.requested = True
+        self.signalled = True
 
-    def agreed(self) -> bool:
-        """Whether any rank was asked to stop (collective: signals may reach ranks at different times)."""
-        flag = torch.tensor([float(self.requested)])
+    def agreed(self, step_s: float) -> str | None:
+        """Why every rank stops now ("signal", "time") or None (collective: ranks may see a signal at
+        different times). A next step is assumed to take up to twice the last one, its checkpoint included."""
+        out_of_time = self.max_wall_time_s is not None and (
+            time.monotonic() - self.start + 2 * step_s > self.max_wall_time_s
+        )
+        flags = torch.tensor([float(self.signalled), float(out_of_time)])
         if dist.is_initialized():
             from popo_megatron.platform import collective_device
 
-            flag = flag.to(collective_device())
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+            flags = flags.to(collective_device())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        signalled, out_of_time = flags.tolist()
+        return "signal" if signalled else "time" if out_of_time else None
 
 
 def _forward_logprobs(state: TrainState, batch: PolicyBatch, settings: LossSettings) -> torch.Tensor | None:
@@ -194,32 +207,40 @@ def train_step(state: TrainState, step: int) -> dict:
 
 def train(cfg: DictConfig) -> RunSummary:
     """Run (or resume) the configured training on this rank; collective over the world."""
-    stop = _StopRequest()
+    stop = _StopRequest(cfg.train.max_wall_time_s)
     state = build_train_state(cfg)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     logbook = Logbook(cfg.train.output_dir, cfg.train.steps, state.step, enabled=rank0)
     rewards = []
-    stopped = False
+    stopped_by = None
     try:
         for step in range(state.step, cfg.train.steps):
             record = train_step(state, step)
             state.step = step + 1
             rewards.append(record["reward_mean"])
             logbook.record(record)
-            stopping = stop.agreed()
+            stopped_by = stop.agreed(record["time_step_s"]) if state.step < cfg.train.steps else None
             every = cfg.train.checkpoint_every
-            if stopping or state.step == cfg.train.steps or (every and state.step % every == 0):
+            if stopped_by or state.step == cfg.train.steps or (every and state.step % every == 0):
                 state.save_checkpoint()
-            if stopping:
-                stopped = True
+            if stopped_by:
                 break
     finally:
         logbook.close()
         state.close()
-    return RunSummary(
+    summary = RunSummary(
         steps=state.step,
         first_reward=rewards[0] if rewards else float("nan"),
         last_reward=rewards[-1] if rewards else float("nan"),
         output_dir=Path(cfg.train.output_dir),
-        stopped_by_signal=stopped,
+        stopped_by=stopped_by,
     )
+    if rank0:
+        run_state = {
+            "step": state.step,
+            "steps": cfg.train.steps,
+            "complete": state.step >= cfg.train.steps,
+            "stopped_by": stopped_by,
+        }
+        (summary.output_dir / RUN_STATE).write_text(json.dumps(run_state) + "\n")
+    return summary
