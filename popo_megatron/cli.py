@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 # fp32 forward of the same weights in a different order of operations.
 PARITY_TOLERANCE = 1e-4
 
@@ -184,6 +186,41 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     evaluate.set_defaults(func=_eval)
 
 
+def _layout(ns: argparse.Namespace) -> int:
+    from popo_megatron.config import ConfigError, load_config, validate_config
+    from popo_megatron.data.synthetic import generated_model_overrides
+    from popo_megatron.model.hf_config import UnsupportedModelError, read_hf_config
+
+    try:
+        cfg = load_config(ns.config, ns.overrides)
+        if ns.print:
+            print(OmegaConf.select(cfg, ns.print))
+            return 0
+        cfg = load_config(ns.config, [*ns.overrides, *generated_model_overrides(cfg)])
+        validate_config(cfg, ns.world, read_hf_config(cfg.model.hf_path))
+    except (ConfigError, UnsupportedModelError) as exc:
+        print(f"popo layout: error: {exc}", file=sys.stderr)
+        return 2
+    par, rollout = cfg.parallel, cfg.rollout
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    print(
+        f"world {ns.world} ranks: TP {tp} x PP {pp} x DP {ns.world // (tp * pp)}"
+        f"{' (sequence parallel)' if par.sequence_parallel else ''}; "
+        f"vLLM TP {rollout.tensor_parallel_size}: {ns.world // rollout.tensor_parallel_size} engine replica(s); "
+        f"{cfg.train.prompts_per_step} prompts x {rollout.n} responses per step; output {cfg.train.output_dir}"
+    )
+    return 0
+
+
+def _add_layout(sub: argparse._SubParsersAction) -> None:
+    layout = sub.add_parser("layout", help="validate a training config for a world size and print its layout")
+    layout.add_argument("config", type=Path, help="YAML config")
+    layout.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
+    layout.add_argument("--world", type=int, required=True, help="ranks in the job (nodes x ranks per node)")
+    layout.add_argument("--print", metavar="KEY", help="print this config value (e.g. train.output_dir) and exit")
+    layout.set_defaults(func=_layout)
+
+
 def _add_train(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="train with POPO (or GRPO) from a YAML config and key=value overrides")
     train.add_argument("config", type=Path, nargs="?", help="YAML config (examples/*.yaml)")
@@ -198,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_eval(sub)
+    _add_layout(sub)
     _add_convert(sub)
     parity = sub.add_parser("parity", help="check Megatron-Core logits against transformers at several layouts")
     parity.add_argument("--hf", type=Path, help="HF checkpoint directory (default: a generated tiny Qwen2)")
