@@ -1,10 +1,14 @@
 # One entry point per job. Each target sets up .venv first (fast when nothing changed).
 PY := .venv/bin/python
 
-.PHONY: setup demo parity test lint bench
+.PHONY: setup setup-system demo parity test lint bench
 
 setup:
 	bash scripts/setup.sh
+
+# shellcheck, Slurm and munge from Debian's packages, for the Slurm tests (needs root or sudo; no-op once there).
+setup-system:
+	bash scripts/setup_system.sh
 
 # The main job: POPO on the synthetic arithmetic task with a tiny random Qwen2 (generated),
 # real megatron-core, vLLM and math-verify on CPU; ends with a summary and outputs/tiny_cpu/learning_curve.png.
@@ -15,7 +19,7 @@ demo: setup
 parity: setup
 	.venv/bin/popo parity
 
-test: setup
+test: setup setup-system
 	$(PY) -m pytest tests
 
 lint: setup

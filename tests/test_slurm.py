@@ -3,6 +3,10 @@
 - Every script passes `bash -n` and shellcheck.
 - Two torchrun agents with different node ranks on loopback (two "nodes", as train.sbatch starts them)
   form one world and train a step of the tiny config.
+- On a real Slurm (slurmctld + slurmd + munged on localhost, see slurm_cluster.py), train.sbatch runs the
+  tiny config at two ranks to the end; a second job, sent USR1 mid-run (`scancel --signal=USR1 --batch`,
+  what `#SBATCH --signal` does before the time limit), writes a checkpoint, requeues itself, resumes
+  and ends bit-identical to the first.
 """
 
 from __future__ import annotations
@@ -13,9 +17,12 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from run_helpers import assert_same_run, records
+from slurm_cluster import SlurmCluster, missing_binaries
 
 ROOT = Path(__file__).parent.parent
 SCRIPTS = sorted((ROOT / "slurm").glob("*.sbatch"))
@@ -77,3 +84,108 @@ def test_two_torchrun_agents_on_loopback_form_one_world_and_train(tmp_path):
     assert json.loads((out / "run_state.json").read_text())["complete"]
     ranks = sorted(p.name for p in (out / "checkpoints" / "step_000001" / "rng").iterdir())
     assert ranks == ["rank_0.pt", "rank_1.pt"], "one world of two ranks, one per node"
+
+
+# The tiny config at two ranks (DP 2), no scheduled checkpoints (only the final one, or the one a signal
+# asks for). Its steps take ~0.1 s here: 30 of them leave the preemption test seconds to signal mid-run.
+STEPS = 30
+JOB_ARGS = [
+    f"train.steps={STEPS}",
+    "train.checkpoint_every=0",
+    "train.prompts_per_step=8",
+    "rollout.n=4",
+    "reward.workers=1",
+]
+JOB_TIMEOUT = 600
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    missing = missing_binaries()
+    assert not missing, f"{', '.join(missing)} not installed: scripts/setup_system.sh installs Slurm and munge"
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def job_model(tmp_path_factory) -> Path:
+    from popo_megatron.data.synthetic import save_arithmetic_model
+
+    return save_arithmetic_model(tmp_path_factory.mktemp("model") / "arith", seed=5)
+
+
+def _submit_train(slurm: SlurmCluster, workdir: Path, model: Path) -> int:
+    workdir.mkdir()
+    return slurm.sbatch(
+        str(ROOT / "slurm" / "train.sbatch"),
+        str(EXAMPLE),
+        f"model.hf_path={model}",
+        f"train.output_dir={workdir / 'run'}",
+        *JOB_ARGS,
+        cwd=workdir,
+        env={"NPROC_PER_NODE": "2", "POPO_PYTHON": sys.executable, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def _job_log(workdir: Path, job_id: int) -> Path:
+    return workdir / f"popo-train-{job_id}.out"
+
+
+@pytest.fixture(scope="module")
+def straight_job(slurm, job_model, tmp_path_factory) -> tuple[Path, int]:
+    """One train.sbatch job that runs to the end undisturbed."""
+    workdir = tmp_path_factory.mktemp("jobs") / "straight"
+    job_id = _submit_train(slurm, workdir, job_model)
+    job = slurm.wait_for_job(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, JOB_TIMEOUT, _job_log(workdir, job_id))
+    log = _job_log(workdir, job_id).read_text(errors="replace")
+    assert job["JobState"] == "COMPLETED", f"job {job_id}: {job.get('JobState')} ({job.get('Reason')})\n{log[-4000:]}"
+    return workdir, job_id
+
+
+def test_train_sbatch_runs_the_job_at_the_layout_it_prints(straight_job):
+    workdir, job_id = straight_job
+    run = workdir / "run"
+    log = _job_log(workdir, job_id).read_text(errors="replace")
+    assert "world 2 ranks: TP 1 x PP 1 x DP 2" in log, "the layout line is printed before the ranks start"
+    assert f"step {STEPS}/{STEPS} | reward" in log and f"complete ({STEPS}/{STEPS} steps)" in log
+    assert [r["step"] for r in records(run)] == list(range(1, STEPS + 1))
+    assert json.loads((run / "run_state.json").read_text())["complete"]
+    ranks = sorted(p.name for p in (run / "checkpoints" / f"step_{STEPS:06d}" / "rng").iterdir())
+    assert ranks == ["rank_0.pt", "rank_1.pt"]
+    rank_logs = sorted(p.relative_to(workdir).as_posix() for p in (workdir / "logs").rglob("stdout.log"))
+    assert len(rank_logs) == 2 and all(p.startswith(f"logs/{job_id}/node0/") for p in rank_logs), rank_logs
+
+
+def test_a_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm, job_model, straight_job, tmp_path):
+    workdir = tmp_path / "preempted"
+    job_id = _submit_train(slurm, workdir, job_model)
+    log = _job_log(workdir, job_id)
+    run = workdir / "run"
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not (run / "metrics.jsonl").is_file() or len(records(run)) < 2:
+        assert slurm.job(job_id).get("JobState") in ("PENDING", "RUNNING"), log.read_text(errors="replace")[-4000:]
+        assert time.monotonic() < deadline, "the job did not reach step 2"
+        time.sleep(0.05)
+    slurm.signal_batch_script(job_id, "USR1")
+
+    requeued = slurm.wait_for_job(job_id, {"PENDING", "FAILED", "COMPLETED"}, JOB_TIMEOUT, log)
+    text = log.read_text(errors="replace")
+    assert requeued["JobState"] == "PENDING" and requeued["Restarts"] == "1", f"{requeued}\n{text[-4000:]}"
+    stopped_at = json.loads((run / "run_state.json").read_text())
+    assert stopped_at["stopped_by"] == "signal" and 2 <= stopped_at["step"] < STEPS, stopped_at
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at['step']:06d}"
+    assert "requeueing job" in text
+
+    slurm.start_now(job_id)
+    finished = slurm.wait_for_job(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, JOB_TIMEOUT, log)
+    text = log.read_text(errors="replace")
+    assert finished["JobState"] == "COMPLETED", text[-4000:]
+    assert "restart 1" in text and f"resumed from {run / 'checkpoints'}" in text
+    assert json.loads((run / "run_state.json").read_text())["complete"]
+    resumed = [r for r in records(run) if r["step"] > stopped_at["step"]]
+    assert any(r["positive_frac"] > 0 for r in resumed), "no step after the resume updated the policy"
+    assert_same_run(straight_job[0] / "run", run, step=STEPS)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import assert_same_run, records
 
 from popo_megatron.launch import run_local
 
@@ -125,19 +126,13 @@ def _finish(process: subprocess.Popen, out: Path, timeout: float = 600) -> None:
     assert returncode == 0, f"popo train failed ({returncode}):\n{log[-4000:]}"
 
 
-def _records(out: Path) -> list[dict]:
-    from popo_megatron.trainer.logbook import read_metrics
-
-    return read_metrics(out / "metrics.jsonl")
-
-
 def test_popo_learns_the_synthetic_task(arith_model, tmp_path):
     out = tmp_path / "learn"
     _finish(_popo_train(out, arith_model, "train.steps=30", "train.checkpoint_every=0"), out)
-    records = _records(out)
-    assert [r["step"] for r in records] == list(range(1, 31))
-    start = sum(r["reward_mean"] for r in records[:5]) / 5
-    end = sum(r["reward_mean"] for r in records[-5:]) / 5
+    history = records(out)
+    assert [r["step"] for r in history] == list(range(1, 31))
+    start = sum(r["reward_mean"] for r in history[:5]) / 5
+    end = sum(r["reward_mean"] for r in history[-5:]) / 5
     assert end > start + 0.04 and end > 2 * start, f"mean reward {start:.3f} over the first 5 steps, {end:.3f} last 5"
     assert (out / "learning_curve.png").stat().st_size > 1000
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
@@ -172,17 +167,6 @@ def test_popo_learns_the_synthetic_task(arith_model, tmp_path):
     }
 
 
-# Everything a step writes except wall-clock times.
-def _deterministic(record: dict) -> dict:
-    return {k: v for k, v in record.items() if not k.startswith("time_") and k not in ("tokens_per_s", "all")}
-
-
-def _checkpoint_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-
-    return _load_state_dict_from_keys(checkpoint_id=str(ckpt / "megatron"))
-
-
 def test_exact_resume_after_sigterm(arith_model, tmp_path):
     import psutil
 
@@ -193,13 +177,13 @@ def test_exact_resume_after_sigterm(arith_model, tmp_path):
     stopped = tmp_path / "stopped"
     process = _popo_train(stopped, arith_model, *steps)
     deadline = time.monotonic() + 300
-    while not (stopped / "metrics.jsonl").is_file() or len(_records(stopped)) < 3:
+    while not (stopped / "metrics.jsonl").is_file() or len(records(stopped)) < 3:
         assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be stopped"
         time.sleep(0.2)
     for rank in psutil.Process(process.pid).children():  # the training rank(s), as Slurm would signal them
         rank.send_signal(signal.SIGTERM)
     _finish(process, stopped)
-    stopped_at = len(_records(stopped))
+    stopped_at = len(records(stopped))
     assert stopped_at < 6, "SIGTERM did not stop the run"
     latest = (stopped / "checkpoints" / "latest").read_text().strip()
     assert latest == f"step_{stopped_at:06d}", "the signal saved a checkpoint of the last finished step"
@@ -208,13 +192,7 @@ def test_exact_resume_after_sigterm(arith_model, tmp_path):
     _finish(_popo_train(stopped, arith_model, *steps), stopped)  # resumes from latest
     assert json.loads((stopped / "run_state.json").read_text())["complete"]
 
-    assert [_deterministic(r) for r in _records(stopped)] == [_deterministic(r) for r in _records(straight)]
-    a = _checkpoint_tensors(straight / "checkpoints" / "step_000006")
-    b = _checkpoint_tensors(stopped / "checkpoints" / "step_000006")
-    assert sorted(a) == sorted(b)
-    assert any(k.startswith("twin.") for k in a) and any(k.startswith("optimizer.") for k in a)
-    for key in a:
-        assert torch.equal(a[key], b[key]), f"{key} differs after the resume"
+    assert_same_run(straight, stopped, step=6)
 
 
 def test_resume_at_another_layout(arith_model, tmp_path):
@@ -228,8 +206,8 @@ def test_resume_at_another_layout(arith_model, tmp_path):
     tp1 = ["parallel.tensor_model_parallel_size=1", "train.checkpoint_every=0", *SMALL]
     resume = f"train.resume_from={first / 'checkpoints' / 'step_000003'}"
     _finish(_popo_train(moved, arith_model, "train.steps=4", resume, *tp1), moved)
-    assert [r["step"] for r in _records(moved)] == [4], "the new run starts where the checkpoint stopped"
-    expected, resumed = _records(reference)[3], _records(moved)[0]
+    assert [r["step"] for r in records(moved)] == [4], "the new run starts where the checkpoint stopped"
+    expected, resumed = records(reference)[3], records(moved)[0]
     assert resumed["step"] == 4 and resumed["reward_mean"] == expected["reward_mean"], "the same rollouts"
     for key in ("loss", "pos_loss", "sim_penalty", "entropy"):
         if math.isfinite(expected[key]):

@@ -10,18 +10,18 @@ returns, every sample costs at most its timeout (plus the grace below), and a
 bug in the grading code itself (an exception) is raised, not hidden as a zero.
 
 Workers are started with "spawn": the trainer's processes hold threads
-(gloo, vLLM) that make fork unsafe. They ignore SIGINT and SIGTERM (Ctrl-C
-and a Slurm preemption signal reach every process; the trainer finishes its
-step, grading included, and saves a checkpoint): the parent decides when
-grading stops. `close` stops them, and runs at exit if nobody called it; a
-worker whose parent is gone exits when its pipe closes.
+(gloo, vLLM) that make fork unsafe. They ignore the stop signals (Ctrl-C and
+Slurm's preemption and time-limit signals reach every process; the trainer
+finishes its step, grading included, and saves a checkpoint; see
+platform/signals.py): the parent decides when grading stops. `close` stops
+them, and runs at exit if nobody called it; a worker whose parent is gone
+exits when its pipe closes.
 """
 
 from __future__ import annotations
 
 import atexit
 import multiprocessing as mp
-import signal
 import time
 import traceback
 from collections import Counter, deque
@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
+from popo_megatron.platform.signals import ignore_stop_signals, stop_signals_held
 from popo_megatron.reward.grade import Grade
 
 # Added to the timeout before a worker is killed: process scheduling, not grading.
@@ -38,8 +39,7 @@ GRACE_S = 0.5
 
 
 def _worker_main(conn: Connection, grade: Callable[..., Grade], settings: Any) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    ignore_stop_signals()
     conn.send(("ready", None, None))
     while True:
         task = conn.recv()
@@ -91,7 +91,8 @@ class GradingPool:
         process = self._context.Process(
             target=_worker_main, args=(child, self._grade, self._settings), daemon=True, name="popo-grader"
         )
-        process.start()
+        with stop_signals_held():  # until the worker ignores them itself
+            process.start()
         child.close()
         return _Worker(process, parent)
 

@@ -138,6 +138,32 @@ def plot_learning_curve(metrics_path: Path, out: Path) -> Path:
     return out
 
 
+# OUTPUT_DIR/RUN_STATE, written at the end of every run: whether it finished or stopped early (and why),
+# so a job script knows whether to requeue itself.
+RUN_STATE = "run_state.json"
+
+
+def clear_run_state(output_dir: Path) -> None:
+    """At the start of a run: a crash then leaves no run_state.json, never a stale one that says "requeue"."""
+    (output_dir / RUN_STATE).unlink(missing_ok=True)
+
+
+def write_run_state(output_dir: Path, step: int, steps: int, stopped_by: str | None) -> None:
+    state = {"step": step, "steps": steps, "complete": step >= steps, "stopped_by": stopped_by}
+    (output_dir / RUN_STATE).write_text(json.dumps(state) + "\n")
+
+
+def _run_state_line(output_dir: Path) -> str:
+    path = output_dir / RUN_STATE
+    if not path.is_file():
+        return "unknown (no run_state.json)"
+    state = json.loads(path.read_text())
+    if state["complete"]:
+        return f"complete ({state['step']}/{state['steps']} steps)"
+    why = {"signal": "a signal", "time": "train.max_wall_time_s"}.get(state["stopped_by"], state["stopped_by"])
+    return f"stopped by {why} after step {state['step']}/{state['steps']}: the same command resumes it"
+
+
 def print_summary(cfg: DictConfig) -> None:
     """A short table of the run from its metrics.jsonl (all steps, resumed runs included)."""
     out = Path(cfg.train.output_dir)
@@ -149,6 +175,7 @@ def print_summary(cfg: DictConfig) -> None:
     first, last = records[0], records[-1]
     window = records[-min(5, len(records)) :]
     rows = [
+        ("run", _run_state_line(out)),
         ("steps", f"{last['step']}"),
         ("mean reward, first step", f"{first['reward_mean']:.3f}"),
         (f"mean reward, last {len(window)} steps", f"{sum(r['reward_mean'] for r in window) / len(window):.3f}"),

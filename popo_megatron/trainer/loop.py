@@ -8,7 +8,6 @@ prompts -> rollout (vLLM, n per prompt) -> reward (math-verify pool) -> positive
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from dataclasses import dataclass
@@ -23,9 +22,10 @@ from popo_megatron.algo.batch import PolicyBatch
 from popo_megatron.algo.metrics import MetricAccumulator
 from popo_megatron.algo.step import LossSettings, forward_backward, forward_only, loss_normalizers
 from popo_megatron.config.schema import Algorithm, OldLogprobs
+from popo_megatron.platform import init_distributed
 from popo_megatron.reward.grade import add_grade_metrics
 from popo_megatron.trainer.batching import rank_rows, step_batch
-from popo_megatron.trainer.logbook import Logbook, step_record
+from popo_megatron.trainer.logbook import Logbook, clear_run_state, step_record, write_run_state
 from popo_megatron.trainer.rollouts import collect_step
 from popo_megatron.trainer.state import TrainState, build_train_state
 
@@ -33,11 +33,6 @@ from popo_megatron.trainer.state import TrainState, build_train_state
 _LOSS_SIDE = ("loss/", "popo/", "grpo/", "entropy", "rollout/", "train/")
 # Seeds of a step's rollouts: step_seed = seed + STEP_SEED_STRIDE * step, prompt j uses step_seed + j.
 STEP_SEED_STRIDE = 1_000_003
-
-
-# OUTPUT_DIR/RUN_STATE, written at the end of every run: whether it finished or stopped early (and why),
-# so a job script knows whether to requeue itself.
-RUN_STATE = "run_state.json"
 
 
 @dataclass
@@ -208,8 +203,10 @@ def train_step(state: TrainState, step: int) -> dict:
 def train(cfg: DictConfig) -> RunSummary:
     """Run (or resume) the configured training on this rank; collective over the world."""
     stop = _StopRequest(cfg.train.max_wall_time_s)
+    rank0 = init_distributed().rank == 0
+    if rank0:  # before anything can fail: a job script must not requeue a run that crashed
+        clear_run_state(Path(cfg.train.output_dir))
     state = build_train_state(cfg)
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
     logbook = Logbook(cfg.train.output_dir, cfg.train.steps, state.step, enabled=rank0)
     rewards = []
     stopped_by = None
@@ -236,11 +233,5 @@ def train(cfg: DictConfig) -> RunSummary:
         stopped_by=stopped_by,
     )
     if rank0:
-        run_state = {
-            "step": state.step,
-            "steps": cfg.train.steps,
-            "complete": state.step >= cfg.train.steps,
-            "stopped_by": stopped_by,
-        }
-        (summary.output_dir / RUN_STATE).write_text(json.dumps(run_state) + "\n")
+        write_run_state(summary.output_dir, state.step, cfg.train.steps, stopped_by)
     return summary

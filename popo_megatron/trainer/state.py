@@ -50,6 +50,7 @@ from popo_megatron.data.problems import ProblemSet, load_dataset
 from popo_megatron.data.sampler import PromptSampler
 from popo_megatron.model.hf_config import HFModelArgs
 from popo_megatron.platform import capture_rng_state, restore_rng_state
+from popo_megatron.platform.signals import stop_signals_held
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -119,7 +120,8 @@ class TrainState:
         rank = dist.get_rank() if dist.is_initialized() else 0
         sharded = self._sharded_state(loading=False)
         weights = ["model"] + (["twin"] if self.twin is not None else [])
-        with atomic_directory(root / name) as tmp:
+        # A stop signal during the save must not kill the processes the checkpoint writer starts.
+        with stop_signals_held(), atomic_directory(root / name) as tmp:
             if rank == 0:
                 (tmp / MEGATRON_DIR).mkdir()
                 (tmp / "rng").mkdir()
@@ -308,4 +310,6 @@ def build_train_state(cfg: DictConfig) -> TrainState:
     if previous is not None:
         state.load_checkpoint(previous)
         state.sync_weights()  # the engine started from model.hf_path's weights
+        if dist.get_rank() == 0:
+            print(f"resumed from {previous} at step {state.step}/{cfg.train.steps}", flush=True)
     return state

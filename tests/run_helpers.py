@@ -1,0 +1,36 @@
+"""Reading what a training run leaves behind, for the tests that compare two runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def records(out: Path) -> list[dict]:
+    from popo_megatron.trainer.logbook import read_metrics
+
+    return read_metrics(out / "metrics.jsonl")
+
+
+def deterministic(record: dict) -> dict:
+    """Everything a step writes except wall-clock times."""
+    return {k: v for k, v in record.items() if not k.startswith("time_") and k not in ("tokens_per_s", "all")}
+
+
+def checkpoint_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    return _load_state_dict_from_keys(checkpoint_id=str(ckpt / "megatron"))
+
+
+def assert_same_run(a: Path, b: Path, step: int) -> None:
+    """Two runs wrote the same metrics and, at `step`, bit-identical weights, optimizer state and twin."""
+    assert [deterministic(r) for r in records(a)] == [deterministic(r) for r in records(b)]
+    name = f"step_{step:06d}"
+    tensors_a = checkpoint_tensors(a / "checkpoints" / name)
+    tensors_b = checkpoint_tensors(b / "checkpoints" / name)
+    assert sorted(tensors_a) == sorted(tensors_b)
+    assert any(k.startswith("twin.") for k in tensors_a) and any(k.startswith("optimizer.") for k in tensors_a)
+    for key in tensors_a:
+        assert torch.equal(tensors_a[key], tensors_b[key]), f"{key} differs between {a} and {b}"

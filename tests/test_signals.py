@@ -1,0 +1,78 @@
+"""Stop signals reach every process of a job step (Slurm, Ctrl-C); helper processes must survive them.
+
+- A "spawn" child started inside `stop_signals_held` survives SIGUSR1 and SIGTERM; one started outside
+  dies of them (what happened to megatron-core's checkpoint-writer process before).
+- The rank's own handler still gets a signal sent while it was held.
+- Grading workers survive the stop signals and keep grading.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+
+from grading_helpers import sleepy_grade
+
+from popo_megatron.platform.signals import stop_signals_held
+from popo_megatron.reward.pool import GradingPool
+
+
+def _report_then_sleep(conn) -> None:
+    conn.send("ready")
+    time.sleep(60)
+
+
+def _start_helper(held: bool) -> mp.process.BaseProcess:
+    context = mp.get_context("spawn")
+    parent, child = context.Pipe()
+    process = context.Process(target=_report_then_sleep, args=(child,), daemon=True)
+    if held:
+        with stop_signals_held():
+            process.start()
+    else:
+        process.start()
+    assert parent.poll(60) and parent.recv() == "ready"
+    return process
+
+
+def test_helpers_started_while_held_survive_stop_signals_and_others_do_not():
+    held, bare = _start_helper(held=True), _start_helper(held=False)
+    try:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            os.kill(held.pid, sig)
+        os.kill(bare.pid, signal.SIGUSR1)
+        bare.join(10)
+        time.sleep(0.5)
+        assert bare.exitcode == -signal.SIGUSR1, "a helper started outside the block dies of SIGUSR1"
+        assert held.is_alive(), "a helper started inside the block survives SIGUSR1 and SIGTERM"
+    finally:
+        for process in (held, bare):
+            process.kill()
+            process.join()
+
+
+def test_the_ranks_own_handler_still_gets_a_held_signal():
+    received = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: received.append(signum))
+    try:
+        with stop_signals_held():
+            os.kill(os.getpid(), signal.SIGUSR1)
+        deadline = time.monotonic() + 5
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert received == [signal.SIGUSR1]
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_grading_workers_survive_stop_signals():
+    with GradingPool(sleepy_grade, None, workers=2, timeout_s=5.0) as pool:
+        pool.map([("a", 0.0), ("b", 0.0)])  # the workers are up
+        for worker in pool._workers:
+            for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+                os.kill(worker.process.pid, sig)
+        grades = pool.map([("c", 0.2), ("d", 0.2)])
+        assert [g.score for g in grades] == [1.0, 1.0]
+        assert pool.stats.restarts == 0 and pool.stats.crashes == 0
