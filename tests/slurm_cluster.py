@@ -18,6 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "squeue")
 
 
@@ -126,6 +127,12 @@ class SlurmCluster:
         return "State=IDLE" in self._run("scontrol", "show", "node", "localhost").stdout
 
     def stop(self) -> None:
+        # Jobs a failed test left running: their processes outlive slurmd, so cancel them first.
+        try:
+            self._run("scancel", "--partition=debug", "--full")
+            _wait_for(lambda: not self._run("squeue", "--noheader").stdout.strip(), 30, "jobs did not end")
+        except (subprocess.SubprocessError, TimeoutError):
+            pass  # stopping the daemons below matters more
         for daemon in reversed(self._daemons):  # slurmd, slurmctld, then munged
             daemon.send_signal(signal.SIGTERM)
             try:
@@ -147,15 +154,32 @@ class SlurmCluster:
         text = self._run("scontrol", "show", "job", str(job_id), "--oneliner").stdout
         return dict(re.findall(r"(\w+)=(\S*)", text))
 
-    def wait_for_job(self, job_id: int, states: set[str], timeout: float, log: Path) -> dict[str, str]:
-        _wait_for(lambda: self.job(job_id).get("JobState") in states, timeout, f"job {job_id} not {states}", log)
+    def wait_for_job(self, job_id: int, timeout: float, log: Path, requeues: int | None = None) -> dict[str, str]:
+        """Wait until the job has ended or, with `requeues`, is pending again after that many requeues."""
+
+        def settled() -> bool:
+            job = self.job(job_id)
+            if job.get("JobState") in ENDED:
+                return True
+            return requeues is not None and job.get("JobState") == "PENDING" and int(job["Restarts"]) >= requeues
+
+        _wait_for(settled, timeout, f"job {job_id} did not end or requeue", log)
         return self.job(job_id)
 
     def signal_batch_script(self, job_id: int, name: str) -> None:
         proc = self._run("scancel", f"--signal={name}", "--batch", str(job_id))
         assert proc.returncode == 0, proc.stderr
 
+    def cancel(self, job_id: int) -> None:
+        proc = self._run("scancel", str(job_id))
+        assert proc.returncode == 0, proc.stderr
+
     def start_now(self, job_id: int) -> None:
-        """A requeued job waits (120 s on this Slurm) before it may start again; let it start now."""
+        """A requeued job waits (120 s on this Slurm) before it may start again; let it start now.
+
+        Not in the second its previous run ended: slurmd revokes that run's credential with a timestamp in
+        whole seconds, and refuses a new one issued in the same second ("Job credential revoked").
+        """
+        time.sleep(2)
         proc = self._run("scontrol", "update", f"jobid={job_id}", "starttime=now")
         assert proc.returncode == 0, proc.stderr

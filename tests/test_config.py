@@ -159,6 +159,7 @@ def test_rope_theta_from_old_and_new_config_formats():
         (["reward.workers=0"], r"reward\.workers=0: must be >= 1"),
         (["rollout.temperature=0"], r"rollout\.temperature=0\.0: must be > 0"),
         (["train.micro_batch_size=0"], r"train\.micro_batch_size=0: must be >= 1"),
+        (["train.max_wall_time_s=-30"], r"train\.max_wall_time_s=-30\.0: must be > 0"),
         (["optim.min_lr=1.0"], r"optim\.min_lr=1\.0: must be in \[0, optim\.lr="),
         (["reward.answer_fallbacks=[last_word]"], r"reward\.answer_fallbacks: unknown \['last_word'\]"),
     ],

@@ -6,7 +6,8 @@
 - On a real Slurm (slurmctld + slurmd + munged on localhost, see slurm_cluster.py), train.sbatch runs the
   tiny config at two ranks to the end; a second job, sent USR1 mid-run (`scancel --signal=USR1 --batch`,
   what `#SBATCH --signal` does before the time limit), writes a checkpoint, requeues itself, resumes
-  and ends bit-identical to the first.
+  and ends bit-identical to the first. A job given little time stops by itself before its time limit
+  (STOP_MARGIN_S) with a checkpoint and requeues; one given less time than the margin is refused.
 """
 
 from __future__ import annotations
@@ -118,16 +119,19 @@ def job_model(tmp_path_factory) -> Path:
     return save_arithmetic_model(tmp_path_factory.mktemp("model") / "arith", seed=5)
 
 
-def _submit_train(slurm: SlurmCluster, workdir: Path, model: Path) -> int:
+def _submit_train(
+    slurm: SlurmCluster, workdir: Path, model: Path, *sbatch_options: str, env: dict[str, str] | None = None
+) -> int:
     workdir.mkdir()
     return slurm.sbatch(
+        *sbatch_options,
         str(ROOT / "slurm" / "train.sbatch"),
         str(EXAMPLE),
         f"model.hf_path={model}",
         f"train.output_dir={workdir / 'run'}",
         *JOB_ARGS,
         cwd=workdir,
-        env={"NPROC_PER_NODE": "2", "POPO_PYTHON": sys.executable, "PYTHONUNBUFFERED": "1"},
+        env={"NPROC_PER_NODE": "2", "POPO_PYTHON": sys.executable, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
 
 
@@ -140,7 +144,7 @@ def straight_job(slurm, job_model, tmp_path_factory) -> tuple[Path, int]:
     """One train.sbatch job that runs to the end undisturbed."""
     workdir = tmp_path_factory.mktemp("jobs") / "straight"
     job_id = _submit_train(slurm, workdir, job_model)
-    job = slurm.wait_for_job(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, JOB_TIMEOUT, _job_log(workdir, job_id))
+    job = slurm.wait_for_job(job_id, JOB_TIMEOUT, _job_log(workdir, job_id))
     log = _job_log(workdir, job_id).read_text(errors="replace")
     assert job["JobState"] == "COMPLETED", f"job {job_id}: {job.get('JobState')} ({job.get('Reason')})\n{log[-4000:]}"
     return workdir, job_id
@@ -172,7 +176,7 @@ def test_a_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm, job_mod
         time.sleep(0.05)
     slurm.signal_batch_script(job_id, "USR1")
 
-    requeued = slurm.wait_for_job(job_id, {"PENDING", "FAILED", "COMPLETED"}, JOB_TIMEOUT, log)
+    requeued = slurm.wait_for_job(job_id, JOB_TIMEOUT, log, requeues=1)
     text = log.read_text(errors="replace")
     assert requeued["JobState"] == "PENDING" and requeued["Restarts"] == "1", f"{requeued}\n{text[-4000:]}"
     stopped_at = json.loads((run / "run_state.json").read_text())
@@ -181,7 +185,7 @@ def test_a_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm, job_mod
     assert "requeueing job" in text
 
     slurm.start_now(job_id)
-    finished = slurm.wait_for_job(job_id, {"COMPLETED", "FAILED", "CANCELLED"}, JOB_TIMEOUT, log)
+    finished = slurm.wait_for_job(job_id, JOB_TIMEOUT, log)
     text = log.read_text(errors="replace")
     assert finished["JobState"] == "COMPLETED", text[-4000:]
     assert "restart 1" in text and f"resumed from {run / 'checkpoints'}" in text
@@ -189,3 +193,28 @@ def test_a_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm, job_mod
     resumed = [r for r in records(run) if r["step"] > stopped_at["step"]]
     assert any(r["positive_frac"] > 0 for r in resumed), "no step after the resume updated the policy"
     assert_same_run(straight_job[0] / "run", run, step=STEPS)
+
+
+def test_a_job_near_its_time_limit_stops_with_a_checkpoint_and_requeues(slurm, job_model, tmp_path):
+    # 180 s of time, stop 172 s before the end: a few seconds for start-up and a step or so.
+    workdir = tmp_path / "limited"
+    job_id = _submit_train(slurm, workdir, job_model, "--time=3", env={"STOP_MARGIN_S": "172"})
+    log = _job_log(workdir, job_id)
+    try:
+        requeued = slurm.wait_for_job(job_id, JOB_TIMEOUT, log, requeues=1)
+        text = log.read_text(errors="replace")
+        assert requeued["JobState"] == "PENDING" and requeued["Restarts"] == "1", f"{requeued}\n{text[-4000:]}"
+        stopped_at = json.loads((workdir / "run" / "run_state.json").read_text())
+        assert stopped_at["stopped_by"] == "time" and 1 <= stopped_at["step"] < STEPS, stopped_at
+        assert (workdir / "run" / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at['step']:06d}"
+    finally:
+        slurm.cancel(job_id)
+
+
+def test_a_time_limit_shorter_than_the_stop_margin_is_refused(slurm, job_model, tmp_path):
+    workdir = tmp_path / "short"
+    job_id = _submit_train(slurm, workdir, job_model, "--time=1")  # 60 s against the default margin of 600 s
+    job = slurm.wait_for_job(job_id, JOB_TIMEOUT, _job_log(workdir, job_id))
+    text = _job_log(workdir, job_id).read_text(errors="replace")
+    assert job["JobState"] == "FAILED" and job["Restarts"] == "0", text
+    assert "not more than STOP_MARGIN_S=600" in text and not (workdir / "run").exists()

@@ -119,6 +119,11 @@ def _algorithm_problems(cfg: DictConfig) -> list[str]:
         ("train.micro_batch_size", cfg.train.micro_batch_size >= 1, "must be >= 1"),
         ("train.keep_last", cfg.train.keep_last >= 1, "must be >= 1"),
         (
+            "train.max_wall_time_s",
+            cfg.train.max_wall_time_s is None or cfg.train.max_wall_time_s > 0,
+            "must be > 0 (or null: no limit)",
+        ),
+        (
             "data.dynamic_sampling_max_rounds",
             1 <= cfg.data.dynamic_sampling_max_rounds <= MAX_ROUNDS,
             f"must be in [1, {MAX_ROUNDS}]",
