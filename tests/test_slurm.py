@@ -8,6 +8,7 @@
   what `#SBATCH --signal` does before the time limit), writes a checkpoint, requeues itself, resumes
   and ends bit-identical to the first. A job given little time stops by itself before its time limit
   (STOP_MARGIN_S) with a checkpoint and requeues; one given less time than the margin is refused.
+  convert.sbatch takes a model HF -> Megatron -> HF unchanged; eval.sbatch scores the trained checkpoint.
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ def _submit_train(
 ) -> int:
     workdir.mkdir()
     return slurm.sbatch(
+        "--gpus-per-node=0",  # the script's default is 8; this cluster has CPUs only
         *sbatch_options,
         str(ROOT / "slurm" / "train.sbatch"),
         str(EXAMPLE),
@@ -218,3 +220,47 @@ def test_a_time_limit_shorter_than_the_stop_margin_is_refused(slurm, job_model, 
     text = _job_log(workdir, job_id).read_text(errors="replace")
     assert job["JobState"] == "FAILED" and job["Restarts"] == "0", text
     assert "not more than STOP_MARGIN_S=600" in text and not (workdir / "run").exists()
+
+
+def _run_job(slurm: SlurmCluster, workdir: Path, script: str, *args: str) -> str:
+    """Submit slurm/SCRIPT with ARGS, wait for it to end, return its log; it must complete."""
+    workdir.mkdir(exist_ok=True)
+    job_id = slurm.sbatch(
+        "--gpus-per-node=0",
+        "--cpus-per-task=2",
+        str(ROOT / "slurm" / script),
+        *args,
+        cwd=workdir,
+        env={"NPROC_PER_NODE": "2", "POPO_PYTHON": sys.executable},
+    )
+    log = workdir / f"popo-{script.split('.')[0]}-{job_id}.out"
+    job = slurm.wait_for_job(job_id, JOB_TIMEOUT, log)
+    text = log.read_text(errors="replace")
+    assert job["JobState"] == "COMPLETED", f"{script}: {job.get('JobState')}\n{text[-4000:]}"
+    return text
+
+
+def test_convert_sbatch_round_trips_a_model_through_megatron(slurm, job_model, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    mcore, export = tmp_path / "mcore", tmp_path / "export"
+    # hf-to-mcore runs under torchrun (NPROC_PER_NODE processes); mcore-to-hf as one process.
+    _run_job(slurm, tmp_path, "convert.sbatch", "hf-to-mcore", "--hf", str(job_model), "--out", str(mcore))
+    _run_job(slurm, tmp_path, "convert.sbatch", "mcore-to-hf", "--ckpt", str(mcore), "--out", str(export))
+    original = load_file(job_model / "model.safetensors")
+    exported = {}
+    for shard in export.glob("*.safetensors"):
+        exported.update(load_file(shard))
+    assert exported.keys() == original.keys()
+    assert all(torch.equal(exported[name], original[name]) for name in original)
+
+
+def test_eval_sbatch_scores_the_trained_checkpoint(slurm, straight_job, tmp_path):
+    checkpoint = straight_job[0] / "run" / "checkpoints" / f"step_{STEPS:06d}"
+    out = tmp_path / "eval"
+    args = ["--benchmark", "synthetic", "--k", "2", "--out", str(out), "data.synthetic.size=16"]
+    log = _run_job(slurm, tmp_path, "eval.sbatch", str(checkpoint), *args)
+    result = json.loads((out / "synthetic.json").read_text())
+    assert (result["problems"], result["k"], len(result["records"])) == (16, 2, 16)
+    assert f"synthetic: avg@2 {result['avg_at_k']:.4f}" in log
