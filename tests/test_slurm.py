@@ -7,7 +7,8 @@
   tiny config at two ranks to the end; a second job, sent USR1 mid-run (`scancel --signal=USR1 --batch`,
   what `#SBATCH --signal` does before the time limit), writes a checkpoint, requeues itself, resumes
   and ends bit-identical to the first. A job given little time stops by itself before its time limit
-  (STOP_MARGIN_S) with a checkpoint and requeues; one given less time than the margin is refused.
+  (STOP_MARGIN_S) with a checkpoint and requeues (or, submitted with --no-requeue, fails saying how to
+  resume); one given less time than the margin is refused.
   convert.sbatch takes a model HF -> Megatron -> HF unchanged; eval.sbatch scores the trained checkpoint.
 """
 
@@ -264,3 +265,14 @@ def test_eval_sbatch_scores_the_trained_checkpoint(slurm, straight_job, tmp_path
     result = json.loads((out / "synthetic.json").read_text())
     assert (result["problems"], result["k"], len(result["records"])) == (16, 2, 16)
     assert f"synthetic: avg@2 {result['avg_at_k']:.4f}" in log
+
+
+def test_a_stopped_job_that_may_not_requeue_says_how_to_resume(slurm, job_model, tmp_path):
+    workdir = tmp_path / "no-requeue"
+    # STOP_MARGIN_S as in the time-limit test: the run stops after a step or so and wants to requeue.
+    job_id = _submit_train(slurm, workdir, job_model, "--time=3", "--no-requeue", env={"STOP_MARGIN_S": "172"})
+    job = slurm.wait_for_job(job_id, JOB_TIMEOUT, _job_log(workdir, job_id), requeues=1)
+    text = _job_log(workdir, job_id).read_text(errors="replace")
+    assert job["JobState"] == "FAILED" and job["Restarts"] == "0", f"{job}\n{text[-4000:]}"
+    assert "resubmit the same command to resume" in text
+    assert json.loads((workdir / "run" / "run_state.json").read_text())["stopped_by"] == "time"
