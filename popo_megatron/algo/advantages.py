@@ -66,10 +66,6 @@ class GroupStats:
     groups_without_positives: int
     groups_all_positive: int
 
-    @property
-    def positive_fraction(self) -> float:
-        return self.positives / max(self.rollouts, 1)
-
     def add_to(self, metrics: MetricAccumulator) -> None:
         """As step metrics (reduce them over the data-parallel group for the global batch's values)."""
         metrics.add_mean("reward/positive_fraction", self.positives, self.rollouts)

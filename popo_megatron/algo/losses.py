@@ -25,7 +25,7 @@ class ISBound:
     truncate_c: float = 2.0
 
 
-def _safe(denominator: float) -> float:
+def safe_denominator(denominator: float) -> float:
     # A global batch with nothing to learn from (no positives, no tokens): every
     # numerator is 0 and so is the loss; no division by zero.
     return denominator if denominator > 0 else 1.0
@@ -68,7 +68,7 @@ def popo_policy_loss(
     if metrics is not None:
         metrics.add_masked("popo/ratio", ratio, mask, extremes=True)
         metrics.add_masked("popo/clip_fraction", bounded.float(), mask)
-    return -numerator / _safe(denominator)
+    return -numerator / safe_denominator(denominator)
 
 
 def grpo_policy_loss(
@@ -103,7 +103,7 @@ def grpo_policy_loss(
     if metrics is not None:
         metrics.add_masked("grpo/ratio", ratio, loss_mask, extremes=True)
         metrics.add_masked("grpo/clip_fraction", (clipped > unclipped).float(), loss_mask)
-    return torch.where(loss_mask, per_token, 0.0).sum() / _safe(denominator)
+    return torch.where(loss_mask, per_token, 0.0).sum() / safe_denominator(denominator)
 
 
 def similarity_sum(

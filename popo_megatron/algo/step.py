@@ -35,6 +35,7 @@ from popo_megatron.algo.losses import (
     ISBound,
     grpo_policy_loss,
     popo_policy_loss,
+    safe_denominator,
     similarity_sum,
     truncated_is_weights,
 )
@@ -268,7 +269,7 @@ def forward_backward(
                 # so each slice's hidden states get the gradient of the whole sum).
                 distance = tensor_parallel.reduce_from_tensor_model_parallel_region(distance)
             metrics.add_mean("popo/similarity", distance.detach(), sim_mask.sum())
-            similarity = distance / (normalizers.similarity if normalizers.similarity > 0 else 1.0)
+            similarity = distance / safe_denominator(normalizers.similarity)
             loss = loss + settings.similarity_beta * similarity
         metrics.add_mean("loss/total", loss.detach(), share)
         return loss * scale, {}

@@ -116,6 +116,12 @@ class TwinParams:
             for name, param in self._params.items():
                 self._whole[name] = self._new_segment(param.data.view(-1))
         self._segments = [b.segment for b in self._buckets] or list(self._whole.values())
+        # The EMA blends these in place with one foreach call; the others are cast or moved piece by piece.
+        self._same_dtype_and_device: list[_Segment] = []
+        self._cast_or_moved: list[_Segment] = []
+        for s in self._segments:
+            same = s.online.dtype == s.twin.dtype and s.online.device == s.twin.device
+            (self._same_dtype_and_device if same else self._cast_or_moved).append(s)
         self._covered = sorted(self._whole) or sorted(span.name for b in self._buckets for span in b.params)
 
     def _new_segment(self, online: torch.Tensor) -> _Segment:
@@ -133,12 +139,10 @@ class TwinParams:
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         weight = 1.0 - momentum
-        fast = [s for s in self._segments if s.online.dtype == s.twin.dtype and s.online.device == s.twin.device]
+        fast = self._same_dtype_and_device
         if fast:
             torch._foreach_lerp_([s.twin for s in fast], [s.online for s in fast], weight)
-        for segment in self._segments:
-            if segment in fast:
-                continue
+        for segment in self._cast_or_moved:
             # Cast / move in pieces, blending in fp32 (a bf16 twin is rounded once per update).
             for start in range(0, segment.twin.numel(), _EMA_PIECE):
                 piece = slice(start, start + _EMA_PIECE)

@@ -11,16 +11,14 @@ import numpy as np
 
 
 class PromptSampler:
-    def __init__(self, size: int, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(self, size: int, seed: int = 0) -> None:
         if size < 1:
             raise ValueError("cannot sample prompts from an empty dataset")
-        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.size, self.seed = size, seed
         self.epoch, self.position = 0, 0
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.size)
         return np.random.default_rng([self.seed, epoch]).permutation(self.size)
 
     def next_indices(self, count: int) -> list[int]:

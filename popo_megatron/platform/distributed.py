@@ -141,8 +141,13 @@ def seed_everything(seed: int) -> None:
 
 
 def capture_rng_state() -> dict:
-    """Python, NumPy, torch (and CUDA) generator states, e.g. around a library that reseeds them."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, NumPy, torch (and CUDA) generator states, e.g. around a library that reseeds them.
+
+    Only tensors and plain Python values, so a checkpoint of it loads with `torch.load(weights_only=True)`.
+    """
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached_gaussian)
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if cuda_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -150,7 +155,8 @@ def capture_rng_state() -> dict:
 
 def restore_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
     torch.set_rng_state(state["torch"])
     if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])

@@ -63,7 +63,6 @@ class _Worker:
 
 @dataclass
 class PoolStats:
-    graded: int = 0
     timeouts: int = 0
     crashes: int = 0
     restarts: int = 0
@@ -112,7 +111,6 @@ class GradingPool:
 
         def finish(index: int, grade: Grade) -> None:
             results[index] = grade
-            self.stats.graded += 1
             self.stats.reasons[grade.reason] += 1
             bar.update()
 

@@ -23,11 +23,13 @@ def _config(checkpoint: Path, config: Path | None, overrides: list[str]):
     from popo_megatron.trainer.state import TRAINER_STATE
 
     stored = checkpoint / TRAINER_STATE
-    if config is None and stored.is_file():
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-            f.write(OmegaConf.to_yaml(json.loads(stored.read_text())["config"]))
-        config = Path(f.name)
-    return load_config(config, [f"model.hf_path={checkpoint}", *overrides])
+    overrides = [f"model.hf_path={checkpoint}", *overrides]
+    if config is None and stored.is_file():  # the run's own config, through the same loader as a YAML file
+        with tempfile.TemporaryDirectory() as tmp:
+            config = Path(tmp) / f"{checkpoint.name}_{TRAINER_STATE}.yaml"
+            config.write_text(OmegaConf.to_yaml(json.loads(stored.read_text())["config"]))
+            return load_config(config, overrides)
+    return load_config(config, overrides)
 
 
 def evaluate_checkpoint(

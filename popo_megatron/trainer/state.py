@@ -182,7 +182,7 @@ class TrainState:
         self.scheduler.load_state_dict(state["scheduler"])
         rng = ckpt / "rng" / f"rank_{dist.get_rank() if dist.is_initialized() else 0}.pt"
         if rng.is_file():  # another layout may have more ranks than the one that saved
-            restore_rng_state(torch.load(rng, weights_only=False))
+            restore_rng_state(torch.load(rng, weights_only=True))
 
     def close(self) -> None:
         if not self.closed:
