@@ -199,9 +199,11 @@ def test_a_preempted_job_checkpoints_requeues_and_resumes_exactly(slurm, job_mod
 
 
 def test_a_job_near_its_time_limit_stops_with_a_checkpoint_and_requeues(slurm, job_model, tmp_path):
-    # 180 s of time, stop 172 s before the end: a few seconds for start-up and a step or so.
+    # 180 s of time, stop 172 s before the end: a few seconds for start-up and a step or so. The script's
+    # --signal=B:USR1@600 would fire at once in a 3-minute job: move it out of the way, so the stop is the
+    # time limit's own.
     workdir = tmp_path / "limited"
-    job_id = _submit_train(slurm, workdir, job_model, "--time=3", env={"STOP_MARGIN_S": "172"})
+    job_id = _submit_train(slurm, workdir, job_model, "--time=3", "--signal=B:USR1@1", env={"STOP_MARGIN_S": "172"})
     log = _job_log(workdir, job_id)
     try:
         requeued = slurm.wait_for_job(job_id, JOB_TIMEOUT, log, requeues=1)
@@ -270,7 +272,9 @@ def test_eval_sbatch_scores_the_trained_checkpoint(slurm, straight_job, tmp_path
 def test_a_stopped_job_that_may_not_requeue_says_how_to_resume(slurm, job_model, tmp_path):
     workdir = tmp_path / "no-requeue"
     # STOP_MARGIN_S as in the time-limit test: the run stops after a step or so and wants to requeue.
-    job_id = _submit_train(slurm, workdir, job_model, "--time=3", "--no-requeue", env={"STOP_MARGIN_S": "172"})
+    job_id = _submit_train(
+        slurm, workdir, job_model, "--time=3", "--signal=B:USR1@1", "--no-requeue", env={"STOP_MARGIN_S": "172"}
+    )
     job = slurm.wait_for_job(job_id, JOB_TIMEOUT, _job_log(workdir, job_id), requeues=1)
     text = _job_log(workdir, job_id).read_text(errors="replace")
     assert job["JobState"] == "FAILED" and job["Restarts"] == "0", f"{job}\n{text[-4000:]}"
