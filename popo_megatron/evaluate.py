@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -85,7 +85,7 @@ def evaluate(
     progress: bool = True,
 ) -> EvalResult:
     """k samples per problem of `problems` from `engine`, graded by `verifier` (a MathVerifier)."""
-    sampling = SamplingSettings(k, sampling.temperature, sampling.top_p, sampling.max_tokens)
+    sampling = replace(sampling, n=k)
     records: list[ProblemRecord] = []
     reasons: Counter = Counter()
     tokens = 0

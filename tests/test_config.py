@@ -156,6 +156,12 @@ def test_rope_theta_from_old_and_new_config_formats():
         (["loss.logprob_chunk_tokens=0"], r"loss\.logprob_chunk_tokens=0: must be >= 1"),
         (["optim.ddp_bucket_size=0"], r"optim\.ddp_bucket_size=0: must be >= 1"),
         (["popo.rollout_correction=tis", "popo.old_logprobs=rollout"], r"needs popo\.old_logprobs=trainer"),
+        (["popo.twin.momentum.d_target=0"], r"popo\.twin\.momentum\.d_target=0\.0: must be in \(0, 2\]"),
+        (["popo.twin.momentum.max_log_step=0"], r"max_log_step=0\.0: must be > 0"),
+        (["popo.similarity.adaptive_beta.beta_min=0"], r"adaptive_beta\.beta_min=0\.0: must be in \(0, beta_max"),
+        (["popo.similarity.predictor_lr=-1"], r"popo\.similarity\.predictor_lr=-1\.0: must be >= 0"),
+        (["rollout.top_k=-1"], r"rollout\.top_k=-1: must be >= 0"),
+        (["popo.similarity.beta=0"], r"nothing uses the twin.*set popo\.twin\.enabled=false"),
         (["reward.workers=0"], r"reward\.workers=0: must be >= 1"),
         (["rollout.temperature=0"], r"rollout\.temperature=0\.0: must be > 0"),
         (["train.micro_batch_size=0"], r"train\.micro_batch_size=0: must be >= 1"),
@@ -168,6 +174,27 @@ def test_invalid_algorithm_settings(overrides, expected):
     import re
 
     assert re.search(expected, _invalid(_cfg(*overrides)))
+
+
+# Every config that feeds rollout log-probs into a ratio, with every kind of truncated sampling.
+RATIO_USERS = [["popo.old_logprobs=rollout"], ["popo.rollout_correction=tis"]]
+TRUNCATED = [["rollout.top_p=0.8"], ["rollout.top_k=20"]]
+
+
+@pytest.mark.parametrize("user", RATIO_USERS, ids=["old_logprobs_rollout", "tis"])
+@pytest.mark.parametrize("sampling", TRUNCATED, ids=["top_p", "top_k"])
+def test_rollout_logprobs_in_a_ratio_with_truncated_sampling_are_rejected(user, sampling):
+    message = _invalid(_cfg(*user, *sampling))
+    assert f"{user[0]} with {sampling[0]}" in message, message
+    assert "renormalised over the tokens truncated sampling keeps" in message
+    validate_config(_cfg(*sampling), 1)  # truncated sampling with the trainer's old log-probs, no correction
+    validate_config(_cfg(*user), 1)  # rollout log-probs in a ratio without truncation
+
+
+def test_beta_zero_is_fine_without_a_twin_or_with_adaptive_beta():
+    validate_config(_cfg("popo.similarity.beta=0", "popo.twin.enabled=false"), 1)
+    validate_config(_cfg("popo.similarity.beta=0", "popo.similarity.adaptive_beta.enabled=true"), 1)
+    validate_config(_cfg("popo.similarity.beta=0", "algorithm=grpo"), 1)
 
 
 def test_algorithm_switches_parse():

@@ -20,6 +20,7 @@ ARITHMETIC = {"architectures": ["Qwen2ForCausalLM"], **ARITHMETIC_QWEN2}
     [
         ("tiny_cpu.yaml", ARITHMETIC, [1], False),
         ("tiny_cpu_grpo.yaml", ARITHMETIC, [1], False),
+        ("tiny_cpu_grpo_vanilla.yaml", ARITHMETIC, [1], False),
         ("qwen2.5-math-7b_popo.yaml", PUBLIC_SHAPES["qwen2.5-math-7b"], [8, 16], True),
         ("qwen2.5-32b_popo.yaml", PUBLIC_SHAPES["qwen2.5-32b"], [32, 64], True),
     ],
@@ -32,4 +33,10 @@ def test_example_validates(name, model, worlds, cuda):
 
 def test_examples_are_all_covered():
     names = {p.name for p in EXAMPLES.glob("*.yaml")}
-    assert names == {"tiny_cpu.yaml", "tiny_cpu_grpo.yaml", "qwen2.5-math-7b_popo.yaml", "qwen2.5-32b_popo.yaml"}
+    assert names == {
+        "tiny_cpu.yaml",
+        "tiny_cpu_grpo.yaml",
+        "tiny_cpu_grpo_vanilla.yaml",
+        "qwen2.5-math-7b_popo.yaml",
+        "qwen2.5-32b_popo.yaml",
+    }

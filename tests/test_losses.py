@@ -12,7 +12,6 @@ from popo_megatron.algo.advantages import group_stats, grpo_advantages, popo_wei
 from popo_megatron.algo.batch import pack_rows, spread_per_token
 from popo_megatron.algo.losses import ISBound, grpo_policy_loss, popo_policy_loss, similarity_sum
 from popo_megatron.algo.metrics import MetricAccumulator
-from popo_megatron.algo.momentum import TwinMomentum
 
 REWARDS = torch.tensor(
     [
@@ -26,7 +25,7 @@ REWARDS = torch.tensor(
 
 def _reference_weight(k: int, group: int, mode: str) -> float:
     p = k / group
-    return {"uniform": 1 / k, "success_scaled": (1 - p) / k, "grpo_matched": math.sqrt((1 - p) / p) / group}[mode]
+    return {"uniform": 1 / k, "success_scaled": (1 - p) / k, "grpo_matched": math.sqrt((1 - p) / p)}[mode]
 
 
 @pytest.mark.parametrize("mode", ["uniform", "success_scaled", "grpo_matched"])
@@ -43,11 +42,11 @@ def test_popo_weights_closed_form(mode):
 
 
 def test_grpo_matched_equals_grpo_weight_of_a_positive():
-    """grpo_matched's w_i is GRPO's advantage of a positive rollout (binary rewards), divided by G."""
+    """grpo_matched's w_i is GRPO's advantage of a positive rollout (binary rewards, population std)."""
     adv = grpo_advantages(REWARDS[:2])
     matched = popo_weights(REWARDS[:2], "grpo_matched")
     positive = REWARDS[:2] > 0
-    assert torch.allclose(matched[positive] * REWARDS.shape[1], adv[positive], atol=1e-5)
+    assert torch.allclose(matched[positive], adv[positive], atol=1e-5)
 
 
 def test_grpo_advantages_reference():
@@ -56,7 +55,13 @@ def test_grpo_advantages_reference():
         std = math.sqrt(sum((r - mean) ** 2 for r in row) / len(row))
         for r, a in zip(row, adv.tolist(), strict=True):
             assert a == pytest.approx((r - mean) / (std + 1e-6), abs=1e-5)
-    assert torch.allclose(grpo_advantages(REWARDS, scale_by_std=False), REWARDS - REWARDS.mean(-1, keepdim=True))
+    assert torch.allclose(grpo_advantages(REWARDS, "none"), REWARDS - REWARDS.mean(-1, keepdim=True))
+    # The original GRPO: the sample standard deviation (divisor G - 1).
+    for row, adv in zip(REWARDS.tolist(), grpo_advantages(REWARDS, "sample"), strict=True):
+        mean = sum(row) / len(row)
+        std = math.sqrt(sum((r - mean) ** 2 for r in row) / (len(row) - 1))
+        for r, a in zip(row, adv.tolist(), strict=True):
+            assert a == pytest.approx((r - mean) / (std + 1e-6), abs=1e-5)
 
 
 def test_group_stats():
@@ -197,41 +202,6 @@ def test_metric_accumulator_combines_means_totals_and_extremes():
     assert out == {"loss": 0.75, "x": 3.0, "x_max": 5.0, "x_min": 1.0}
 
 
-def test_momentum_schedules():
-    constant = TwinMomentum("constant", m0=0.97)
-    constant.advance(5.0)
-    assert constant.value == 0.97
-    cosine = TwinMomentum("cosine", m0=0.9, total_steps=4)
-    values = []
-    for _ in range(5):
-        values.append(cosine.value)
-        cosine.advance()
-    assert values[0] == pytest.approx(0.9) and values[-1] == pytest.approx(1.0)
-    assert values[2] == pytest.approx(1 - 0.1 * (1 + math.cos(math.pi / 2)) / 2)
-    assert all(b > a for a, b in zip(values, values[1:], strict=False))
-    with pytest.raises(ValueError, match="total number of steps"):
-        TwinMomentum("cosine")
-
-
-def test_adaptive_momentum_moves_in_the_documented_direction():
-    law = TwinMomentum("adaptive", m0=0.99, d_target=0.02, kappa=1.0, m_min=0.9, m_max=0.9999)
-    start = law.value
-    law.advance(drift=0.5)  # drift above target: the twin slows down (m up)
-    assert law.value == pytest.approx(min(start * math.exp(0.48), 0.9999))
-    assert law.value > start
-    high = law.value
-    law.advance(drift=0.0)  # below target: the twin follows faster (m down)
-    assert law.value == pytest.approx(high * math.exp(-0.02)) and law.value < high
-    for _ in range(1000):
-        law.advance(drift=0.0)
-    assert law.value == 0.9, "clamped at m_min"
-    law.advance(drift=None)  # no positive tokens: nothing measured, m unchanged
-    assert law.value == 0.9
-    restored = TwinMomentum("adaptive")
-    restored.load_state_dict(law.state_dict())
-    assert (restored.value, restored.step) == (law.value, law.step)
-
-
 def test_pack_rows_masks_the_positions_that_predict_response_tokens():
     tokens, mask = pack_rows([[5, 6, 7], [8]], [[1, 2], []], pad_id=0, length_multiple=4)
     assert tokens.tolist() == [[5, 6, 7, 1, 2, 0, 0, 0], [8, 0, 0, 0, 0, 0, 0, 0]]
@@ -274,3 +244,20 @@ def test_make_policy_batch_follows_the_config():
     assert make_policy_batch(sp, prompts, responses, rewards).tokens.shape[1] % 4 == 0
     with pytest.raises(ValueError, match=r"must be \[groups, G\]"):
         make_policy_batch(cfg, prompts, responses, rewards.reshape(-1))
+
+
+def test_similarity_penalty_stops_the_gradient_at_the_twin():
+    """d_t = 1 - cos(g(h_t), stopgrad(h_twin_t)): the twin side gets no gradient even when its hidden states
+    carry a graph (they would without the detach: the same distance written without it sends one)."""
+    gen = torch.Generator().manual_seed(3)
+    online = torch.randn(5, 2, 8, generator=gen, requires_grad=True)
+    twin_source = torch.randn(5, 2, 8, generator=gen, requires_grad=True)
+    twin_hidden = twin_source * 1.5  # a tensor with a graph behind it, as a twin forward with grad would give
+    mask = torch.tensor([[True, False]] * 5)
+    similarity_sum(online, twin_hidden, mask).backward()
+    assert twin_source.grad is None, "the twin's side received a gradient"
+    assert online.grad is not None and online.grad.abs().max() > 0
+
+    without_detach = torch.nn.functional.cosine_similarity(online, twin_source * 1.5, dim=-1)
+    torch.where(mask, 1.0 - without_detach, 0.0).sum().backward()
+    assert twin_source.grad is not None and twin_source.grad.abs().max() > 0, "the check could not fail"

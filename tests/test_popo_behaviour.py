@@ -69,7 +69,7 @@ def _implicit_negative_worker(hf: str, prompts, answers, out: str) -> None:
     from popo_megatron.convert import load_hf_weights
     from popo_megatron.model.training import wrap_ddp
 
-    model, args, cfg = build_model(Path(hf), 2, 1, overrides=("popo.similarity.beta=0", "popo.redistribution=uniform"))
+    model, args, cfg = build_model(Path(hf), 2, 1, overrides=("popo.twin.enabled=false", "popo.redistribution=uniform"))
     load_hf_weights(model, hf, args, cfg)
     ddp = wrap_ddp(model, args, cfg)
     settings = LossSettings.from_config(cfg, args.vocab_size)
@@ -84,7 +84,7 @@ def _implicit_negative_worker(hf: str, prompts, answers, out: str) -> None:
     # The training batch holds the positives only: the negatives never enter the loss.
     train = PolicyBatch(tokens[positive], mask[positive], everything.sample_weights[positive], positive[positive])
     train = train.with_fields(old_logprobs=_token_logprobs(ddp, train, settings))
-    forward_backward(ddp, train.micro_batches(1), settings, loss_normalizers(train, settings.algorithm))
+    forward_backward(ddp, train.micro_batches(1), settings, loss_normalizers(train, settings))
     # One plain gradient step (Adam's per-parameter normalisation would blur what the gradient itself does).
     with torch.no_grad():
         for param in model.parameters():
@@ -140,7 +140,7 @@ def _edge_worker(hf: str) -> None:
             ddp,
             batch.micro_batches(2),
             settings,
-            loss_normalizers(batch, settings.algorithm),
+            loss_normalizers(batch, settings),
             [o.hidden for o in outputs],
         )
         grad = torch.sqrt(sum(p.main_grad.double().pow(2).sum() for p in model.parameters())).item()

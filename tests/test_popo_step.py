@@ -15,9 +15,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
-from model_helpers import build_model, perturb
+from model_helpers import build_model, config_for, perturb
 
 from popo_megatron.launch import run_local
 
@@ -141,7 +142,7 @@ def _step_case(hf: Path, case: str, tp: int, pp: int, sp: bool, microbatches: in
     if algorithm == Algorithm.popo:
         weights = popo_weights(REWARDS, cfg.popo.redistribution).reshape(-1)
     else:
-        weights = grpo_advantages(REWARDS, cfg.grpo.scale_by_std).reshape(-1)
+        weights = grpo_advantages(REWARDS, cfg.grpo.advantage_std).reshape(-1)
     full = PolicyBatch(tokens, mask, weights, positive)
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     rows = full.size // dp
@@ -161,7 +162,7 @@ def _step_case(hf: Path, case: str, tp: int, pp: int, sp: bool, microbatches: in
         ddp,
         batch.micro_batches(microbatches),
         settings,
-        loss_normalizers(batch, algorithm),
+        loss_normalizers(batch, settings),
         twin_hidden=[o.hidden for o in before] if settings.uses_twin_hidden else None,
         predictor=predictor,
     )
@@ -186,6 +187,137 @@ def _step_case(hf: Path, case: str, tp: int, pp: int, sp: bool, microbatches: in
             diff = (param.grad - reference["grads"][f"predictor.{pname}"]).abs().max().item()
             assert diff < GRAD_TOL, f"{where} {case}: predictor {pname} gradient differs by {diff}"
     dist.barrier()
+
+
+def _grpo_advantages_closed_form(rewards: torch.Tensor) -> torch.Tensor:
+    """(r - mean) / (population std + 1e-6) per group, written out."""
+    out = []
+    for row in rewards.tolist():
+        mean = sum(row) / len(row)
+        std = math.sqrt(sum((r - mean) ** 2 for r in row) / len(row))
+        out += [(r - mean) / (std + 1e-6) for r in row]
+    return torch.tensor(out)
+
+
+def _all_tokens_case(hf: Path, tp: int, where: str) -> None:
+    """POPO with all_tokens + grpo_matched on the positives alone has GRPO's gradient on the positives: the
+    gradient of GRPO's token-mean loss over every rollout with the negatives' terms left out."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from popo_megatron.algo.advantages import popo_weights
+    from popo_megatron.algo.batch import PolicyBatch, pack_rows
+    from popo_megatron.algo.step import LossSettings, forward_backward, forward_only, loss_normalizers
+    from popo_megatron.algo.twin import TwinParams
+    from popo_megatron.convert import iter_megatron_shards, load_hf_weights
+    from popo_megatron.model.training import wrap_ddp
+
+    parallel_state.destroy_model_parallel()
+    overrides = (
+        "popo.loss_normalizer=all_tokens",
+        "popo.redistribution=grpo_matched",
+        "popo.twin.enabled=false",  # the policy loss alone
+        f"optim.use_distributed_optimizer={dist.get_world_size() == tp}",
+    )
+    model, args, cfg = build_model(hf, tp, 1, False, overrides)
+    load_hf_weights(model, str(hf), args, cfg)
+    ddp = wrap_ddp(model, args, cfg)
+    old_policy = TwinParams(ddp)
+    perturb(model)
+    prompts, responses = _rows()
+    tokens, mask = pack_rows(prompts, responses)
+    positive = (REWARDS > 0).reshape(-1)
+    weights = popo_weights(REWARDS, cfg.popo.redistribution).reshape(-1)
+    # The trainer's POPO batch: the positives only; the normaliser counts every rollout's tokens.
+    batch = PolicyBatch(tokens[positive], mask[positive], weights[positive], positive[positive])
+    settings = LossSettings.from_config(cfg, args.vocab_size, temperature=TEMPERATURE)
+    with old_policy.swapped_in():
+        old = forward_only(ddp, batch.micro_batches(1), settings)
+    if parallel_state.is_pipeline_last_stage():
+        batch = batch.with_fields(old_logprobs=old[0].logprobs)
+    normalizers = loss_normalizers(batch, settings, all_response_tokens=float(mask.sum()))
+    assert normalizers.policy == mask.sum().item()
+    forward_backward(ddp, batch.micro_batches(1), settings, normalizers)
+
+    grpo_cfg = config_for(hf, tp, 1, overrides=("algorithm=grpo",))
+    advantages = torch.where(positive, _grpo_advantages_closed_form(REWARDS), 0.0)  # the positives' terms
+    reference = _hf_reference(hf, "grpo", grpo_cfg, tokens, mask, None, positive, advantages)
+    for pname, param, expected in iter_megatron_shards(model, reference["grads"], args, cfg):
+        diff = (param.main_grad - expected).abs().max().item()
+        assert diff < GRAD_TOL, f"{where}: gradient of {pname} differs from GRPO's on the positives by {diff}"
+    assert any(p.main_grad.abs().max() > 0 for p in model.parameters())
+    dist.barrier()
+
+
+def _all_tokens_worker(hf: str, tp: int) -> None:
+    _all_tokens_case(Path(hf), tp, f"tp{tp}")
+
+
+@pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
+def test_all_tokens_grpo_matched_gives_grpos_gradient_on_the_positives(tiny_models, tp):
+    run_local(_all_tokens_worker, tp, str(tiny_models["qwen2_tied"]), tp)
+
+
+def _joint_clip_worker(hf: str) -> None:
+    """The linear predictor is inside gradient clipping: the policy's and the predictor's gradients are
+    scaled by one coefficient, clip / joint norm, with the joint norm computed here from the raw gradients."""
+    from popo_megatron.algo.batch import PolicyBatch, pack_rows
+    from popo_megatron.algo.predictor import SimilarityPredictor, clip_with_predictor
+    from popo_megatron.algo.step import LossSettings, forward_backward, forward_only, loss_normalizers
+    from popo_megatron.algo.twin import TwinParams
+    from popo_megatron.convert import load_hf_weights
+    from popo_megatron.model.training import build_optimizer, wrap_ddp
+
+    overrides = (
+        "popo.similarity.beta=0.5",
+        "popo.similarity.predictor=linear",
+        "optim.use_distributed_optimizer=false",
+    )
+    model, args, cfg = build_model(Path(hf), 1, 1, False, overrides)
+    load_hf_weights(model, hf, args, cfg)
+    ddp = wrap_ddp(model, args, cfg)
+    optimizer = build_optimizer(ddp, cfg)
+    twin = TwinParams(ddp)
+    perturb(model)
+    prompts, responses = _rows()
+    tokens, mask = pack_rows(prompts, responses)
+    batch = PolicyBatch(tokens, mask, torch.full((8,), 0.25), torch.ones(8, dtype=torch.bool))
+    settings = LossSettings.from_config(cfg, args.vocab_size)
+    with twin.swapped_in():
+        before = forward_only(ddp, batch.micro_batches(1), settings, hidden=True)
+    batch = batch.with_fields(old_logprobs=before[0].logprobs)
+    predictor = SimilarityPredictor(args.hidden_size)
+    forward_backward(
+        ddp, batch.micro_batches(1), settings, loss_normalizers(batch, settings), [before[0].hidden], predictor
+    )
+    predictor.finish_grad_sync()
+    model_grads = [p.main_grad.clone() for p in model.parameters()]
+
+    def norm(grads):
+        return math.sqrt(sum(g.double().pow(2).sum().item() for g in grads))
+
+    # The predictor's real gradient is a few % of the joint norm here: scale it to the policy's, so that the
+    # joint norm and the policy's alone differ clearly.
+    factor = norm(model_grads) / norm(p.grad for p in predictor.parameters())
+    for param in predictor.parameters():
+        param.grad.mul_(factor)
+    predictor_grads = [p.grad.clone() for p in predictor.parameters()]
+    joint = norm(model_grads + predictor_grads)
+
+    clip = joint / 4
+    reported = clip_with_predictor(optimizer, ddp, predictor, clip)
+    assert reported == pytest.approx(joint, rel=1e-5)
+    coefficient = clip / (joint + 1e-6)
+    for param, grad in zip(model.parameters(), model_grads, strict=True):
+        torch.testing.assert_close(param.main_grad, grad * coefficient, rtol=1e-5, atol=1e-8)
+    for param, grad in zip(predictor.parameters(), predictor_grads, strict=True):
+        torch.testing.assert_close(param.grad, grad * coefficient, rtol=1e-5, atol=1e-8)
+    # Measured again (as the step that follows would), the joint norm is at the bound: nothing left to clip.
+    assert clip_with_predictor(optimizer, ddp, predictor, clip) == pytest.approx(clip, rel=1e-4)
+
+
+def test_predictor_is_clipped_with_the_policy(tiny_models):
+    run_local(_joint_clip_worker, 1, str(tiny_models["qwen2_tied"]))
 
 
 # (tp, pp, sp, micro-batches) per layout, grouped by world size.

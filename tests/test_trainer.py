@@ -73,6 +73,7 @@ def _e2e_worker(model: str, out: str, tp: int, pp: int) -> None:
             f"parallel.pipeline_model_parallel_size={pp}",
             f"train.output_dir={out}",
             f"data.dynamic_sampling={tp == 2}",  # TP=2 also runs DAPO's dynamic sampling
+            f"popo.similarity.predictor={'linear' if pp == 2 else 'identity'}",  # PP=2: on the last stage only
             *SMALL,
         ],
     )
@@ -92,6 +93,10 @@ def _e2e_worker(model: str, out: str, tp: int, pp: int) -> None:
             _check_engine_serves_trainer_weights(state, step + 1)
         moved = any(not torch.equal(p, before[n]) for n, p in state.model.named_parameters())
         assert moved, "two steps changed no weight"
+        if state.predictor is not None:  # the linear head learns at its own rate (identity at the start)
+            weight = state.predictor.linear.weight
+            change = (weight - torch.eye(weight.shape[0])).abs().max().item()
+            assert change > 1e-5, f"the predictor stayed the identity ({change})"
     finally:
         state.close()
 
@@ -126,23 +131,42 @@ def _finish(process: subprocess.Popen, out: Path, timeout: float = 600) -> None:
     assert returncode == 0, f"popo train failed ({returncode}):\n{log[-4000:]}"
 
 
-def test_popo_learns_the_synthetic_task(arith_model, tmp_path):
+def _check_twin_tracks_its_target(history: list[dict]) -> None:
+    """The adaptive momentum law at work on the main job: m is off its bounds for most updates and the drift
+    of the second half is within a factor 2 of the target (its mean: one step's drift is a noisy sample)."""
+    from popo_megatron.config import load_config
+
+    momentum = load_config(EXAMPLE).popo.twin.momentum
+    momenta = [r["twin_momentum"] for r in history]
+    inside = sum(momentum.m_min + 1e-9 < m < momentum.m_max - 1e-9 for m in momenta) / len(momenta)
+    assert inside >= 0.8, f"m on a bound in {1 - inside:.0%} of the steps: {momenta}"
+    second = [r["sim_penalty"] for r in history[len(history) // 2 :] if math.isfinite(r["sim_penalty"])]
+    drift = sum(second) / len(second)
+    assert momentum.d_target / 2 <= drift <= 2 * momentum.d_target, f"drift {drift:.4f}, target {momentum.d_target}"
+
+
+def test_main_job_learns_and_its_twin_tracks_the_target(arith_model, tmp_path):
     out = tmp_path / "learn"
-    _finish(_popo_train(out, arith_model, "train.steps=30", "train.checkpoint_every=0"), out)
+    _finish(_popo_train(out, arith_model, "train.checkpoint_every=0"), out)
     history = records(out)
-    assert [r["step"] for r in history] == list(range(1, 31))
+    steps = len(history)
+    assert [r["step"] for r in history] == list(range(1, steps + 1)) and steps >= 40
     start = sum(r["reward_mean"] for r in history[:5]) / 5
     end = sum(r["reward_mean"] for r in history[-5:]) / 5
     assert end > start + 0.04 and end > 2 * start, f"mean reward {start:.3f} over the first 5 steps, {end:.3f} last 5"
+    _check_twin_tracks_its_target(history)
+    # Two mini-batches per step: the second one's ratio moves off 1 and the IS bound clips some tokens.
+    assert max(r["ratio_max"] for r in history) > 1.0 + 0.28
+    assert sum(r["clip_frac"] > 0 for r in history) >= 3
     assert (out / "learning_curve.png").stat().st_size > 1000
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000030"
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{steps:06d}"
     log = (tmp_path / "learn.log").read_text()
-    assert "step 30/30 | reward" in log and "mean reward, last 5 steps" in log
+    assert f"step {steps}/{steps} | reward" in log and "mean reward, last 5 steps" in log
 
     # popo eval: the trained checkpoint (exported on the fly, with the run's stored settings) beats the start.
     scores = {}
-    for name, checkpoint in (("start", arith_model), ("trained", out / "checkpoints" / "step_000030")):
+    for name, checkpoint in (("start", arith_model), ("trained", out / "checkpoints" / f"step_{steps:06d}")):
         command = [
             sys.executable,
             "-m",
@@ -165,6 +189,20 @@ def test_popo_learns_the_synthetic_task(arith_model, tmp_path):
     assert scores["trained"]["avg_at_k"] > scores["start"]["avg_at_k"] + 0.03, {
         k: v["avg_at_k"] for k, v in scores.items()
     }
+
+
+@pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
+def test_first_mini_batch_ratio_is_exactly_one(arith_model, tmp_path, tp):
+    """The old log-probs come from a forward with the training forward's micro-batch shapes: with one
+    mini-batch per step every ratio is exactly 1, not 1 up to kernel noise (several micro-batches per step)."""
+    out = tmp_path / f"ratio_tp{tp}"
+    overrides = ["train.steps=3", "train.mini_batches=1", "train.micro_batch_size=2", "train.checkpoint_every=0"]
+    _finish(_popo_train(out, arith_model, f"parallel.tensor_model_parallel_size={tp}", *overrides, *SMALL[:2]), out)
+    measured = [r for r in records(out) if math.isfinite(r["ratio_max"])]
+    assert measured, "no step had a positive"
+    for r in measured:
+        assert r["ratio_max"] == 1.0 and r["all"]["popo/ratio_min"] == 1.0, r["step"]
+        assert r["clip_frac"] == 0.0
 
 
 def test_exact_resume_after_sigterm(arith_model, tmp_path):

@@ -41,7 +41,7 @@ def _train(hf: Path, tp: int, distributed_optimizer: bool, record: bool):
     """STEPS POPO steps with the twin (EMA with the adaptive law); returns the model, twin and history."""
     from megatron.core import parallel_state
 
-    from popo_megatron.algo.momentum import TwinMomentum
+    from popo_megatron.algo.drift import TwinMomentum
     from popo_megatron.algo.step import LossSettings, forward_backward, forward_only, loss_normalizers
     from popo_megatron.algo.twin import TwinParams
     from popo_megatron.convert import load_hf_weights
@@ -61,7 +61,7 @@ def _train(hf: Path, tp: int, distributed_optimizer: bool, record: bool):
     ddp = wrap_ddp(model, args, cfg)
     optimizer = build_optimizer(ddp, cfg)
     twin = TwinParams(ddp)
-    momentum = TwinMomentum.from_config(cfg.popo.twin.momentum)
+    momentum = TwinMomentum(cfg.popo.twin.momentum)
     settings = LossSettings.from_config(cfg, args.vocab_size)
     batch = _batch(parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
     history = {"params": [], "momenta": []}
@@ -78,7 +78,7 @@ def _train(hf: Path, tp: int, distributed_optimizer: bool, record: bool):
             ddp,
             step_batch.micro_batches(2),
             settings,
-            loss_normalizers(step_batch, settings.algorithm),
+            loss_normalizers(step_batch, settings),
             twin_hidden=[o.hidden for o in twin_out],
         )
         assert optimizer.step()[0]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from popo_megatron.algo.metrics import MetricAccumulator
-from popo_megatron.config.schema import Redistribution
+from popo_megatron.config.schema import AdvantageStd, Redistribution
 
 # Added to GRPO's group standard deviation (groups whose rewards are all equal have std 0).
 GRPO_STD_EPS = 1e-6
@@ -27,7 +27,11 @@ def popo_weights(rewards: torch.Tensor, redistribution: Redistribution | str) ->
     k positives in a group of G, success rate p = k / G:
       uniform         1 / k
       success_scaled  (1 - p) / k          (all-correct groups weigh 0)
-      grpo_matched    sqrt((1 - p) / p) / G (GRPO's weight of a positive with binary rewards)
+      grpo_matched    sqrt((1 - p) / p)    (GRPO's advantage of a positive with binary rewards)
+
+    grpo_matched: the design note divides by G, a constant that cancels under the
+    `positive_tokens` normaliser; without it, `all_tokens` gives exactly GRPO's
+    gradient on the positives (tested in tests/test_popo_step.py).
     """
     positive = positive_mask(rewards)
     group_size = rewards.shape[-1]
@@ -41,18 +45,20 @@ def popo_weights(rewards: torch.Tensor, redistribution: Redistribution | str) ->
     elif mode == Redistribution.success_scaled:
         per_group = (1.0 - p) / safe_k
     else:
-        per_group = torch.sqrt((1.0 - p) / p.clamp(min=1.0 / group_size)) / group_size
+        per_group = torch.sqrt((1.0 - p) / p.clamp(min=1.0 / group_size))
     weights = torch.where(positive & has_positive, per_group, 0.0)
     return weights.to(torch.float32)
 
 
-def grpo_advantages(rewards: torch.Tensor, scale_by_std: bool = True) -> torch.Tensor:
-    """(r - mean_group) / (std_group + eps) for [groups, G] rewards (population std, as in
-    popo-algorithm.md's grpo_matched derivation); without `scale_by_std`, r - mean (Dr. GRPO)."""
+def grpo_advantages(rewards: torch.Tensor, std: AdvantageStd | str = AdvantageStd.population) -> torch.Tensor:
+    """(r - mean_group) / (std_group + eps) for [groups, G] rewards, with the population std (divisor G,
+    as in grpo_matched's derivation) or the sample std (G - 1, the original GRPO); `none`: r - mean (Dr. GRPO)."""
     rewards = rewards.to(torch.float64)
     centred = rewards - rewards.mean(-1, keepdim=True)
-    if scale_by_std:
-        centred = centred / (rewards.std(-1, keepdim=True, correction=0) + GRPO_STD_EPS)
+    std = AdvantageStd(std)
+    if std != AdvantageStd.none:
+        correction = 0 if std == AdvantageStd.population else 1
+        centred = centred / (rewards.std(-1, keepdim=True, correction=correction) + GRPO_STD_EPS)
     return centred.to(torch.float32)
 
 

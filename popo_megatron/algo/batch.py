@@ -138,7 +138,7 @@ def make_policy_batch(
     if Algorithm(cfg.algorithm) == Algorithm.popo:
         weights = popo_weights(rewards, cfg.popo.redistribution)
     else:
-        weights = grpo_advantages(rewards, cfg.grpo.scale_by_std)
+        weights = grpo_advantages(rewards, cfg.grpo.advantage_std)
     batch = PolicyBatch(tokens, mask, weights.reshape(-1), positive_mask(rewards).reshape(-1))
     if rollout_logprobs is not None:
         batch.rollout_logprobs = spread_per_token(mask, rollout_logprobs)

@@ -73,12 +73,43 @@ class SimilarityPredictor(torch.nn.Module):
 
 
 def build_predictor_optimizer(predictor: SimilarityPredictor, cfg: DictConfig) -> torch.optim.Optimizer:
-    """Adam with decoupled weight decay and the policy's hyper-parameters."""
+    """Adam with decoupled weight decay: the policy's hyper-parameters, the predictor's own learning rate
+    (`popo.similarity.predictor_lr`; the trainer scales it with the policy's LR schedule)."""
     optim = cfg.optim
     return torch.optim.AdamW(
         predictor.parameters(),
-        lr=optim.lr,
+        lr=cfg.popo.similarity.predictor_lr,
         betas=(optim.adam_beta1, optim.adam_beta2),
         eps=optim.adam_eps,
         weight_decay=optim.weight_decay,
     )
+
+
+@torch.no_grad()
+def clip_with_predictor(optimizer, ddp, predictor: SimilarityPredictor | None, clip_grad: float) -> float:
+    """Clip the policy's and the predictor's gradients together, by their joint norm; returns that norm
+    (before clipping). Collective over the model-parallel group: every rank calls it, the predictor
+    (after `finish_grad_sync`) is on the last pipeline stage only.
+
+    Megatron's optimiser clips the model's gradients by the model's norm alone. So the joint norm is
+    computed first (the optimiser's own norm, plus the predictor's), both gradients are scaled down by
+    clip / norm, and the optimiser's step then finds a norm under `clip_grad` and clips no further.
+    The model's gradients are scaled in the DDP buffers, from which the optimiser's step copies them.
+    """
+    from megatron.core import parallel_state
+
+    optimizer.prepare_grads()  # the main gradients the norm is computed from (the step prepares them again)
+    model_norm = float(optimizer.get_grad_norm())
+    local = torch.zeros((), dtype=torch.float64, device=collective_device())
+    if predictor is not None:
+        local += sum(p.grad.double().pow(2).sum() for p in predictor.parameters()).to(local.device)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.all_reduce(local, group=parallel_state.get_pipeline_model_parallel_group())
+    joint = (model_norm**2 + float(local)) ** 0.5
+    coefficient = clip_grad / (joint + 1.0e-6)  # Megatron's own formula
+    if clip_grad > 0 and coefficient < 1.0:
+        ddp.scale_gradients(coefficient)
+        if predictor is not None:
+            for param in predictor.parameters():
+                param.grad.mul_(coefficient)
+    return joint

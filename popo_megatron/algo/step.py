@@ -15,7 +15,12 @@ any TP / PP / SP layout and any number of micro-batches:
   micro-batches, DP=1 vs DP=2).
 
 The loss normalisers (`Normalizers`) are global sums over the whole batch of
-every data-parallel rank, computed before the pass.
+every data-parallel rank, computed before the pass. POPO's policy loss is
+normalised (`popo.loss_normalizer`) either by sum_i w_i |o_i| over the
+positives (`positive_tokens`: the weights' overall scale cancels) or by the
+response tokens of every rollout, negatives included (`all_tokens`, GRPO's
+token mean: the weights act in absolute terms). Negatives are not in a POPO
+batch (they carry no gradient), so the caller passes that count.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from popo_megatron.algo.losses import (
     truncated_is_weights,
 )
 from popo_megatron.algo.metrics import MetricAccumulator
-from popo_megatron.config.schema import Algorithm, RolloutCorrection
+from popo_megatron.config.schema import Algorithm, LossNormalizer, RolloutCorrection
 from popo_megatron.model.forward import unwrap_model
 from popo_megatron.platform import collective_device
 
@@ -54,6 +59,7 @@ class LossSettings:
     temperature: float = 1.0  # the rollout's sampling temperature
     chunk_tokens: int = 1024
     bound: ISBound = field(default_factory=ISBound)
+    normalizer: LossNormalizer = LossNormalizer.positive_tokens  # POPO's policy-loss normaliser
     similarity_beta: float = 0.0  # POPO: 0 when the twin is off
     eps_low: float = 0.2  # GRPO
     eps_high: float = 0.28  # GRPO
@@ -69,6 +75,7 @@ class LossSettings:
             temperature=temperature,
             chunk_tokens=cfg.loss.logprob_chunk_tokens,
             bound=ISBound(popo.is_bound.mode, popo.is_bound.eps_high, popo.is_bound.truncate_c),
+            normalizer=LossNormalizer(popo.loss_normalizer),
             similarity_beta=popo.similarity.beta if popo.twin.enabled else 0.0,
             eps_low=cfg.grpo.eps_low,
             eps_high=cfg.grpo.eps_high,
@@ -96,14 +103,26 @@ class LossSettings:
 
 @dataclass(frozen=True)
 class Normalizers:
-    policy: float  # POPO: sum_i w_i |o_i| over rollouts with w_i > 0; GRPO: number of response tokens
+    # POPO: sum_i w_i |o_i| over rollouts with w_i > 0 (positive_tokens) or the response tokens of every
+    # rollout (all_tokens); GRPO: the number of response tokens
+    policy: float
     similarity: float  # POPO: number of response tokens of positive rollouts
 
 
-def loss_normalizers(batch: PolicyBatch, algorithm: Algorithm, group: dist.ProcessGroup | None = None) -> Normalizers:
-    """The global normalisers: this rank's sums, all-reduced over `group` (default: the data-parallel group)."""
+def loss_normalizers(
+    batch: PolicyBatch,
+    settings: LossSettings,
+    all_response_tokens: float | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> Normalizers:
+    """The global normalisers: this rank's sums, all-reduced over `group` (default: the data-parallel group).
+
+    all_response_tokens: POPO with `all_tokens`, the global number of response tokens of every rollout
+    (negatives included) that this batch stands for.
+    """
     lengths = batch.response_lengths().double()
-    if Algorithm(algorithm) == Algorithm.popo:
+    popo = settings.algorithm == Algorithm.popo
+    if popo:
         policy = (batch.sample_weights.double() * lengths).sum()
         similarity = torch.where(batch.positive, lengths, 0.0).sum()
     else:
@@ -115,6 +134,11 @@ def loss_normalizers(batch: PolicyBatch, algorithm: Algorithm, group: dist.Proce
 
         dist.all_reduce(sums, group=group or parallel_state.get_data_parallel_group())
     policy, similarity = sums.tolist()
+    if popo and settings.normalizer == LossNormalizer.all_tokens:
+        if all_response_tokens is None:
+            raise ValueError("popo.loss_normalizer=all_tokens needs the response tokens of every rollout")
+        # A batch without a positive still has no gradient: keep 0 so the caller can skip the update.
+        policy = float(all_response_tokens) if policy > 0 else 0.0
     return Normalizers(policy=policy, similarity=similarity)
 
 

@@ -100,7 +100,7 @@ class Redistribution(str, Enum):
 class MomentumSchedule(str, Enum):
     constant = "constant"
     cosine = "cosine"  # BYOL: from m0 up to 1 over the run
-    adaptive = "adaptive"  # m <- clamp(m * exp(kappa * (drift - d_target)), m_min, m_max)
+    adaptive = "adaptive"  # negative feedback on a = 1 - m that holds the drift near d_target
 
 
 class Predictor(str, Enum):
@@ -132,10 +132,23 @@ class ISBoundConfig:
 
 @dataclass
 class MomentumConfig:
+    """The twin's momentum m (theta_twin <- m theta_twin + (1 - m) theta), popo_megatron.algo.drift.
+
+    adaptive: log a <- log a + clamp(kappa (d / d_target - 1), -max_log_step, max_log_step) on the
+    twin's step size a = 1 - m, with a in [1 - m_max, 1 - m_min]; d is the step's measured drift.
+    """
+
     schedule: MomentumSchedule = MomentumSchedule.adaptive
     m0: float = 0.99  # constant: the momentum; cosine: the start; adaptive: the first step's
+    # The drift (mean 1 - cos between online and twin hidden states) the adaptive law holds: small
+    # enough that the twin is a close anchor, large enough that it is not the online policy itself.
     d_target: float = 0.02
-    kappa: float = 1.0
+    # Gain of the feedback: a relative drift error of 100% changes a by ~10% per step. The lag responds
+    # to a within a few steps (d ~ c / a), so a small gain keeps the loop stable and the noise averaged.
+    kappa: float = 0.1
+    # The largest change of log a in one step (exp(0.2) = 1.22x): one outlying drift cannot jerk the twin.
+    max_log_step: float = 0.2
+    # Bounds: m_min = 0.9 keeps the twin at least a 10-step average; m_max = 0.9999 a 10^4-step one.
     m_min: float = 0.9
     m_max: float = 0.9999
 
@@ -151,15 +164,40 @@ class TwinConfig:
 
 
 @dataclass
+class AdaptiveBetaConfig:
+    """PPO's adaptive-KL controller on the similarity penalty's weight, towards popo.twin.momentum.d_target:
+    beta <- clamp(beta exp(clamp(kappa (d / d_target - 1), -max_log_step, max_log_step)), beta_min, beta_max)."""
+
+    enabled: bool = False
+    kappa: float = 0.1  # the same gain as the twin law's, for the same reason
+    max_log_step: float = 0.2  # PPO clips the controller's error to +-0.2 per update
+    beta_min: float = 1.0e-3  # > 0: a multiplicative law cannot leave 0
+    beta_max: float = 1.0  # the penalty never outweighs the policy loss by more than this
+
+
+class LossNormalizer(str, Enum):
+    # Divide by sum_i w_i |o_i| over the mini-batch's positives: the overall scale of the weights cancels.
+    positive_tokens = "positive_tokens"
+    # Divide by the response tokens of every rollout, negatives included (GRPO / DAPO's token mean):
+    # the weights act in absolute terms.
+    all_tokens = "all_tokens"
+
+
+@dataclass
 class SimilarityConfig:
     beta: float = 0.05  # L = L_pos + beta * L_sim
     predictor: Predictor = Predictor.identity
+    # Adam's learning rate of the linear predictor (it follows the policy's LR schedule and is clipped with
+    # its gradients). The head starts at the identity: at the policy's rate (1e-6) it would stay there.
+    predictor_lr: float = 1.0e-4
+    adaptive_beta: AdaptiveBetaConfig = field(default_factory=AdaptiveBetaConfig)
 
 
 @dataclass
 class PopoLossConfig:
     is_bound: ISBoundConfig = field(default_factory=ISBoundConfig)
     redistribution: Redistribution = Redistribution.success_scaled
+    loss_normalizer: LossNormalizer = LossNormalizer.positive_tokens
     twin: TwinConfig = field(default_factory=TwinConfig)
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
     # Shared with GRPO: where pi_old comes from, and the correction for the engine's mismatch.
@@ -168,12 +206,21 @@ class PopoLossConfig:
     tis_cap: float = 2.0
 
 
+class AdvantageStd(str, Enum):
+    population = "population"  # std with divisor G (DAPO-style, and what grpo_matched is derived from)
+    sample = "sample"  # std with divisor G - 1 (the original GRPO)
+    none = "none"  # r - mean(r), unscaled (Dr. GRPO)
+
+
 @dataclass
 class GrpoConfig:
+    """The defaults are the DAPO-style GRPO the comparisons use: clip-higher, no KL, population std.
+    The original GRPO is eps_high=0.2, kl_beta=0.04, advantage_std=sample (examples/tiny_cpu_grpo_vanilla.yaml)."""
+
     eps_low: float = 0.2
     eps_high: float = 0.28  # DAPO's clip-higher, the same bound POPO's clip uses
     kl_beta: float = 0.0  # > 0: k3 KL to the frozen initial policy (a reference forward per step)
-    scale_by_std: bool = True  # false: Dr. GRPO's unscaled advantages r - mean(r)
+    advantage_std: AdvantageStd = AdvantageStd.population  # advantages (r - mean) / (std + eps)
 
 
 @dataclass
@@ -250,7 +297,10 @@ class DataConfig:
 class RolloutConfig:
     n: int = 8  # responses per prompt: the group size G
     temperature: float = 1.0
+    # Truncated sampling. The engine's log-probs are then renormalised over the kept tokens, the trainer's
+    # are not: a config that puts rollout log-probs into a ratio with them is rejected (config/validate.py).
     top_p: float = 1.0
+    top_k: int = 0  # 0: off
     max_tokens: int = 1024  # the response length limit
     # The engine's context (prompt + response); None: the model's max_position_embeddings.
     max_model_len: Optional[int] = None

@@ -142,10 +142,21 @@ def _algorithm_problems(cfg: DictConfig) -> list[str]:
     momentum = cfg.popo.twin.momentum
     for key in ("m0", "m_min", "m_max"):
         checks.append((f"popo.twin.momentum.{key}", 0 <= momentum[key] <= 1, "must be in [0, 1]"))
+    adaptive_beta = cfg.popo.similarity.adaptive_beta
     checks += [
         ("popo.twin.momentum.m_min", momentum.m_min <= momentum.m_max, f"must be <= m_max ({momentum.m_max})"),
         ("popo.twin.momentum.kappa", momentum.kappa >= 0, "must be >= 0"),
-        ("popo.twin.momentum.d_target", 0 <= momentum.d_target <= 2, "must be in [0, 2] (the penalty's range)"),
+        ("popo.twin.momentum.max_log_step", momentum.max_log_step > 0, "must be > 0"),
+        ("popo.twin.momentum.d_target", 0 < momentum.d_target <= 2, "must be in (0, 2] (the penalty's range)"),
+        ("popo.similarity.predictor_lr", cfg.popo.similarity.predictor_lr >= 0, "must be >= 0"),
+        ("popo.similarity.adaptive_beta.kappa", adaptive_beta.kappa >= 0, "must be >= 0"),
+        ("popo.similarity.adaptive_beta.max_log_step", adaptive_beta.max_log_step > 0, "must be > 0"),
+        (
+            "popo.similarity.adaptive_beta.beta_min",
+            0 < adaptive_beta.beta_min <= adaptive_beta.beta_max,
+            f"must be in (0, beta_max={adaptive_beta.beta_max}] (a multiplicative law cannot leave 0)",
+        ),
+        ("rollout.top_k", cfg.rollout.top_k >= 0, "must be >= 0 (0: off)"),
     ]
     problems = [f"{key}={_value(cfg, key)}: {reason}" for key, ok, reason in checks if not ok]
     template = cfg.data.prompt_template
@@ -159,7 +170,48 @@ def _algorithm_problems(cfg: DictConfig) -> list[str]:
             "popo.rollout_correction=tis corrects the trainer's old log-probs against the engine's: "
             "it needs popo.old_logprobs=trainer"
         )
+    problems += _ratio_problems(cfg)
+    if cfg.algorithm == "popo" and cfg.popo.twin.enabled and _twin_unused(cfg):
+        problems.append(
+            "popo.twin.enabled=true with popo.similarity.beta=0: nothing uses the twin (its only consumer is the "
+            "similarity penalty); set popo.twin.enabled=false for the no-penalty ablation, or beta > 0"
+        )
     return problems
+
+
+def _ratio_problems(cfg: DictConfig) -> list[str]:
+    """Truncated sampling (top_p < 1, top_k > 0) renormalises the engine's log-probs over the kept tokens
+    while the trainer's cover the whole vocabulary: a ratio between them carries the kept mass, not the
+    policy's change. Until the sampling mask is replayed in the trainer, no rollout log-prob may enter a ratio."""
+    truncated = [
+        f"{key}={value}"
+        for key, value, on in (
+            ("rollout.top_p", cfg.rollout.top_p, cfg.rollout.top_p < 1),
+            ("rollout.top_k", cfg.rollout.top_k, cfg.rollout.top_k > 0),
+        )
+        if on
+    ]
+    users = [
+        f"{key}={value}"
+        for key, value, on in (
+            ("popo.old_logprobs", "rollout", cfg.popo.old_logprobs == "rollout"),
+            ("popo.rollout_correction", "tis", cfg.popo.rollout_correction == "tis"),
+        )
+        if on
+    ]
+    return [
+        f"{user} with {sampling}: the engine's log-probs are renormalised over the tokens truncated sampling "
+        "keeps and the trainer's are not, so the importance ratio would carry the kept probability mass instead "
+        f"of the policy's change; use popo.old_logprobs=trainer and popo.rollout_correction=none, or sample "
+        "without truncation (rollout.top_p=1, rollout.top_k=0)"
+        for user in users
+        for sampling in truncated
+    ]
+
+
+def _twin_unused(cfg: DictConfig) -> bool:
+    """The twin is read only by the similarity penalty (beta > 0, or adapted from beta_min > 0)."""
+    return cfg.popo.similarity.beta == 0 and not cfg.popo.similarity.adaptive_beta.enabled
 
 
 def _value(cfg: DictConfig, key: str):

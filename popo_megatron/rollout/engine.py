@@ -21,10 +21,11 @@ class SamplingSettings:
     temperature: float = 1.0
     top_p: float = 1.0
     max_tokens: int = 1024  # the response length limit
+    top_k: int = 0  # 0: off
 
     @classmethod
     def from_config(cls, rollout_cfg) -> "SamplingSettings":
-        return cls(rollout_cfg.n, rollout_cfg.temperature, rollout_cfg.top_p, rollout_cfg.max_tokens)
+        return cls(rollout_cfg.n, rollout_cfg.temperature, rollout_cfg.top_p, rollout_cfg.max_tokens, rollout_cfg.top_k)
 
     def greedy(self, n: int = 1) -> "SamplingSettings":
         return SamplingSettings(n=n, temperature=0.0, top_p=1.0, max_tokens=self.max_tokens)

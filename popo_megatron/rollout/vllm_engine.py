@@ -103,6 +103,7 @@ class VLLMEngine:
                 n=sampling.n,
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
+                top_k=sampling.top_k,
                 max_tokens=sampling.max_tokens,
                 seed=seed + i,
                 logprobs=0,

@@ -37,16 +37,19 @@ def step_batch(groups: list[Group], cfg: DictConfig, pad_id: int) -> PolicyBatch
 
 
 def rank_rows(batch: PolicyBatch, cfg: DictConfig, dp: int, dp_rank: int) -> PolicyBatch:
-    """This data-parallel rank's rows of the step, padded to mini_batches x micro_batch_size multiples."""
+    """This data-parallel rank's rows of the step: `train.mini_batches` equal consecutive slices, each
+    holding an equal share of the rows (in order) and padded to a multiple of the micro-batch size."""
     train = batch.positive if Algorithm(cfg.algorithm) == Algorithm.popo else torch.ones(batch.size, dtype=torch.bool)
     rows = train.nonzero().squeeze(-1)[dp_rank::dp]
-    unit = cfg.train.mini_batches * cfg.train.micro_batch_size
-    most = math.ceil(int(train.sum()) / dp)  # rows of the busiest rank
-    per_rank = max(1, math.ceil(most / unit)) * unit
-    padding = per_rank - len(rows)
-    index = torch.cat([rows, torch.zeros(padding, dtype=torch.long)])
+    minis, micro = cfg.train.mini_batches, cfg.train.micro_batch_size
+    most = math.ceil(math.ceil(int(train.sum()) / dp) / minis)  # rows of the busiest mini-batch of any rank
+    per_mini = max(1, math.ceil(most / micro)) * micro
+    # Each mini-batch gets its share of the real rows first, then padding (shares differ by at most one
+    # row): with few positives every optimiser step still has some to learn from.
+    shares = torch.tensor_split(rows, minis)
+    index = torch.cat([torch.cat([s, torch.zeros(per_mini - len(s), dtype=torch.long)]) for s in shares])
     mine = batch[index]
-    empty = torch.arange(per_rank) >= len(rows)
+    empty = torch.cat([torch.arange(per_mini) >= len(s) for s in shares])
     mine = mine.without_rows(empty).with_fields(
         sample_weights=torch.where(empty, 0.0, mine.sample_weights), positive=mine.positive & ~empty
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from popo_megatron.algo.advantages import group_stats
 from popo_megatron.algo.batch import PolicyBatch
 from popo_megatron.algo.metrics import MetricAccumulator
+from popo_megatron.algo.predictor import clip_with_predictor
 from popo_megatron.algo.step import LossSettings, forward_backward, forward_only, loss_normalizers
 from popo_megatron.config.schema import Algorithm, OldLogprobs
 from popo_megatron.platform import init_distributed
@@ -74,10 +75,41 @@ class _StopRequest:
         return "signal" if signalled else "time" if out_of_time else None
 
 
-def _forward_logprobs(state: TrainState, batch: PolicyBatch, settings: LossSettings) -> torch.Tensor | None:
-    micro = batch.micro_batches(batch.size // state.cfg.train.micro_batch_size)
+def _micro_batches(mini: PolicyBatch, cfg: DictConfig) -> list[PolicyBatch]:
+    """The micro-batches of a mini-batch, for every forward of it: the old log-probs, the twin, the update.
+    The same shapes everywhere, so that on-policy ratios are exactly 1, not 1 up to kernel noise."""
+    return mini.micro_batches(mini.size // cfg.train.micro_batch_size)
+
+
+def _forward_logprobs(state: TrainState, minis: list[PolicyBatch], settings: LossSettings) -> torch.Tensor | None:
+    micro = [mb for mini in minis for mb in _micro_batches(mini, state.cfg)]
     outputs = forward_only(state.ddp, micro, settings)
     return torch.cat([o.logprobs.cpu() for o in outputs]) if outputs else None
+
+
+def _update(state: TrainState, mini: PolicyBatch, settings: LossSettings, normalizers, twin_hidden):
+    """Loss, backward and one optimiser step on a mini-batch (and the predictor's, clipped together with
+    the policy's gradients); returns this rank's loss metrics and the gradient norm before clipping."""
+    state.ddp.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    metrics = forward_backward(
+        state.ddp, _micro_batches(mini, state.cfg), settings, normalizers, twin_hidden, state.predictor
+    )
+    joint_norm = None
+    if state.uses_predictor:
+        if state.predictor is not None:
+            state.predictor.finish_grad_sync()
+        joint_norm = clip_with_predictor(state.optimizer, state.ddp, state.predictor, state.cfg.optim.clip_grad)
+        if state.predictor is not None:
+            # The predictor follows the policy's LR schedule (warm-up, decay) at its own peak rate.
+            scale = state.optimizer.param_groups[0]["lr"] / state.cfg.optim.lr if state.cfg.optim.lr > 0 else 1.0
+            for group in state.predictor_optimizer.param_groups:
+                group["lr"] = state.cfg.popo.similarity.predictor_lr * scale
+            state.predictor_optimizer.step()
+            state.predictor_optimizer.zero_grad()
+    _, grad_norm, _ = state.optimizer.step()
+    state.scheduler.step(1)
+    return metrics, joint_norm if joint_norm is not None else grad_norm
 
 
 def _from_last_stage(value):
@@ -131,51 +163,46 @@ def train_step(state: TrainState, step: int) -> dict:
     dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
     # No group with a signal (dynamic sampling gave up): the generated ones, which teach nothing, keep the
     # schedule (POPO: no positive, nothing trains; GRPO: zero advantages).
-    batch = rank_rows(step_batch(groups or generated, cfg, state.pad_id), cfg, dp, dp_rank)
+    step_rows = step_batch(groups or generated, cfg, state.pad_id)
+    # POPO's all_tokens normaliser: every rollout's response tokens (negatives too), a share per mini-batch.
+    all_tokens = float(step_rows.response_lengths().sum()) / cfg.train.mini_batches
+    batch = rank_rows(step_rows, cfg, dp, dp_rank)
+    minis = batch.micro_batches(cfg.train.mini_batches)  # equal consecutive slices: the mini-batches
     old_start = time.perf_counter()
     if cfg.popo.old_logprobs == OldLogprobs.trainer or settings.tis_cap is not None:
-        batch = batch.with_fields(old_logprobs=_forward_logprobs(state, batch, settings))
+        batch = batch.with_fields(old_logprobs=_forward_logprobs(state, minis, settings))
     else:
         batch = batch.with_fields(old_logprobs=batch.rollout_logprobs)
     if state.reference is not None:
         with state.reference.swapped_in():
-            batch = batch.with_fields(ref_logprobs=_forward_logprobs(state, batch, settings))
+            batch = batch.with_fields(ref_logprobs=_forward_logprobs(state, minis, settings))
+    minis = batch.micro_batches(cfg.train.mini_batches)
     old_s = time.perf_counter() - old_start
     twin_s = 0.0
-    rows = batch.size // cfg.train.mini_batches
-    micro = rows // cfg.train.micro_batch_size
     grad_norm = float("nan")
-    for index in range(cfg.train.mini_batches):
-        mini = batch[index * rows : (index + 1) * rows]
-        normalizers = loss_normalizers(mini, settings.algorithm)
+    for mini in minis:
+        settings = replace(state.settings, similarity_beta=state.beta.value) if state.twin is not None else settings
+        normalizers = loss_normalizers(mini, settings, all_tokens)
         twin_hidden = None
         if settings.uses_twin_hidden:
             twin_start = time.perf_counter()
             with state.twin.swapped_in():
-                outputs = forward_only(state.ddp, mini.micro_batches(micro), settings, hidden=True, logprobs=False)
+                outputs = forward_only(state.ddp, _micro_batches(mini, cfg), settings, hidden=True, logprobs=False)
             twin_hidden = [o.hidden for o in outputs]
             twin_s += time.perf_counter() - twin_start
         drift = None
         if normalizers.policy > 0 or normalizers.similarity > 0:
-            state.ddp.zero_grad_buffer()
-            state.optimizer.zero_grad()
-            step_metrics = forward_backward(
-                state.ddp, mini.micro_batches(micro), settings, normalizers, twin_hidden, state.predictor
-            )
-            if state.predictor is not None:
-                state.predictor.finish_grad_sync()
-                state.predictor_optimizer.step()
-                state.predictor_optimizer.zero_grad()
-            _, grad_norm, _ = state.optimizer.step()
-            state.scheduler.step(1)
+            step_metrics, grad_norm = _update(state, mini, settings, normalizers, twin_hidden)
             reduced = step_metrics.reduce(parallel_state.get_data_parallel_group())
             drift = reduced.get("popo/similarity")
             metrics.merge(step_metrics)
         else:  # nothing to learn from: no gradient, and no Adam step that would move the weights anyway
             metrics.add_total("train/skipped_updates", 1)
         if state.twin is not None:
+            drift = _from_last_stage(drift)
             state.twin.update(state.momentum.value)
-            state.momentum.advance(_from_last_stage(drift))
+            state.momentum.advance(drift)
+            state.beta.advance(drift)
     train_s = time.perf_counter() - train_start
 
     sync_start = time.perf_counter()
@@ -185,6 +212,7 @@ def train_step(state: TrainState, step: int) -> dict:
     step_s = time.perf_counter() - step_start
     extra = {
         "twin_momentum": state.momentum.value if state.twin is not None else float("nan"),
+        "similarity_beta": state.beta.value if state.twin is not None else float("nan"),
         "lr": state.optimizer.param_groups[0]["lr"],
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "response_len_mean": reduced.get("response/length", float("nan")),

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from popo_megatron.algo.momentum import TwinMomentum
+from popo_megatron.algo.drift import SimilarityBeta, TwinMomentum
 from popo_megatron.algo.predictor import SimilarityPredictor, build_predictor_optimizer
 from popo_megatron.algo.step import LossSettings
 from popo_megatron.algo.twin import TwinParams
@@ -75,6 +75,7 @@ class TrainState:
     verifier: Any
     engine: Any
     momentum: TwinMomentum
+    beta: SimilarityBeta
     twin: TwinParams | None = None
     reference: TwinParams | None = None  # GRPO's frozen initial policy (KL)
     predictor: SimilarityPredictor | None = None
@@ -85,6 +86,11 @@ class TrainState:
     @property
     def model(self) -> torch.nn.Module:
         return self.ddp.module
+
+    @property
+    def uses_predictor(self) -> bool:
+        """The run trains a linear predictor (it lives on the last pipeline stage; every rank knows)."""
+        return self.settings.uses_twin_hidden and self.cfg.popo.similarity.predictor == Predictor.linear
 
     def sync_weights(self) -> None:
         """Stream the trainer's weights into the rollout engine (collective)."""
@@ -144,6 +150,7 @@ class TrainState:
             "step": self.step,
             "sampler": self.sampler.state_dict(),
             "momentum": self.momentum.state_dict(),
+            "beta": self.beta.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "config": OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True),
         }
@@ -179,6 +186,7 @@ class TrainState:
         self.step = state["step"]
         self.sampler.load_state_dict(state["sampler"])
         self.momentum.load_state_dict(state["momentum"])
+        self.beta.load_state_dict(state["beta"])
         self.scheduler.load_state_dict(state["scheduler"])
         rng = ckpt / "rng" / f"rank_{dist.get_rank() if dist.is_initialized() else 0}.pt"
         if rng.is_file():  # another layout may have more ranks than the one that saved
@@ -298,7 +306,8 @@ def build_train_state(cfg: DictConfig) -> TrainState:
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
         verifier=MathVerifier(cfg.reward),
         engine=vllm_engine(cfg, cfg.model.hf_path),
-        momentum=TwinMomentum.from_config(twin_cfg.momentum, total_updates),
+        momentum=TwinMomentum(twin_cfg.momentum, total_updates),
+        beta=SimilarityBeta(cfg.popo.similarity, twin_cfg.momentum.d_target),
         twin=twin,
         reference=reference,
         predictor=predictor,

@@ -1,0 +1,110 @@
+"""Controllers driven by the measured drift d_t (popo-algorithm.md, section 3), one update per optimiser step.
+
+d_t is the similarity penalty of the step's positives, mean over tokens of
+1 - cos(g(h_t), h_twin_t), measured in the loss forward, before the update.
+
+- `TwinMomentum`, the twin's momentum m_t:
+  - constant: m_t = m0;
+  - cosine (BYOL): m_t = 1 - (1 - m0) (1 + cos(pi t / T)) / 2, from m0 at t = 0 to 1 at t = T;
+  - adaptive: negative feedback on the twin's step size a = 1 - m, in log space,
+        log a_{t+1} = log a_t + clamp(kappa (d_t / d_target - 1), -s, s),  a in [1 - m_max, 1 - m_min].
+    Drift above target makes the twin follow faster, which shrinks its lag
+    and so the drift; drift below makes it a steadier anchor. For an EMA the
+    lag behind a policy moving v per step is about v / a, so d ~ c / a and
+    the loop converges for small kappa (tests/test_drift_control.py drives
+    it with such a lag model). The earlier law m <- m exp(kappa (d - d_target))
+    was positive feedback (a slower twin lags more, raising d, slowing it
+    further) and sat on a bound; it is retired.
+- `SimilarityBeta`, the penalty weight beta_t (`popo.similarity.adaptive_beta`,
+  off by default): PPO's adaptive-KL controller on the drift,
+        beta_{t+1} = clamp(beta_t exp(clamp(kappa (d_t / d_target - 1), -s, s)), beta_min, beta_max).
+  The inner clamp bounds one step's change as the twin law does (PPO's
+  controller clips its error to +-0.2 the same way).
+
+A step with no drift measured (no positive token) leaves both unchanged. Each
+keeps its state in the training checkpoint, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+from popo_megatron.config.schema import MomentumSchedule
+
+
+def log_step(drift: float, target: float, kappa: float, max_step: float) -> float:
+    """The bounded change of the controlled value's log: clamp(kappa (d / target - 1), -max_step, max_step)."""
+    return min(max(kappa * (drift / target - 1.0), -max_step), max_step)
+
+
+def _measured(drift: float | None) -> bool:
+    return drift is not None and math.isfinite(drift)
+
+
+class TwinMomentum:
+    """m_t for the twin's EMA, from `popo.twin.momentum` (see the module docstring)."""
+
+    def __init__(self, cfg, total_steps: int | None = None) -> None:
+        self.schedule = MomentumSchedule(cfg.schedule)
+        if self.schedule == MomentumSchedule.cosine and not total_steps:
+            raise ValueError("the cosine momentum schedule needs the run's total number of steps")
+        self.cfg = cfg
+        self.total_steps = total_steps
+        self.step = 0
+        self.step_size = self._clamped(1.0 - cfg.m0)  # a = 1 - m: the adaptive law's state
+
+    def _clamped(self, step_size: float) -> float:
+        return min(max(step_size, 1.0 - self.cfg.m_max), 1.0 - self.cfg.m_min)
+
+    @property
+    def value(self) -> float:
+        """m_t for the update after the current step."""
+        if self.schedule == MomentumSchedule.constant:
+            return self.cfg.m0
+        if self.schedule == MomentumSchedule.cosine:
+            progress = min(self.step / self.total_steps, 1.0)
+            return 1.0 - (1.0 - self.cfg.m0) * (1.0 + math.cos(math.pi * progress)) / 2.0
+        return 1.0 - self.step_size
+
+    @property
+    def at_bound(self) -> bool:
+        """The adaptive law sits on m_min or m_max (a law that stays there has stopped controlling)."""
+        lo, hi = 1.0 - self.cfg.m_max, 1.0 - self.cfg.m_min
+        return math.isclose(self.step_size, lo, rel_tol=1e-9) or math.isclose(self.step_size, hi, rel_tol=1e-9)
+
+    def advance(self, drift: float | None = None) -> None:
+        """Move to the next step, given the step's measured drift (the adaptive law's input)."""
+        if self.schedule == MomentumSchedule.adaptive and _measured(drift):
+            change = log_step(drift, self.cfg.d_target, self.cfg.kappa, self.cfg.max_log_step)
+            self.step_size = self._clamped(self.step_size * math.exp(change))
+        self.step += 1
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "step_size": self.step_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.step_size = float(state["step_size"])
+
+
+class SimilarityBeta:
+    """beta_t, the similarity penalty's weight: `popo.similarity.beta`, adapted when
+    `popo.similarity.adaptive_beta.enabled` (towards `popo.twin.momentum.d_target`)."""
+
+    def __init__(self, similarity_cfg, d_target: float) -> None:
+        self.cfg = similarity_cfg.adaptive_beta
+        self.d_target = d_target
+        self.value = float(similarity_cfg.beta)
+        if self.cfg.enabled:
+            self.value = min(max(self.value, self.cfg.beta_min), self.cfg.beta_max)
+
+    def advance(self, drift: float | None = None) -> None:
+        if self.cfg.enabled and _measured(drift):
+            change = log_step(drift, self.d_target, self.cfg.kappa, self.cfg.max_log_step)
+            self.value = min(max(self.value * math.exp(change), self.cfg.beta_min), self.cfg.beta_max)
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = float(state["value"])
