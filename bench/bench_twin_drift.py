@@ -8,7 +8,7 @@ second half (mean, and the share of steps within a factor 2 of the target).
 Writes bench/results/twin_drift.json and twin_drift.png (drift, target and m
 over steps).
 
-    python bench/bench_twin_drift.py [--seeds 1 2 3] [--steps 60] [--out bench/results]
+    python bench/bench_twin_drift.py [--seeds 1 2 3] [--steps 60] [--out bench/results] [key=value ...]
 """
 
 from __future__ import annotations
@@ -55,13 +55,15 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--schedules", nargs="+", choices=list(SCHEDULES), default=list(SCHEDULES))
     parser.add_argument("overrides", nargs="*", help="key=value applied to every run (e.g. a target to try)")
     ns = parser.parse_args()
     momentum = load_config(EXAMPLE, ns.overrides).popo.twin.momentum
     print(f"adaptive law: {OmegaConf.to_yaml(momentum).strip().replace(chr(10), ', ')}")
     rows, curves = [], {}
     with tempfile.TemporaryDirectory() as tmp:
-        for schedule, extra in SCHEDULES.items():
+        for schedule in ns.schedules:
+            extra = SCHEDULES[schedule]
             for seed in ns.seeds:
                 records = run(seed, ns.steps, Path(tmp) / f"{schedule}_{seed}", [*ns.overrides, *extra])
                 curves[f"{schedule}_{seed}"] = {

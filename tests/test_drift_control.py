@@ -106,6 +106,8 @@ def test_adaptive_law_steps_and_state():
     restored.load_state_dict(law.state_dict())
     assert (restored.value, restored.step) == (law.value, law.step)
     assert log_step(0.01, 0.02, 0.1, 0.2) == pytest.approx(-0.05)
+    restored.load_state_dict({"step": 3, "adaptive": 0.995})  # a checkpoint of the retired law: m itself
+    assert (restored.value, restored.step) == (pytest.approx(0.995), 3)
 
 
 def test_constant_and_cosine_schedules():

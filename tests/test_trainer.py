@@ -106,14 +106,16 @@ def test_steps_run_and_vllm_serves_the_trainers_weights(arith_model, tmp_path, t
     run_local(_e2e_worker, tp * pp, str(arith_model), str(tmp_path / "run"), tp, pp)
 
 
-def _popo_train(out: Path, model: Path, *overrides: str, nproc: int | None = None) -> subprocess.Popen:
+def _popo_train(
+    out: Path, model: Path, *overrides: str, nproc: int | None = None, config: Path = EXAMPLE
+) -> subprocess.Popen:
     """`popo train` on the tiny example as its own process session (so a test can signal it)."""
     command = [
         sys.executable,
         "-m",
         "popo_megatron",
         "train",
-        str(EXAMPLE),
+        str(config),
         f"model.hf_path={model}",
         f"train.output_dir={out}",
         *overrides,
@@ -203,6 +205,20 @@ def test_first_mini_batch_ratio_is_exactly_one(arith_model, tmp_path, tp):
     for r in measured:
         assert r["ratio_max"] == 1.0 and r["all"]["popo/ratio_min"] == 1.0, r["step"]
         assert r["clip_frac"] == 0.0
+
+
+def test_vanilla_grpo_trains_through_the_loop(arith_model, tmp_path):
+    """The original GRPO (examples/tiny_cpu_grpo_vanilla.yaml): every rollout trains, the KL to the frozen
+    initial policy is measured from the second update on, symmetric clipping."""
+    out = tmp_path / "grpo"
+    config = EXAMPLE.parent / "tiny_cpu_grpo_vanilla.yaml"
+    _finish(_popo_train(out, arith_model, "train.steps=4", "train.checkpoint_every=0", *SMALL, config=config), out)
+    history = records(out)
+    assert len(history) == 4
+    kl = [r["all"]["grpo/kl"] for r in history if "grpo/kl" in r["all"]]
+    assert kl and all(k >= 0 for k in kl) and kl[-1] > 0, f"k3 KL to the reference: {kl}"
+    assert math.isnan(history[0]["twin_momentum"]), "GRPO has no twin"
+    assert all(math.isfinite(r["loss"]) for r in history if r["positive_frac"] > 0)
 
 
 def test_exact_resume_after_sigterm(arith_model, tmp_path):

@@ -84,7 +84,8 @@ class TwinMomentum:
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
-        self.step_size = float(state["step_size"])
+        # Checkpoints written before the retired law stored m itself ("adaptive").
+        self.step_size = float(state["step_size"]) if "step_size" in state else 1.0 - float(state["adaptive"])
 
 
 class SimilarityBeta:

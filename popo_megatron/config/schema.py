@@ -197,7 +197,8 @@ class SimilarityConfig:
 class PopoLossConfig:
     is_bound: ISBoundConfig = field(default_factory=ISBoundConfig)
     redistribution: Redistribution = Redistribution.success_scaled
-    loss_normalizer: LossNormalizer = LossNormalizer.positive_tokens
+    # all_tokens won on the synthetic task (README, "Choosing the loss normaliser"; bench/bench_train.py).
+    loss_normalizer: LossNormalizer = LossNormalizer.all_tokens
     twin: TwinConfig = field(default_factory=TwinConfig)
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
     # Shared with GRPO: where pi_old comes from, and the correction for the engine's mismatch.

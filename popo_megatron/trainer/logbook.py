@@ -80,7 +80,8 @@ class Logbook:
         step = record["step"]
         for name, value in record["all"].items():
             self.tensorboard.add_scalar(name, value, step)
-        for name in ("twin_momentum", "lr", "grad_norm", "tokens_per_s", "response_len_mean", "time_step_s"):
+        extras = ("twin_momentum", "similarity_beta", "lr", "grad_norm", "tokens_per_s", "response_len_mean")
+        for name in (*extras, "time_step_s"):
             if name in record:
                 self.tensorboard.add_scalar(f"train/{name}", record[name], step)
         self.bar.write(log_line(record, self.total))

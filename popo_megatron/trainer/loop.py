@@ -21,7 +21,7 @@ from popo_megatron.algo.advantages import group_stats
 from popo_megatron.algo.batch import PolicyBatch
 from popo_megatron.algo.metrics import MetricAccumulator
 from popo_megatron.algo.predictor import clip_with_predictor
-from popo_megatron.algo.step import LossSettings, forward_backward, forward_only, loss_normalizers
+from popo_megatron.algo.step import LossSettings, Normalizers, forward_backward, forward_only, loss_normalizers
 from popo_megatron.config.schema import Algorithm, OldLogprobs
 from popo_megatron.platform import init_distributed
 from popo_megatron.reward.grade import add_grade_metrics
@@ -87,7 +87,13 @@ def _forward_logprobs(state: TrainState, minis: list[PolicyBatch], settings: Los
     return torch.cat([o.logprobs.cpu() for o in outputs]) if outputs else None
 
 
-def _update(state: TrainState, mini: PolicyBatch, settings: LossSettings, normalizers, twin_hidden):
+def _update(
+    state: TrainState,
+    mini: PolicyBatch,
+    settings: LossSettings,
+    normalizers: Normalizers,
+    twin_hidden: list[torch.Tensor] | None,
+) -> tuple[MetricAccumulator, float]:
     """Loss, backward and one optimiser step on a mini-batch (and the predictor's, clipped together with
     the policy's gradients); returns this rank's loss metrics and the gradient norm before clipping."""
     state.ddp.zero_grad_buffer()
@@ -181,18 +187,19 @@ def train_step(state: TrainState, step: int) -> dict:
     twin_s = 0.0
     grad_norm = float("nan")
     for mini in minis:
-        settings = replace(state.settings, similarity_beta=state.beta.value) if state.twin is not None else settings
-        normalizers = loss_normalizers(mini, settings, all_tokens)
+        # beta as the adaptive controller (if on) has it now
+        current = replace(settings, similarity_beta=state.beta.value) if state.twin is not None else settings
+        normalizers = loss_normalizers(mini, current, all_tokens)
         twin_hidden = None
-        if settings.uses_twin_hidden:
+        if current.uses_twin_hidden:
             twin_start = time.perf_counter()
             with state.twin.swapped_in():
-                outputs = forward_only(state.ddp, _micro_batches(mini, cfg), settings, hidden=True, logprobs=False)
+                outputs = forward_only(state.ddp, _micro_batches(mini, cfg), current, hidden=True, logprobs=False)
             twin_hidden = [o.hidden for o in outputs]
             twin_s += time.perf_counter() - twin_start
         drift = None
         if normalizers.policy > 0 or normalizers.similarity > 0:
-            step_metrics, grad_norm = _update(state, mini, settings, normalizers, twin_hidden)
+            step_metrics, grad_norm = _update(state, mini, current, normalizers, twin_hidden)
             reduced = step_metrics.reduce(parallel_state.get_data_parallel_group())
             drift = reduced.get("popo/similarity")
             metrics.merge(step_metrics)

@@ -186,7 +186,8 @@ class TrainState:
         self.step = state["step"]
         self.sampler.load_state_dict(state["sampler"])
         self.momentum.load_state_dict(state["momentum"])
-        self.beta.load_state_dict(state["beta"])
+        if "beta" in state:  # checkpoints from before the adaptive beta keep the configured one
+            self.beta.load_state_dict(state["beta"])
         self.scheduler.load_state_dict(state["scheduler"])
         rng = ckpt / "rng" / f"rank_{dist.get_rank() if dist.is_initialized() else 0}.pt"
         if rng.is_file():  # another layout may have more ranks than the one that saved
