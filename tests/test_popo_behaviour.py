@@ -84,7 +84,8 @@ def _implicit_negative_worker(hf: str, prompts, answers, out: str) -> None:
     # The training batch holds the positives only: the negatives never enter the loss.
     train = PolicyBatch(tokens[positive], mask[positive], everything.sample_weights[positive], positive[positive])
     train = train.with_fields(old_logprobs=_token_logprobs(ddp, train, settings))
-    forward_backward(ddp, train.micro_batches(1), settings, loss_normalizers(train, settings))
+    normalizers = loss_normalizers(train, settings, all_response_tokens=float(mask.sum()))
+    forward_backward(ddp, train.micro_batches(1), settings, normalizers)
     # One plain gradient step (Adam's per-parameter normalisation would blur what the gradient itself does).
     with torch.no_grad():
         for param in model.parameters():
@@ -140,7 +141,7 @@ def _edge_worker(hf: str) -> None:
             ddp,
             batch.micro_batches(2),
             settings,
-            loss_normalizers(batch, settings),
+            loss_normalizers(batch, settings, all_response_tokens=float(batch.response_lengths().sum())),
             [o.hidden for o in outputs],
         )
         grad = torch.sqrt(sum(p.main_grad.double().pow(2).sum() for p in model.parameters())).item()

@@ -30,13 +30,19 @@ CASES = {
     # POPO with every switch that changes the gradient: clip, similarity through a trained linear
     # predictor, TIS against engine log-probs.
     "popo_clip": [
+        "popo.loss_normalizer=positive_tokens",
         "popo.redistribution=success_scaled",
         "popo.similarity.beta=0.5",
         "popo.similarity.predictor=linear",
         "popo.rollout_correction=tis",
         "popo.tis_cap=1.5",
     ],
-    "popo_truncate": ["popo.is_bound.mode=truncate", "popo.redistribution=uniform", "popo.similarity.beta=0.1"],
+    "popo_truncate": [
+        "popo.loss_normalizer=all_tokens",
+        "popo.is_bound.mode=truncate",
+        "popo.redistribution=uniform",
+        "popo.similarity.beta=0.1",
+    ],
     "grpo": ["algorithm=grpo", "grpo.kl_beta=0.05"],
 }
 
@@ -91,7 +97,10 @@ def _hf_reference(hf: Path, name: str, cfg, tokens, mask, weights, positive, adv
             surrogate = surrogate * torch.clamp(torch.exp(old - _engine_logprobs(old)), max=cfg.popo.tis_cap)
         active = mask & (weights > 0)[:, None]
         numerator = (weights[:, None] * torch.where(active, surrogate, 0.0)).sum()
-        loss = -numerator / (weights * mask.sum(-1)).sum()
+        if cfg.popo.loss_normalizer == "all_tokens":  # every rollout's response tokens, negatives included
+            loss = -numerator / mask.sum()
+        else:  # sum_i w_i |o_i| over the positives
+            loss = -numerator / (weights * mask.sum(-1)).sum()
         sim_mask = mask & positive[:, None]
         h = out.hidden_states[-1]
         g = predictor(h) if predictor is not None else h
@@ -162,7 +171,7 @@ def _step_case(hf: Path, case: str, tp: int, pp: int, sp: bool, microbatches: in
         ddp,
         batch.micro_batches(microbatches),
         settings,
-        loss_normalizers(batch, settings),
+        loss_normalizers(batch, settings, all_response_tokens=float(full.response_lengths().sum())),
         twin_hidden=[o.hidden for o in before] if settings.uses_twin_hidden else None,
         predictor=predictor,
     )
@@ -288,7 +297,12 @@ def _joint_clip_worker(hf: str) -> None:
     batch = batch.with_fields(old_logprobs=before[0].logprobs)
     predictor = SimilarityPredictor(args.hidden_size)
     forward_backward(
-        ddp, batch.micro_batches(1), settings, loss_normalizers(batch, settings), [before[0].hidden], predictor
+        ddp,
+        batch.micro_batches(1),
+        settings,
+        loss_normalizers(batch, settings, all_response_tokens=float(mask.sum())),
+        [before[0].hidden],
+        predictor,
     )
     predictor.finish_grad_sync()
     model_grads = [p.main_grad.clone() for p in model.parameters()]

@@ -53,6 +53,7 @@ def _train(hf: Path, tp: int, distributed_optimizer: bool, record: bool):
         "optim.lr=1e-3",
         "optim.ddp_bucket_size=4000",  # several buckets, so parameters straddle data-parallel slices
         "popo.similarity.beta=0.5",
+        "popo.loss_normalizer=positive_tokens",  # the batch alone gives the normaliser
         "popo.twin.momentum.m0=0.8",  # a fast twin: visible movement in three steps
         "popo.twin.momentum.m_min=0.5",
     )

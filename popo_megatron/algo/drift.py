@@ -66,12 +66,6 @@ class TwinMomentum:
             return 1.0 - (1.0 - self.cfg.m0) * (1.0 + math.cos(math.pi * progress)) / 2.0
         return 1.0 - self.step_size
 
-    @property
-    def at_bound(self) -> bool:
-        """The adaptive law sits on m_min or m_max (a law that stays there has stopped controlling)."""
-        lo, hi = 1.0 - self.cfg.m_max, 1.0 - self.cfg.m_min
-        return math.isclose(self.step_size, lo, rel_tol=1e-9) or math.isclose(self.step_size, hi, rel_tol=1e-9)
-
     def advance(self, drift: float | None = None) -> None:
         """Move to the next step, given the step's measured drift (the adaptive law's input)."""
         if self.schedule == MomentumSchedule.adaptive and _measured(drift):

@@ -59,7 +59,7 @@ class LossSettings:
     temperature: float = 1.0  # the rollout's sampling temperature
     chunk_tokens: int = 1024
     bound: ISBound = field(default_factory=ISBound)
-    normalizer: LossNormalizer = LossNormalizer.positive_tokens  # POPO's policy-loss normaliser
+    normalizer: LossNormalizer = LossNormalizer.all_tokens  # POPO's policy-loss normaliser
     similarity_beta: float = 0.0  # POPO: 0 when the twin is off
     eps_low: float = 0.2  # GRPO
     eps_high: float = 0.28  # GRPO

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -286,7 +286,10 @@ def build_train_state(cfg: DictConfig) -> TrainState:
     if popo and twin_cfg.enabled:
         twin = TwinParams(ddp, _TWIN_DTYPES[twin_cfg.dtype.value], twin_cfg.cpu_offload)
     reference = TwinParams(ddp) if not popo and cfg.grpo.kl_beta > 0 else None
+    beta = SimilarityBeta(cfg.popo.similarity, twin_cfg.momentum.d_target)
     settings = LossSettings.from_config(cfg, args.vocab_size, temperature=cfg.rollout.temperature)
+    if twin is not None:  # the penalty's weight as the adaptive controller starts it (within its bounds)
+        settings = replace(settings, similarity_beta=beta.value)
     predictor = predictor_optimizer = None
     if settings.uses_twin_hidden and cfg.popo.similarity.predictor == Predictor.linear:
         if is_pipeline_last_stage():
@@ -308,7 +311,7 @@ def build_train_state(cfg: DictConfig) -> TrainState:
         verifier=MathVerifier(cfg.reward),
         engine=vllm_engine(cfg, cfg.model.hf_path),
         momentum=TwinMomentum(twin_cfg.momentum, total_updates),
-        beta=SimilarityBeta(cfg.popo.similarity, twin_cfg.momentum.d_target),
+        beta=beta,
         twin=twin,
         reference=reference,
         predictor=predictor,
