@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,12 @@ def _engine_worker(export: str, ckpt: str, out: str) -> None:
 
         greedy = sampling.greedy()
         before = engine.generate(PROMPTS, greedy, 0).responses
+        # top_k reaches the engine, and its log-probs are renormalised over the kept tokens (why a config
+        # that puts them into a ratio with truncated sampling is rejected): top_k=1 samples the greedy
+        # tokens, each with log-probability 0.
+        top1 = engine.generate(PROMPTS, replace(sampling, n=1, top_k=1), seed).responses
+        assert [g[0].token_ids for g in top1] == [g[0].token_ids for g in before]
+        assert all(lp == 0.0 for g in top1 for lp in g[0].logprobs), [g[0].logprobs for g in top1]
         original = {n: p.detach().clone() for n, p in model.named_parameters()}
         perturb(model, scale=0.5)
         engine.update_weights(iter_hf_weights(model, args, cfg))

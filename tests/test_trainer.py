@@ -75,6 +75,7 @@ def _e2e_worker(model: str, out: str, tp: int, pp: int) -> None:
             f"data.dynamic_sampling={tp == 2}",  # TP=2 also runs DAPO's dynamic sampling
             f"popo.similarity.predictor={'linear' if pp == 2 else 'identity'}",  # PP=2: on the last stage only
             f"popo.similarity.adaptive_beta.enabled={tp == 2}",
+            "optim.lr_decay_style=linear",  # the predictor's rate follows the policy's schedule
             *SMALL,
         ],
     )
@@ -99,6 +100,9 @@ def _e2e_worker(model: str, out: str, tp: int, pp: int) -> None:
         if state.predictor is not None:  # PP=2: the linear head on the last stage is trained too
             weight = state.predictor.linear.weight
             assert not torch.equal(weight, torch.eye(weight.shape[0])), "the predictor stayed the identity"
+            rate, peak = state.predictor_optimizer.param_groups[0]["lr"], cfg.popo.similarity.predictor_lr
+            policy_share = state.optimizer.param_groups[0]["lr"] / cfg.optim.lr
+            assert policy_share < 1 and rate == pytest.approx(peak * policy_share), "it decays with the policy's"
     finally:
         state.close()
 

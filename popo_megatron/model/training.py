@@ -44,6 +44,9 @@ def build_optimizer(ddp_model: torch.nn.Module, cfg: DictConfig):
         OptimizerConfig(
             optimizer="adam",
             lr=optim.lr,
+            # Megatron copies both into every parameter group, where the LR schedule reads them: without
+            # min_lr there, a decaying schedule (linear, cosine) fails on its first step.
+            min_lr=optim.min_lr,
             weight_decay=optim.weight_decay,
             adam_beta1=optim.adam_beta1,
             adam_beta2=optim.adam_beta2,

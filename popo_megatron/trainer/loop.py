@@ -107,14 +107,11 @@ def _update(
             state.predictor.finish_grad_sync()
         joint_norm = clip_with_predictor(state.optimizer, state.ddp, state.predictor, state.cfg.optim.clip_grad)
         if state.predictor is not None:
-            # The predictor follows the policy's LR schedule (warm-up, decay) at its own peak rate.
-            scale = state.optimizer.param_groups[0]["lr"] / state.cfg.optim.lr if state.cfg.optim.lr > 0 else 1.0
-            for group in state.predictor_optimizer.param_groups:
-                group["lr"] = state.cfg.popo.similarity.predictor_lr * scale
             state.predictor_optimizer.step()
             state.predictor_optimizer.zero_grad()
     _, grad_norm, _ = state.optimizer.step()
     state.scheduler.step(1)
+    state.follow_lr_schedule()
     return metrics, joint_norm if joint_norm is not None else grad_norm
 
 

@@ -92,6 +92,15 @@ class TrainState:
         """The run trains a linear predictor (it lives on the last pipeline stage; every rank knows)."""
         return self.settings.uses_twin_hidden and self.cfg.popo.similarity.predictor == Predictor.linear
 
+    def follow_lr_schedule(self) -> None:
+        """Give the predictor the policy's schedule (warm-up, decay) at its own peak rate:
+        predictor_lr x lr / optim.lr (call after every scheduler step)."""
+        if self.predictor_optimizer is None:
+            return
+        scale = self.optimizer.param_groups[0]["lr"] / self.cfg.optim.lr if self.cfg.optim.lr > 0 else 1.0
+        for group in self.predictor_optimizer.param_groups:
+            group["lr"] = self.cfg.popo.similarity.predictor_lr * scale
+
     def sync_weights(self) -> None:
         """Stream the trainer's weights into the rollout engine (collective)."""
         from popo_megatron.convert.weight_stream import iter_hf_weights
@@ -189,6 +198,7 @@ class TrainState:
         if "beta" in state:  # checkpoints from before the adaptive beta keep the configured one
             self.beta.load_state_dict(state["beta"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.follow_lr_schedule()
         rng = ckpt / "rng" / f"rank_{dist.get_rank() if dist.is_initialized() else 0}.pt"
         if rng.is_file():  # another layout may have more ranks than the one that saved
             restore_rng_state(torch.load(rng, weights_only=True))
@@ -317,6 +327,7 @@ def build_train_state(cfg: DictConfig) -> TrainState:
         predictor=predictor,
         predictor_optimizer=predictor_optimizer,
     )
+    state.follow_lr_schedule()
     previous = latest_checkpoint(cfg.train.output_dir) if cfg.train.resume else None
     if cfg.train.resume_from:
         previous = Path(cfg.train.resume_from)
