@@ -172,7 +172,7 @@ class AdaptiveBetaConfig:
     kappa: float = 0.1  # the same gain as the twin law's, for the same reason
     max_log_step: float = 0.2  # PPO clips the controller's error to +-0.2 per update
     beta_min: float = 1.0e-3  # > 0: a multiplicative law cannot leave 0
-    beta_max: float = 1.0  # the penalty never outweighs the policy loss by more than this
+    beta_max: float = 1.0  # the strongest pull to the twin the controller may reach
 
 
 class LossNormalizer(str, Enum):
