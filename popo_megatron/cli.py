@@ -12,30 +12,34 @@ from omegaconf import OmegaConf
 
 # fp32 forward of the same weights in a different order of operations.
 PARITY_TOLERANCE = 1e-4
+PARITY_LAYOUTS = ["tp1", "tp2", "tp2_sp", "pp2"]
 
 
 def _parity(ns: argparse.Namespace) -> int:
     from popo_megatron.model.hf_config import read_hf_config
     from popo_megatron.model.tiny import TINY_QWEN2, save_random_hf_model
-    from popo_megatron.parity import LAYOUTS, run_parity
+    from popo_megatron.parity import check_layout, parse_layout, run_parity
 
-    unknown = [name for name in ns.layouts if name not in LAYOUTS]
-    if unknown:
-        print(f"popo parity: unknown layout(s) {unknown}; choose from {list(LAYOUTS)}", file=sys.stderr)
-        return 2
     hf_path = ns.hf
     if hf_path is None:
         hf_path = Path(ns.out) / "tiny-qwen2"
         if not (hf_path / "config.json").is_file():
             save_random_hf_model(hf_path, "Qwen2Config", **TINY_QWEN2)
         print(f"popo parity: using a tiny random Qwen2 checkpoint at {hf_path}")
+    try:  # every layout is checked against the model before any process starts
+        layouts = [parse_layout(name) for name in ns.layouts]
+        for layout in layouts:
+            check_layout(hf_path, layout)
+    except ValueError as exc:  # a malformed name, or a layout the model does not allow (ConfigError)
+        print(f"popo parity: error: {exc}", file=sys.stderr)
+        return 2
     args = read_hf_config(hf_path)
     print(
         f"popo parity: {args.architecture}, {args.num_layers} layers, hidden {args.hidden_size}, "
         f"{args.num_attention_heads} heads / {args.num_kv_heads} KV heads, vocab {args.vocab_size}, "
         f"tied embeddings: {args.tie_word_embeddings}"
     )
-    results = run_parity(hf_path, ns.layouts)
+    results = run_parity(hf_path, layouts)
     print()
     print(f"{'layout':10s} {'ranks':>5s} {'max |diff|':>11s} {'load (s)':>9s} {'wall (s)':>9s}  result")
     ok = True
@@ -244,8 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     parity.add_argument(
         "--layouts",
         type=lambda s: s.split(","),
-        default=["tp1", "tp2", "tp2_sp", "pp2"],
-        help="comma-separated, from: tp1, tp2, tp2_sp, pp2, tp2_pp2 (default: tp1,tp2,tp2_sp,pp2)",
+        default=PARITY_LAYOUTS,
+        help="comma-separated: tpN, ppM and sp joined by '_' (tp3, tp3_pp2, tp2_sp, ...); each must suit the "
+        f"model (default: {','.join(PARITY_LAYOUTS)})",
     )
     parity.add_argument("--out", default="outputs/parity", help="where the generated tiny model is kept")
     parity.set_defaults(func=_parity)

@@ -7,43 +7,70 @@ prints a table; it is the main demo until the trainer lands.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from popo_megatron.launch import run_local
 
-LAYOUTS: dict[str, dict] = {
-    "tp1": dict(tp=1, pp=1, sp=False),
-    "tp2": dict(tp=2, pp=1, sp=False),
-    "tp2_sp": dict(tp=2, pp=1, sp=True),
-    "pp2": dict(tp=1, pp=2, sp=False),
-    "tp2_pp2": dict(tp=2, pp=2, sp=False),
-}
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    tp: int = 1
+    pp: int = 1
+    sp: bool = False
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp
+
+    def overrides(self) -> list[str]:
+        return [
+            f"parallel.tensor_model_parallel_size={self.tp}",
+            f"parallel.pipeline_model_parallel_size={self.pp}",
+            f"parallel.sequence_parallel={self.sp}",
+        ]
 
 
-def _parity_worker(hf_path: str, tp: int, pp: int, sp: bool, result_file: str) -> None:
-    import torch.distributed as dist
+def parse_layout(name: str) -> Layout:
+    """`tpN`, `ppM` and `sp` joined by '_' in any order, each at most once (tp1, tp3_pp2, tp2_sp, pp2, ...)."""
+    values: dict = {}
+    for part in name.split("_"):
+        match = re.fullmatch(r"(tp|pp)([1-9][0-9]*)|sp", part)
+        key = part if part == "sp" else match.group(1) if match else None
+        if key is None or key in values:
+            raise ValueError(
+                f"layout {name!r}: expected tpN, ppM and sp joined by '_', each at most once (e.g. tp3_pp2, tp2_sp)"
+            )
+        values[key] = True if key == "sp" else int(match.group(2))
+    return Layout(name, **values)
+
+
+def check_layout(hf_path: str | Path, layout: Layout) -> None:
+    """Raise ConfigError when the model does not allow the layout (heads, KV heads, layers vs TP / PP, SP)."""
+    from popo_megatron.config import load_config, validate_config
+    from popo_megatron.model.hf_config import read_hf_config
+
+    cfg = load_config(overrides=[f"model.hf_path={hf_path}", *layout.overrides()])
+    validate_config(cfg, layout.world, read_hf_config(hf_path))
+
+
+def _parity_worker(hf_path: str, layout: Layout, result_file: str) -> None:
     from megatron.core import parallel_state
     from transformers import AutoModelForCausalLM
 
-    from popo_megatron.config import load_config, validate_config
+    from popo_megatron.config import load_config
     from popo_megatron.convert import load_hf_model
     from popo_megatron.model.forward import forward_backward
-    from popo_megatron.model.hf_config import read_hf_config
     from popo_megatron.platform import init_model_parallel, seed_everything
 
-    cfg = load_config(
-        overrides=[
-            f"model.hf_path={hf_path}",
-            f"parallel.tensor_model_parallel_size={tp}",
-            f"parallel.pipeline_model_parallel_size={pp}",
-            f"parallel.sequence_parallel={sp}",
-        ]
-    )
-    validate_config(cfg, dist.get_world_size(), read_hf_config(hf_path))
+    check_layout(hf_path, layout)
+    cfg = load_config(overrides=[f"model.hf_path={hf_path}", *layout.overrides()])
     init_model_parallel(cfg.parallel)
     seed_everything(cfg.seed)
     start = time.perf_counter()
@@ -61,17 +88,15 @@ def _parity_worker(hf_path: str, tp: int, pp: int, sp: bool, result_file: str) -
         Path(result_file).write_text(json.dumps(dict(max_abs_diff=diff, load_s=load_s)))
 
 
-def run_parity(hf_path: str | Path, layouts: list[str]) -> list[dict]:
+def run_parity(hf_path: str | Path, layouts: list[Layout]) -> list[dict]:
     """Run the parity check at each layout (each in a fresh local world); one result dict per layout."""
     results = []
-    for name in layouts:
-        spec = LAYOUTS[name]
-        world = spec["tp"] * spec["pp"]
+    for layout in layouts:
         with tempfile.TemporaryDirectory() as tmp:
             result_file = str(Path(tmp) / "result.json")
             start = time.perf_counter()
-            run_local(_parity_worker, world, str(hf_path), spec["tp"], spec["pp"], spec["sp"], result_file)
+            run_local(_parity_worker, layout.world, str(hf_path), layout, result_file)
             result = json.loads(Path(result_file).read_text())
-        results.append(dict(layout=name, world=world, wall_s=time.perf_counter() - start, **result))
-        print(f"  {name:8s} max |logits - transformers| = {result['max_abs_diff']:.2e}", flush=True)
+        results.append(dict(layout=layout.name, world=layout.world, wall_s=time.perf_counter() - start, **result))
+        print(f"  {layout.name:8s} max |logits - transformers| = {result['max_abs_diff']:.2e}", flush=True)
     return results
