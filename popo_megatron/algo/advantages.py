@@ -29,7 +29,7 @@ def popo_weights(rewards: torch.Tensor, redistribution: Redistribution | str) ->
       success_scaled  (1 - p) / k          (all-correct groups weigh 0)
       grpo_matched    sqrt((1 - p) / p)    (GRPO's advantage of a positive with binary rewards)
 
-    grpo_matched: the design note divides by G, a constant that cancels under the
+    grpo_matched: earlier readings divided by G, a constant that cancels under the
     `positive_tokens` normaliser; without it, `all_tokens` gives exactly GRPO's
     gradient on the positives (tested in tests/test_popo_step.py).
     """

@@ -1,4 +1,4 @@
-"""Controllers driven by the measured drift d_t (popo-algorithm.md, section 3), one update per optimiser step.
+"""Controllers driven by the measured drift d_t (docs/algorithm.md, section 3), one update per optimiser step.
 
 d_t is the similarity penalty of the step's positives, mean over tokens of
 1 - cos(g(h_t), h_twin_t), measured in the loss forward, before the update.

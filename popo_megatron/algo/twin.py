@@ -1,7 +1,7 @@
 """The twin-parameter manager: theta_twin for exactly this rank's parameters.
 
 POPO's siamese twin is a momentum (EMA) copy of the policy that the optimiser
-never trains (popo-algorithm.md, section 3). It is stored shard-local, in the
+never trains (docs/algorithm.md, section 3). It is stored shard-local, in the
 layout the model already has, so no resharding is ever needed:
 
 - TP / PP: the twin of a parameter has the shape of this rank's shard of it.

@@ -77,7 +77,7 @@ class ParallelConfig:
     sequence_parallel: bool = False
 
 
-# --- The algorithm (design: popo-algorithm.md). The paper's code is not public: every
+# --- The algorithm (docs/algorithm.md). The paper's code is not public: every
 # choice it leaves open is a switch here, with the default this project reads from it.
 
 
