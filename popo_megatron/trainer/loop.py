@@ -1,4 +1,4 @@
-"""The POPO (or GRPO) training loop, as architecture.md draws it. Every rank runs this function.
+"""The POPO (or GRPO) training loop. Every rank runs this function.
 
 prompts -> rollout (vLLM, n per prompt) -> reward (math-verify pool) -> positives and weights
         -> old log-probs (trainer forward, optional) -> per mini-batch: twin forward (hidden states)
