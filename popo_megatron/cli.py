@@ -182,7 +182,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "--benchmark",
         dest="benchmarks",
         action="append",
-        help="math500 (default), math_train_slice, synthetic, or a .jsonl / .parquet file; repeat for several",
+        help="math500 (default), math_train_slice, synthetic, arithmetic_words:train, arithmetic_words:heldout, "
+        "or a .jsonl / .parquet file; repeat for several",
     )
     evaluate.add_argument("--k", type=int, default=4, help="samples per problem")
     evaluate.add_argument("--config", type=Path, help="YAML config (default: the training run's, when stored)")

@@ -9,7 +9,9 @@ loading with its file and line, or, with `on_malformed="skip"`, is counted and
 reported (never silently dropped).
 
 Bundled names: `math500` (evaluation), `math_train_slice` (a 500-problem
-slice of MATH train) and `synthetic` (the arithmetic task, popo_megatron.data.synthetic).
+slice of MATH train), `synthetic` (the arithmetic task, popo_megatron.data.synthetic)
+and `arithmetic_words:train` / `arithmetic_words:heldout` (generated word
+problems, popo_megatron.data.word_problems).
 """
 
 from __future__ import annotations
@@ -164,4 +166,8 @@ def load_dataset(data_cfg, name: str | None = None) -> ProblemSet:
         from popo_megatron.data.synthetic import ArithmeticTask
 
         return ArithmeticTask.from_config(data_cfg.synthetic).problems()
+    if name.startswith("arithmetic_words:"):
+        from popo_megatron.data.word_problems import word_problems
+
+        return word_problems(name.partition(":")[2])
     return load_problems(name, Fields.from_config(data_cfg), data_cfg.on_malformed)
