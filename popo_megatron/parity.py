@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 
 from popo_megatron.launch import run_local
 
@@ -51,26 +52,26 @@ def parse_layout(name: str) -> Layout:
     return Layout(name, **values)
 
 
-def check_layout(hf_path: str | Path, layout: Layout) -> None:
-    """Raise ConfigError when the model does not allow the layout (heads, KV heads, layers vs TP / PP, SP)."""
+def check_layout(hf_path: str | Path, layout: Layout) -> DictConfig:
+    """The config of `hf_path` at `layout`; ConfigError when the model does not allow the layout (heads,
+    KV heads, layers vs TP / PP, SP)."""
     from popo_megatron.config import load_config, validate_config
     from popo_megatron.model.hf_config import read_hf_config
 
     cfg = load_config(overrides=[f"model.hf_path={hf_path}", *layout.overrides()])
     validate_config(cfg, layout.world, read_hf_config(hf_path))
+    return cfg
 
 
 def _parity_worker(hf_path: str, layout: Layout, result_file: str) -> None:
     from megatron.core import parallel_state
     from transformers import AutoModelForCausalLM
 
-    from popo_megatron.config import load_config
     from popo_megatron.convert import load_hf_model
     from popo_megatron.model.forward import forward_backward
     from popo_megatron.platform import init_model_parallel, seed_everything
 
-    check_layout(hf_path, layout)
-    cfg = load_config(overrides=[f"model.hf_path={hf_path}", *layout.overrides()])
+    cfg = check_layout(hf_path, layout)
     init_model_parallel(cfg.parallel)
     seed_everything(cfg.seed)
     start = time.perf_counter()
