@@ -1,19 +1,24 @@
-"""Benchmark: the trainer on the tiny CPU config: step-time breakdown, and variants compared on the synthetic task.
+"""Benchmark: POPO, GRPO and POPO's ablations on the main job, judged on held-out problems; step-time breakdown.
 
 Every run is `popo train examples/tiny_cpu.yaml` with one seed (the seed also
-generates the random model, so each seed is a different start) and a
-variant's overrides (VARIANTS: POPO, GRPO with `algorithm=grpo`, POPO with the
-`all_tokens` normaliser). Reported side by side over the seeds:
+generates the random model, so each seed is a different start), the same step
+budget, and a variant's overrides (VARIANTS). The run evaluates itself on the
+held-out split (`eval.*` of the example: avg@4 at T=0.6, every 25 steps).
+Reported per run and as mean / min / max over the seeds:
 
-- the time of a step split into rollout, reward, old log-probs, twin forward,
-  the rest of training (loss, backward, optimiser, twin EMA) and weight sync,
-  as a share of the step (median over steps after the first);
-- the mean reward of the last 10 steps, and the first step at which the
-  10-step moving average of the reward reaches THRESHOLD;
-- a plot of the reward curves (bench/results/NAME.png, NAME.json).
+- held-out avg@k at fixed budgets (BUDGETS steps, and the end), next to the
+  prompt-blind baseline;
+- the first evaluated step at which held-out avg@k reaches TARGET;
+- wall time of the run and of a step (median), and the step split into
+  rollout, reward, old log-probs, twin forward, update (loss, backward,
+  optimiser, twin EMA) and weight sync;
+- a plot of held-out accuracy per variant (mean and min-max band over seeds).
 
-    python bench/bench_train.py [--variants popo grpo] [--seeds 1 2 3] [--steps 60] [--name popo_vs_grpo]
-    python bench/bench_train.py --variants popo popo_all_tokens --name loss_normalizer
+    python bench/bench_train.py                                  # every variant, seeds 1 2 3, 300 steps
+    python bench/bench_train.py --variants popo grpo --seeds 1 --name popo_vs_grpo
+
+`popo_no_twin` is also the beta = 0 ablation: the twin serves only the similarity penalty, so a twin with
+beta = 0 trains exactly like no twin (the config rejects that combination as a twin kept for nothing).
 """
 
 from __future__ import annotations
@@ -24,52 +29,51 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-from popo_megatron.trainer.logbook import moving_average, read_metrics
+from popo_megatron.trainer.logbook import EVAL_JSONL, read_metrics
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "tiny_cpu.yaml"
-THRESHOLD = 0.10
+TARGET = 0.8
+BUDGETS = (100, 200)
 PARTS = ["rollout", "reward", "old_logprobs", "twin_forward", "update", "sync"]
+VANILLA_GRPO = ["grpo.eps_high=0.2", "grpo.kl_beta=0.04", "grpo.advantage_std=sample"]
 VARIANTS = {
-    "popo": [],
-    "grpo": ["algorithm=grpo"],
-    "popo_all_tokens": ["popo.loss_normalizer=all_tokens"],
+    "popo": [],  # the defaults: clip, success_scaled, all_tokens, twin with beta 0.05
+    "grpo": ["algorithm=grpo"],  # DAPO-style (examples/tiny_cpu_grpo.yaml)
+    "grpo_vanilla": ["algorithm=grpo", *VANILLA_GRPO],  # examples/tiny_cpu_grpo_vanilla.yaml
+    "popo_no_twin": ["popo.twin.enabled=false"],
+    "popo_uniform": ["popo.redistribution=uniform"],
+    "popo_grpo_matched": ["popo.redistribution=grpo_matched"],
     "popo_positive_tokens": ["popo.loss_normalizer=positive_tokens"],
+    "popo_truncate": ["popo.is_bound.mode=truncate"],
 }
-COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:red"]
+COLORS = ["tab:blue", "tab:orange", "tab:red", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
 
 
-def run(variant: str, seed: int, steps: int, out: Path) -> list[dict]:
-    command = [
-        sys.executable,
-        "-m",
-        "popo_megatron",
-        "train",
-        str(EXAMPLE),
-        *VARIANTS[variant],
-        f"seed={seed}",
-        f"train.steps={steps}",
-        f"train.output_dir={out}",
-        "train.checkpoint_every=0",
-    ]
+def run(variant: str, seed: int, steps: int, out: Path) -> tuple[list[dict], list[dict], float]:
+    """(metrics records, held-out evaluations, wall seconds) of one run."""
+    command = [sys.executable, "-m", "popo_megatron", "train", str(EXAMPLE), *VARIANTS[variant]]
+    command += [f"seed={seed}", f"train.steps={steps}", f"train.output_dir={out}", "train.checkpoint_every=0"]
+    start = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
     if proc.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
-    return read_metrics(out / "metrics.jsonl")
+    return read_metrics(out / "metrics.jsonl"), read_metrics(out / EVAL_JSONL), seconds
 
 
 def breakdown(records: list[dict]) -> dict[str, float]:
     """Median share of each part of a step (steps after the first: no start-up costs)."""
     shares = {part: [] for part in PARTS}
     for r in records[1:]:
-        update = r["time_train_s"] - r["time_old_logprobs_s"] - r["time_twin_forward_s"]
         parts = dict(
             rollout=r["time_rollout_s"],
             reward=r["time_reward_s"],
             old_logprobs=r["time_old_logprobs_s"],
             twin_forward=r["time_twin_forward_s"],
-            update=update,
+            update=r["time_train_s"] - r["time_old_logprobs_s"] - r["time_twin_forward_s"],
             sync=r["time_sync_s"],
         )
         for part, seconds in parts.items():
@@ -79,81 +83,90 @@ def breakdown(records: list[dict]) -> dict[str, float]:
     return result
 
 
+def summarise(variant: str, seed: int, records: list[dict], heldout: list[dict], seconds: float) -> dict:
+    by_step = {h["step"]: h["avg_at_k"] for h in heldout}
+    reached = next((h["step"] for h in heldout if h["avg_at_k"] >= TARGET), None)
+    return dict(
+        variant=variant,
+        seed=seed,
+        start=by_step[0],
+        **{f"at_{b}": by_step.get(b) for b in BUDGETS},
+        end=heldout[-1]["avg_at_k"],
+        prompt_blind=heldout[-1]["prompt_blind"],
+        steps_to_target=reached,
+        wall_s=seconds,
+        train_reward_last10=statistics.mean(r["reward_mean"] for r in records[-10:]),
+        **breakdown(records),
+    )
+
+
+def _spread(values: list[float | None]) -> str:
+    known = [v for v in values if v is not None]
+    if not known:
+        return "-"
+    return f"{statistics.mean(known):.3f} [{min(known):.3f}, {max(known):.3f}]"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["popo", "grpo"])
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--name", default="popo_vs_grpo", help="file name of the JSON and the plot")
+    parser.add_argument("--name", default="train_comparison", help="file name of the JSON and the plot")
     ns = parser.parse_args()
-    curves: dict[str, list[list[float]]] = {variant: [] for variant in ns.variants}
-    rows = []
+    rows, curves = [], {variant: [] for variant in ns.variants}
     with tempfile.TemporaryDirectory() as tmp:
-        for variant in curves:
+        for variant in ns.variants:
             for seed in ns.seeds:
-                records = run(variant, seed, ns.steps, Path(tmp) / f"{variant}_{seed}")
-                rewards = [r["reward_mean"] for r in records]
-                curves[variant].append(rewards)
-                reached = next((i + 1 for i, v in enumerate(moving_average(rewards)) if v >= THRESHOLD), None)
-                rows.append(
-                    dict(
-                        variant=variant,
-                        seed=seed,
-                        start=sum(rewards[:5]) / 5,
-                        last10=sum(rewards[-10:]) / 10,
-                        steps_to_threshold=reached,
-                        **breakdown(records),
-                    )
-                )
-    print(
-        f"{'variant':20s} {'seed':>4s} {'reward 1-5':>10s} {'last 10':>8s} {'steps to ' + str(THRESHOLD):>15s} "
-        f"{'step s':>6s}  " + " ".join(f"{p:>12s}" for p in PARTS)
-    )
-    for r in rows:
-        reached = "not reached" if r["steps_to_threshold"] is None else str(r["steps_to_threshold"])
-        print(
-            f"{r['variant']:20s} {r['seed']:4d} {r['start']:10.3f} {r['last10']:8.3f} {reached:>15s} "
-            f"{r['step_s']:6.2f}  " + " ".join(f"{r[p]:12.1%}" for p in PARTS)
-        )
-    for variant in curves:
+                records, heldout, seconds = run(variant, seed, ns.steps, Path(tmp) / f"{variant}_{seed}")
+                rows.append(summarise(variant, seed, records, heldout, seconds))
+                curves[variant].append([(h["step"], h["avg_at_k"]) for h in heldout])
+                print(f"{variant} seed {seed}: held-out {rows[-1]['end']:.3f} after {ns.steps} steps, {seconds:.0f}s")
+    budgets = [f"at {b}" for b in BUDGETS]
+    header = ["variant", *budgets, f"at {ns.steps}", f"steps to {TARGET}", "wall s", "step s"]
+    print("\nheld-out avg@k, mean [min, max] over seeds " + ", ".join(map(str, ns.seeds)))
+    print(" | ".join(header))
+    for variant in ns.variants:
         mine = [r for r in rows if r["variant"] == variant]
-        print(
-            f"{variant}: mean of the last 10 steps over {len(mine)} seeds: "
-            f"{statistics.mean(r['last10'] for r in mine):.3f}"
-        )
+        reached = [r["steps_to_target"] for r in mine]
+        cells = [_spread([r[f"at_{b}"] for r in mine]) for b in BUDGETS] + [_spread([r["end"] for r in mine])]
+        cells.append("/".join("-" if s is None else str(s) for s in reached))
+        cells.append(f"{statistics.mean(r['wall_s'] for r in mine):.0f}")
+        cells.append(f"{statistics.mean(r['step_s'] for r in mine):.2f}")
+        print(" | ".join([variant, *cells]))
+    print(f"prompt-blind baseline: {rows[0]['prompt_blind']:.3f}; start: {_spread([r['start'] for r in rows])}")
+    print("\nstep time shares (median over steps; mean over seeds)")
+    print("variant | " + " | ".join(PARTS))
+    for variant in ns.variants:
+        mine = [r for r in rows if r["variant"] == variant]
+        print(variant + " | " + " | ".join(f"{statistics.mean(r[p] for r in mine):.1%}" for p in PARTS))
     ns.out.mkdir(parents=True, exist_ok=True)
-    (ns.out / f"{ns.name}.json").write_text(
-        json.dumps({"threshold": THRESHOLD, "runs": rows, "curves": curves}, indent=1) + "\n"
-    )
-    plot(curves, ns.out / f"{ns.name}.png")
+    meta = dict(steps=ns.steps, seeds=ns.seeds, target=TARGET, budgets=BUDGETS, variants=VARIANTS)
+    (ns.out / f"{ns.name}.json").write_text(json.dumps({**meta, "runs": rows, "curves": curves}, indent=1) + "\n")
+    plot(curves, rows[0]["prompt_blind"], ns.out / f"{ns.name}.png")
     print(f"\nwritten: {ns.out / (ns.name + '.json')}, {ns.out / (ns.name + '.png')}")
     return 0
 
 
-def plot(curves: dict[str, list[list[float]]], out: Path) -> None:
+def plot(curves: dict[str, list[list[tuple[int, float]]]], prompt_blind: float, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for variant, color in zip(curves, COLORS, strict=False):
-        runs = [moving_average(r, 5) for r in curves[variant]]
-        steps = range(1, len(runs[0]) + 1)
-        mean = [statistics.mean(v) for v in zip(*runs, strict=True)]
-        ax.plot(steps, mean, color=color, label=f"{variant} (mean of {len(runs)} seeds)")
-        ax.fill_between(
-            steps,
-            [min(v) for v in zip(*runs, strict=True)],
-            [max(v) for v in zip(*runs, strict=True)],
-            color=color,
-            alpha=0.15,
-        )
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for (variant, runs), color in zip(curves.items(), COLORS, strict=False):
+        steps = [s for s, _ in runs[0]]
+        values = list(zip(*[[v for _, v in run] for run in runs], strict=True))
+        ax.plot(steps, [statistics.mean(v) for v in values], color=color, label=f"{variant} ({len(runs)} seeds)")
+        ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=color, alpha=0.12)
+    ax.axhline(prompt_blind, color="black", linestyle="--", label="best prompt-blind answer")
     ax.set_xlabel("step")
-    ax.set_ylabel("mean reward (5-step moving average)")
+    ax.set_ylabel("held-out avg@4 (T=0.6)")
+    ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)

@@ -40,3 +40,13 @@ def test_examples_are_all_covered():
         "qwen2.5-math-7b_popo.yaml",
         "qwen2.5-32b_popo.yaml",
     }
+
+
+@pytest.mark.parametrize("name", ["tiny_cpu_grpo.yaml", "tiny_cpu_grpo_vanilla.yaml"])
+def test_grpo_baselines_share_the_main_jobs_task_and_budget(name):
+    """A comparison with the main job is fair only on the same task, sampling, evaluation and budget."""
+    main, baseline = load_config(EXAMPLES / "tiny_cpu.yaml"), load_config(EXAMPLES / name)
+    for section in ("model", "data", "eval", "reward", "rollout", "optim"):
+        assert baseline[section] == main[section], section
+    assert {**baseline.train, "output_dir": None} == {**main.train, "output_dir": None}
+    assert baseline.popo.old_logprobs == main.popo.old_logprobs and baseline.seed == main.seed

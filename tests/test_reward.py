@@ -107,6 +107,11 @@ def test_fallbacks_find_answers_without_a_box():
     assert extract_answer(r"\boxed{1} and 7", ["last_number"]).source == "boxed", "a box comes first"
     assert extract_answer("no digits", ["last_number"]) is None
     assert last_boxed(r"\boxed{a{b}c}") == "a{b}c"
+    # only_number: the whole response is the number, or there is no answer (filler around it scores nothing)
+    assert extract_answer(" 17\n", ["only_number"]).answer == "17"
+    assert extract_answer("-3/4", ["only_number"]).answer == "-3/4"
+    for text in ("17-", "1+7", "x 17", "17 17", ""):
+        assert extract_answer(text, ["only_number"]) is None, text
 
 
 def test_fallbacks_reach_the_verifier():
@@ -114,9 +119,12 @@ def test_fallbacks_reach_the_verifier():
     verifier = MathVerifier(cfg.reward)
     try:
         grades = verifier.grade(["3 + 4 = 7", "3 + 4 = 8", "seven"], ["7", "7", "7"])
+        # Integers are compared by value without sympy: the same verdicts math-verify gives.
+        integers = verifier.grade(["= 07", "= -12", "= 12", "= 100000000000000000001"], ["7", "-12", "-12", "1e20"])
     finally:
         verifier.close()
     assert [g.reason for g in grades] == ["correct", "mismatch", "no_answer"]
+    assert [g.reason for g in integers] == ["correct", "correct", "mismatch", "mismatch"]
 
 
 def test_pool_kills_overrunning_workers_and_keeps_order():

@@ -2,8 +2,9 @@
 
 - TP=2 and PP=2: steps run, metrics are finite, and after every step the weights vLLM samples from
   are the trainer's (the engine's log-probs of fresh samples equal the trainer's forward).
-- `popo train` learns: the mean reward rises clearly above its start (fixed seed, generous margin),
-  and the run leaves metrics.jsonl, TensorBoard events, a learning curve and checkpoints.
+- `popo train` learns: on held-out problems the main job ends far above the best prompt-blind answer
+  (fixed seed, generous margin), and the run leaves metrics.jsonl, eval.jsonl, TensorBoard events, a
+  learning curve and checkpoints.
 - Exact resume: a run stopped by SIGTERM and resumed ends bit-identical to one that never stopped.
 - Resume at another layout (TP=2 -> TP=1) gives the same loss at the first resumed step.
 - A crash while a checkpoint is written leaves the previous checkpoint as `latest`.
@@ -24,11 +25,17 @@ import pytest
 import torch
 from run_helpers import assert_same_run, checkpoint_tensors, records
 
+from popo_megatron.config import load_config
 from popo_megatron.launch import run_local
+from popo_megatron.trainer.logbook import EVAL_JSONL, read_metrics
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "tiny_cpu.yaml"
 LOGPROB_TOLERANCE = 1e-4
-SMALL = ["train.prompts_per_step=8", "rollout.n=4", "train.micro_batch_size=8", "reward.workers=1"]
+# The main job's task and grading leave a random model right in ~0.5% of its samples: a step of 32 samples
+# would often have no positive. These checks are of the mechanics, not of learning: the old, easy setting
+# (answers 0-8, the last number of 4 tokens graded) gives positives in most small steps.
+EASY = ["data.synthetic.max_operand=4", "reward.answer_fallbacks=[last_number]", "rollout.max_tokens=4"]
+SMALL = ["train.prompts_per_step=8", "rollout.n=4", "train.micro_batch_size=8", "reward.workers=1", *EASY]
 
 
 @pytest.fixture(scope="module")
@@ -140,28 +147,39 @@ def _finish(process: subprocess.Popen, out: Path, timeout: float = 600) -> None:
 
 
 def _check_twin_tracks_its_target(history: list[dict]) -> None:
-    """The adaptive momentum law at work on the main job: m is off its bounds for most updates and the drift
-    of the second half is within a factor 2 of the target (its mean: one step's drift is a noisy sample)."""
-    from popo_megatron.config import load_config
-
+    """The adaptive momentum law at work on the main job. While the policy learns (the first half of the
+    cosine schedule), m is off its bounds for most updates and the mean drift is within a factor 2 of the
+    target (one step's drift is a noisy sample). Once it has converged its drift falls below the target
+    and the law lets the twin lag as far as it may: m ends on m_max."""
     momentum = load_config(EXAMPLE).popo.twin.momentum
-    momenta = [r["twin_momentum"] for r in history]
+    learning, converged = history[: len(history) // 2], history[3 * len(history) // 4 :]
+    momenta = [r["twin_momentum"] for r in learning]
     inside = sum(momentum.m_min + 1e-9 < m < momentum.m_max - 1e-9 for m in momenta) / len(momenta)
-    assert inside >= 0.8, f"m on a bound in {1 - inside:.0%} of the steps: {momenta}"
-    second = [r["sim_penalty"] for r in history[len(history) // 2 :] if math.isfinite(r["sim_penalty"])]
-    drift = sum(second) / len(second)
+    assert inside >= 0.8, f"m on a bound in {1 - inside:.0%} of the first half's steps: {momenta}"
+    drifts = [r["sim_penalty"] for r in learning if math.isfinite(r["sim_penalty"])]
+    drift = sum(drifts) / len(drifts)
     assert momentum.d_target / 2 <= drift <= 2 * momentum.d_target, f"drift {drift:.4f}, target {momentum.d_target}"
+    late = [r["sim_penalty"] for r in converged if math.isfinite(r["sim_penalty"])]
+    assert sum(late) / len(late) < momentum.d_target
+    assert history[-1]["twin_momentum"] == pytest.approx(momentum.m_max, abs=1e-9)
 
 
 def test_main_job_learns_and_its_twin_tracks_the_target(arith_model, tmp_path):
+    """The embedded default as configured (the demo's seed and model): on problems it never trained on, the
+    policy beats the best prompt-blind answer by a wide margin, in the run's own evaluation and in
+    `popo eval` of the exported checkpoint (another process, another engine, other seeds)."""
     out = tmp_path / "learn"
     _finish(_popo_train(out, arith_model, "train.checkpoint_every=0"), out)
     history = records(out)
     steps = len(history)
-    assert [r["step"] for r in history] == list(range(1, steps + 1)) and steps >= 40
-    start = sum(r["reward_mean"] for r in history[:5]) / 5
-    end = sum(r["reward_mean"] for r in history[-5:]) / 5
-    assert end > start + 0.04 and end > 2 * start, f"mean reward {start:.3f} over the first 5 steps, {end:.3f} last 5"
+    assert [r["step"] for r in history] == list(range(1, steps + 1)) and steps >= 100
+    heldout = read_metrics(out / EVAL_JSONL)
+    every = load_config(EXAMPLE).eval.every
+    assert [h["step"] for h in heldout] == list(range(0, steps + 1, every)), "evaluated at start, every, end"
+    start, end = heldout[0], heldout[-1]
+    blind = end["prompt_blind"]
+    assert blind <= 0.25 and start["avg_at_k"] < blind, "the task is not guessable, the random model cannot do it"
+    assert end["avg_at_k"] >= blind + 0.5, f"held-out avg@4 {end['avg_at_k']:.3f}, prompt-blind best {blind:.3f}"
     _check_twin_tracks_its_target(history)
     # Two mini-batches per step: the second one's ratio moves off 1 and the IS bound clips some tokens.
     assert max(r["ratio_max"] for r in history) > 1.0 + 0.28
@@ -170,33 +188,17 @@ def test_main_job_learns_and_its_twin_tracks_the_target(arith_model, tmp_path):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step_{steps:06d}"
     log = (tmp_path / "learn.log").read_text()
-    assert f"step {steps}/{steps} | reward" in log and "mean reward, last 5 steps" in log
+    assert f"step {steps}/{steps} | reward" in log and f"held-out after step {steps}: avg@4" in log
+    assert "held-out, best prompt-blind answer" in log, "the summary compares with the baseline"
 
-    # popo eval: the trained checkpoint (exported on the fly, with the run's stored settings) beats the start.
-    scores = {}
-    for name, checkpoint in (("start", arith_model), ("trained", out / "checkpoints" / f"step_{steps:06d}")):
-        command = [
-            sys.executable,
-            "-m",
-            "popo_megatron",
-            "eval",
-            str(checkpoint),
-            "--benchmark",
-            "synthetic",
-            "--k",
-            "4",
-            "--out",
-            str(tmp_path / name),
-            "data.synthetic.size=64",
-        ]
-        if name == "start":  # an HF directory carries no training config: give the task's settings
-            command += ["--config", str(EXAMPLE)]
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        scores[name] = json.loads((tmp_path / name / "synthetic.json").read_text())
-    assert scores["trained"]["avg_at_k"] > scores["start"]["avg_at_k"] + 0.03, {
-        k: v["avg_at_k"] for k, v in scores.items()
-    }
+    # popo eval: the trained checkpoint exported on the fly, with the run's stored settings.
+    command = [sys.executable, "-m", "popo_megatron", "eval", str(out / "checkpoints" / f"step_{steps:06d}")]
+    command += ["--benchmark", "synthetic:heldout", "--k", "4", "--out", str(tmp_path / "eval")]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "eval" / "synthetic:heldout.json").read_text())
+    assert result["problems"] == end["problems"]
+    assert result["avg_at_k"] >= blind + 0.4 and abs(result["avg_at_k"] - end["avg_at_k"]) < 0.15, result["avg_at_k"]
 
 
 @pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
@@ -205,7 +207,10 @@ def test_first_mini_batch_ratio_is_exactly_one(arith_model, tmp_path, tp):
     mini-batch per step every ratio is exactly 1, not 1 up to kernel noise (several micro-batches per step)."""
     out = tmp_path / f"ratio_tp{tp}"
     overrides = ["train.steps=3", "train.mini_batches=1", "train.micro_batch_size=2", "train.checkpoint_every=0"]
-    _finish(_popo_train(out, arith_model, f"parallel.tensor_model_parallel_size={tp}", *overrides, *SMALL[:2]), out)
+    overrides.append("popo.old_logprobs=trainer")  # the main job takes the engine's
+    _finish(
+        _popo_train(out, arith_model, f"parallel.tensor_model_parallel_size={tp}", *overrides, *SMALL[:2], *EASY), out
+    )
     measured = [r for r in records(out) if math.isfinite(r["ratio_max"])]
     assert measured, "no step had a positive"
     for r in measured:

@@ -263,13 +263,15 @@ class OnMalformed(str, Enum):
 
 @dataclass
 class SyntheticConfig:
-    """The arithmetic task (popo_megatron.data.synthetic); its difficulty is the operand range and count."""
+    """The arithmetic task (popo_megatron.data.synthetic): every problem of the operand range, split into
+    `synthetic` (train) and `synthetic:heldout`; its difficulty is the operand range and count."""
 
-    size: int = 4096
-    max_operand: int = 4
+    min_operand: int = 0
+    max_operand: int = 19  # operands 0..19: 400 problems (330 train, 70 held out)
     operands: int = 2
     operations: str = "+"  # any of "+-*"
-    seed: int = 0
+    size: int = 0  # at most this many problems per split (a fixed shuffled order); 0: all
+    seed: int = 0  # that order
 
 
 @dataclass
@@ -341,6 +343,20 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation during training, on the live engine: before the first step, every `every` steps
+    and after the last (OUTPUT_DIR/eval.jsonl, TensorBoard eval/*, the learning curve and the summary)."""
+
+    data: Optional[str] = None  # a dataset name (e.g. synthetic:heldout) or file; None: no evaluation
+    every: int = 0  # steps between evaluations; 0: only at the start and the end
+    k: int = 4  # samples per problem (avg@k, pass@k), with the rollout's sampling settings except:
+    # the sampling temperature of the evaluation; None: the rollout's. Below 1 it measures what the policy
+    # knows rather than the spread it explores with (R1-style reports use 0.6; verl validates greedily).
+    temperature: Optional[float] = None
+    seed: int = 0  # the same samples' seeds at every evaluation: differences are the policy's
+
+
+@dataclass
 class PopoConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -353,4 +369,5 @@ class PopoConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 1234

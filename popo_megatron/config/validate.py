@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from popo_megatron.config.load import ConfigError
 from popo_megatron.data.prompts import PLACEHOLDER
-from popo_megatron.data.synthetic import OPERATIONS
+from popo_megatron.data.synthetic import MAX_PROBLEMS, OPERATIONS, ArithmeticTask
 from popo_megatron.model.hf_config import HFModelArgs
 from popo_megatron.reward.extract import FALLBACKS
 from popo_megatron.trainer.rollouts import MAX_ROUNDS
@@ -129,14 +129,27 @@ def _algorithm_problems(cfg: DictConfig) -> list[str]:
             f"must be in [1, {MAX_ROUNDS}]",
         ),
         ("optim.min_lr", 0 <= cfg.optim.min_lr <= cfg.optim.lr, f"must be in [0, optim.lr={cfg.optim.lr}]"),
-        ("data.synthetic.size", cfg.data.synthetic.size >= 1, "must be >= 1"),
-        ("data.synthetic.max_operand", cfg.data.synthetic.max_operand >= 0, "must be >= 0"),
+        ("data.synthetic.size", cfg.data.synthetic.size >= 0, "must be >= 0 (0: the whole split)"),
+        ("data.synthetic.min_operand", cfg.data.synthetic.min_operand >= 0, "must be >= 0"),
+        (
+            "data.synthetic.max_operand",
+            cfg.data.synthetic.max_operand >= cfg.data.synthetic.min_operand,
+            f"must be >= data.synthetic.min_operand={cfg.data.synthetic.min_operand}",
+        ),
         ("data.synthetic.operands", cfg.data.synthetic.operands >= 1, "must be >= 1"),
         (
             "data.synthetic.operations",
             bool(cfg.data.synthetic.operations) and set(cfg.data.synthetic.operations) <= set(OPERATIONS),
             f"must be a non-empty string of {OPERATIONS!r}",
         ),
+        (
+            "data.synthetic",
+            _synthetic_count(cfg.data.synthetic) <= MAX_PROBLEMS,
+            f"(max_operand + 1)^operands x len(operations)^(operands - 1) problems must be <= {MAX_PROBLEMS}",
+        ),
+        ("eval.k", cfg.eval.k >= 1, "must be >= 1"),
+        ("eval.temperature", cfg.eval.temperature is None or cfg.eval.temperature > 0, "must be > 0 (or null)"),
+        ("eval.every", cfg.eval.every >= 0, "must be >= 0 (0: only at the start and the end)"),
         ("reward.timeout_s", cfg.reward.timeout_s > 0, "must be > 0"),
     ]
     momentum = cfg.popo.twin.momentum
@@ -218,3 +231,9 @@ def _value(cfg: DictConfig, key: str):
     from omegaconf import OmegaConf
 
     return OmegaConf.select(cfg, key)
+
+
+def _synthetic_count(synthetic_cfg: DictConfig) -> int:
+    if synthetic_cfg.operands < 1:
+        return 0  # reported by its own check
+    return ArithmeticTask.from_config(synthetic_cfg).count()

@@ -59,6 +59,14 @@ class ProblemSet:
     def __getitem__(self, index: int) -> Problem:
         return self.problems[index]
 
+    def prompt_blind_accuracy(self) -> float:
+        """The accuracy of the best answer given without reading the problem: the most frequent gold answer's
+        share. A model that learned only the answer distribution scores this; learning means beating it."""
+        if not self.problems:
+            return float("nan")
+        counts = Counter(p.answer.strip() for p in self.problems)
+        return counts.most_common(1)[0][1] / len(self.problems)
+
 
 @dataclass(frozen=True)
 class Fields:
@@ -162,10 +170,10 @@ def load_problems(source: str | Path, fields: Fields = Fields(), on_malformed: s
 def load_dataset(data_cfg, name: str | None = None) -> ProblemSet:
     """The problems of `name` (default: data.train): the synthetic task, a bundled set or a file."""
     name = name or data_cfg.train
-    if name == "synthetic":
+    if name == "synthetic" or name.startswith("synthetic:"):
         from popo_megatron.data.synthetic import ArithmeticTask
 
-        return ArithmeticTask.from_config(data_cfg.synthetic).problems()
+        return ArithmeticTask.from_config(data_cfg.synthetic).problems(name.partition(":")[2] or "train")
     if name.startswith("arithmetic_words:"):
         from popo_megatron.data.word_problems import word_problems
 

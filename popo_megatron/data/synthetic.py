@@ -1,15 +1,22 @@
 """The synthetic arithmetic task and its 16-token tokenizer: the embedded default's data.
 
-Problems are "a+b=" (operands, operations and their range are the difficulty
-knobs); answers are integers. The tokenizer has one token per character
-(digits, + - * =) plus <pad> and <eos>, so a tiny randomly initialised model
-that samples from 16 tokens answers correctly now and then from the start
-(the reward reads the last number of the response: `reward.answer_fallbacks:
-[last_number]`): a signal that positive-only learning can amplify.
+Problems are "a+b=" with every operand in min_operand..max_operand (operands, operations
+and their range are the difficulty knobs); answers are integers. The task is
+every such problem, cut into a training split (`data.train: synthetic`) and a
+held-out split (`synthetic:heldout`, about one problem in five) by a hash of
+the problem text: the split of a problem never depends on the other settings,
+and the run never trains on a held-out problem.
+
+The tokenizer has one token per character (digits, + - * =) plus <pad> and
+<eos>. The embedded default grades the response strictly (`only_number`: the
+digits of the answer and nothing else, ended by <eos>): a random model is
+right now and then, and a positive teaches the answer, not filler around it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,38 +26,53 @@ from popo_megatron.data.problems import Problem, ProblemSet
 VOCAB = ["<pad>", "<eos>", *"0123456789", "+", "-", "*", "="]
 PAD, EOS = "<pad>", "<eos>"
 OPERATIONS = "+-*"
+SPLITS = ("train", "heldout")
+HELDOUT_SHARE = 5  # one problem in five is held out
+MAX_PROBLEMS = 1_000_000  # the task is enumerated: the knobs may not ask for more
+
+
+def split_of(text: str) -> str:
+    """ "heldout" or "train": a function of the problem text alone."""
+    digest = hashlib.sha256(text.encode()).digest()
+    return "heldout" if int.from_bytes(digest[:8], "big") % HELDOUT_SHARE == 0 else "train"
 
 
 @dataclass(frozen=True)
 class ArithmeticTask:
-    size: int = 4096
-    max_operand: int = 4  # operands are drawn from 0..max_operand
+    max_operand: int = 19  # operands are min_operand..max_operand
     operands: int = 2
     operations: str = "+"  # any of "+-*"
-    seed: int = 0
+    size: int = 0  # at most this many problems of a split (the first of its fixed shuffled order); 0: all
+    seed: int = 0  # that order
+    min_operand: int = 0
 
     @classmethod
     def from_config(cls, synthetic_cfg) -> "ArithmeticTask":
-        return cls(
-            synthetic_cfg.size,
-            synthetic_cfg.max_operand,
-            synthetic_cfg.operands,
-            synthetic_cfg.operations,
-            synthetic_cfg.seed,
-        )
+        c = synthetic_cfg
+        return cls(c.max_operand, c.operands, c.operations, c.size, c.seed, c.min_operand)
 
-    def problems(self) -> ProblemSet:
-        """`size` problems, the same for the same settings; usual precedence (* before + and -)."""
-        rng = random.Random(self.seed)
+    def count(self) -> int:
+        """The number of distinct problems (both splits)."""
+        values = max(0, self.max_operand - self.min_operand + 1)
+        return values**self.operands * len(set(self.operations)) ** (self.operands - 1)
+
+    def problems(self, split: str = "train") -> ProblemSet:
+        """The split's problems, the same for the same settings; usual precedence (* before + and -)."""
+        if split not in SPLITS:
+            raise ValueError(f"synthetic:{split}: unknown split; choose one of {', '.join(SPLITS)}")
         rows = []
-        for i in range(self.size):
-            text = str(rng.randint(0, self.max_operand))
-            for _ in range(self.operands - 1):
-                text += rng.choice(self.operations) + str(rng.randint(0, self.max_operand))
-            # Digits and + - * only, built here: Python's arithmetic is the reference.
-            result = eval(text, {"__builtins__": {}})
-            rows.append(Problem(text + "=", str(result), f"synthetic:{i}"))
-        return ProblemSet(rows, "synthetic")
+        values = range(self.min_operand, self.max_operand + 1)
+        for numbers in itertools.product(values, repeat=self.operands):
+            for ops in itertools.product(sorted(set(self.operations)), repeat=self.operands - 1):
+                text = str(numbers[0]) + "".join(op + str(n) for op, n in zip(ops, numbers[1:], strict=True))
+                if split_of(text) == split:
+                    # Digits and + - * only, built here: Python's arithmetic is the reference.
+                    rows.append((text, str(eval(text, {"__builtins__": {}}))))
+        random.Random(self.seed).shuffle(rows)
+        if self.size:
+            rows = rows[: self.size]
+        name = "synthetic" if split == "train" else f"synthetic:{split}"
+        return ProblemSet([Problem(t + "=", a, f"{name}:{t}") for t, a in rows], name)
 
 
 def arithmetic_tokenizer():

@@ -6,6 +6,8 @@ configured fallbacks are tried in order:
     answer_is    "... the answer is X" (up to the end of the line or sentence)
     last_math    the last $...$ or \\(...\\) math span
     last_number  the last number (integer, decimal or a/b fraction)
+    only_number  the whole response, when it is one number and nothing else (a strict format: a
+                 tiny model's answer followed by filler scores nothing)
 
 Everything is linear in the length of the text and needs no recursion, so an
 adversarial response (megabytes, thousands of nested braces) costs one scan.
@@ -16,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-FALLBACKS = ("answer_is", "last_math", "last_number")
+FALLBACKS = ("answer_is", "last_math", "last_number", "only_number")
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
 _ANSWER_IS = re.compile(r"answer is[:\s]*(.+?)(?:\.\s|\.$|\n|$)", re.IGNORECASE)
 _MATH = re.compile(r"\$([^$]+)\$|\\\((.+?)\\\)", re.DOTALL)
@@ -84,4 +86,14 @@ def _last_number(text: str) -> str | None:
     return matches[-1] if matches else None
 
 
-_FALLBACK_FUNCS = {"answer_is": _answer_is, "last_math": _last_math, "last_number": _last_number}
+def _only_number(text: str) -> str | None:
+    match = _NUMBER.fullmatch(text.strip())
+    return match.group(0) if match else None
+
+
+_FALLBACK_FUNCS = {
+    "answer_is": _answer_is,
+    "last_math": _last_math,
+    "last_number": _last_number,
+    "only_number": _only_number,
+}

@@ -87,6 +87,16 @@ class Logbook:
         self.bar.write(log_line(record, self.total))
         self.bar.update(1)
 
+    def record_heldout(self, result) -> None:
+        """A held-out evaluation (trainer.heldout.HeldoutResult): eval.jsonl, TensorBoard eval/*, a log line."""
+        if not self.enabled:
+            return
+        with open(self.dir / EVAL_JSONL, "a", encoding="utf-8") as f:
+            f.write(json.dumps(result.record()) + "\n")
+        for name in ("avg_at_k", "pass_at_k", "prompt_blind"):
+            self.tensorboard.add_scalar(f"eval/{name}", getattr(result, name), result.step)
+        self.bar.write(result.line())
+
     def close(self) -> Path | None:
         """Flush everything and draw the reward curve of the whole run (metrics.jsonl, resumed runs too)."""
         if not self.enabled:
@@ -97,9 +107,15 @@ class Logbook:
         return plot_learning_curve(self.dir / "metrics.jsonl", self.dir / "learning_curve.png")
 
 
+# OUTPUT_DIR/EVAL_JSONL: one line per held-out evaluation (trainer.heldout.HeldoutResult).
+EVAL_JSONL = "eval.jsonl"
+
+
 def read_metrics(path: str | Path) -> list[dict]:
-    """The last record of each step (a resumed run may have rewritten some steps)."""
+    """The last record of each step (a resumed run may have rewritten some steps); [] when there is no file."""
     by_step = {}
+    if not Path(path).is_file():
+        return []
     for line in Path(path).read_text().splitlines():
         if line.strip():
             record = json.loads(line)
@@ -124,13 +140,27 @@ def plot_learning_curve(metrics_path: Path, out: Path) -> Path:
 
     records = read_metrics(metrics_path)
     steps = [r["step"] for r in records]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
     rewards = [r["reward_mean"] for r in records]
-    ax.plot(steps, rewards, marker="o", markersize=2, alpha=0.4, label="mean reward of the step")
-    ax.plot(steps, moving_average(rewards), linewidth=2, label="10-step moving average")
+    ax.plot(steps, rewards, marker="o", markersize=2, alpha=0.4, label="train reward of the step")
+    ax.plot(steps, moving_average(rewards), linewidth=2, label="train reward, 10-step moving average")
+    heldout = read_metrics(metrics_path.parent / EVAL_JSONL)
+    if heldout:
+        k = f"{heldout[-1]['k']}, T={heldout[-1]['temperature']:g}"
+        ax.plot(
+            [h["step"] for h in heldout],
+            [h["avg_at_k"] for h in heldout],
+            marker="s",
+            linewidth=2,
+            color="black",
+            label=f"held-out avg@{k}",
+        )
+        ax.axhline(
+            heldout[-1]["prompt_blind"], color="gray", linestyle="--", label="held-out, best prompt-blind answer"
+        )
     ax.set_xlabel("step")
-    ax.set_ylabel("reward")
-    ax.set_ylim(bottom=0)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -165,6 +195,18 @@ def _run_state_line(output_dir: Path) -> str:
     return f"stopped by {why} after step {state['step']}/{state['steps']}: the same command resumes it"
 
 
+def _heldout_rows(heldout: list[dict]) -> list[tuple[str, str]]:
+    if not heldout:
+        return []
+    start, end = heldout[0], heldout[-1]
+    k = f"{end['k']} (T={end['temperature']:g})"
+    return [
+        (f"held-out avg@{k}, step {start['step']}", f"{start['avg_at_k']:.3f}"),
+        (f"held-out avg@{k}, step {end['step']}", f"{end['avg_at_k']:.3f}  ({end['problems']} problems)"),
+        ("held-out, best prompt-blind answer", f"{end['prompt_blind']:.3f}"),
+    ]
+
+
 def print_summary(cfg: DictConfig) -> None:
     """A short table of the run from its metrics.jsonl (all steps, resumed runs included)."""
     out = Path(cfg.train.output_dir)
@@ -181,6 +223,7 @@ def print_summary(cfg: DictConfig) -> None:
         ("mean reward, first step", f"{first['reward_mean']:.3f}"),
         (f"mean reward, last {len(window)} steps", f"{sum(r['reward_mean'] for r in window) / len(window):.3f}"),
         ("best step reward", f"{max(r['reward_mean'] for r in records):.3f}"),
+        *_heldout_rows(read_metrics(out / EVAL_JSONL)),
         ("metrics", str(out / "metrics.jsonl")),
         ("learning curve", str(out / "learning_curve.png")),
         ("checkpoints", str(out / "checkpoints")),

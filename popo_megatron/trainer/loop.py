@@ -26,6 +26,7 @@ from popo_megatron.config.schema import Algorithm, OldLogprobs
 from popo_megatron.platform import init_distributed
 from popo_megatron.reward.grade import add_grade_metrics
 from popo_megatron.trainer.batching import rank_rows, step_batch
+from popo_megatron.trainer.heldout import HeldoutEvaluator
 from popo_megatron.trainer.logbook import Logbook, clear_run_state, step_record, write_run_state
 from popo_megatron.trainer.rollouts import collect_step
 from popo_megatron.trainer.state import TrainState, build_train_state
@@ -240,15 +241,20 @@ def train(cfg: DictConfig) -> RunSummary:
         clear_run_state(Path(cfg.train.output_dir))
     state = build_train_state(cfg)
     logbook = Logbook(cfg.train.output_dir, cfg.train.steps, state.step, enabled=rank0)
+    heldout = HeldoutEvaluator(cfg) if cfg.eval.data else None
     rewards = []
     stopped_by = None
     try:
+        if heldout is not None and state.step == 0:
+            logbook.record_heldout(heldout.evaluate(state.engine, state.verifier, state.tokenizer, 0))
         for step in range(state.step, cfg.train.steps):
             record = train_step(state, step)
             state.step = step + 1
             rewards.append(record["reward_mean"])
             logbook.record(record)
             stopped_by = stop.agreed(record["time_step_s"]) if state.step < cfg.train.steps else None
+            if heldout is not None and not stopped_by and heldout.due(state.step):
+                logbook.record_heldout(heldout.evaluate(state.engine, state.verifier, state.tokenizer, state.step))
             every = cfg.train.checkpoint_every
             if stopped_by or state.step == cfg.train.steps or (every and state.step % every == 0):
                 state.save_checkpoint()

@@ -1,0 +1,77 @@
+"""Held-out evaluation during training (`eval.*`): avg@k on problems the run does not train on.
+
+The live engine samples k responses per problem with the rollout's sampling
+settings and the same seeds at every evaluation, so two evaluations differ only
+by the policy. Each result is compared with the prompt-blind baseline (the best
+single answer for every problem): a policy that learned only the answer
+distribution reaches that, and no further.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+from omegaconf import DictConfig, OmegaConf
+
+from popo_megatron.data.problems import ProblemSet, load_dataset
+from popo_megatron.evaluate import pass_at_k
+from popo_megatron.trainer.rollouts import collect_groups
+
+
+@dataclass
+class HeldoutResult:
+    step: int  # the rollout steps behind the policy evaluated (0: the initial model)
+    avg_at_k: float
+    pass_at_k: float
+    k: int
+    temperature: float
+    problems: int
+    prompt_blind: float  # the best prompt-blind answer's accuracy on the same problems
+    seconds: float
+
+    def record(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        return (
+            f"held-out after step {self.step}: avg@{self.k} {self.avg_at_k:.3f} pass@{self.k} {self.pass_at_k:.3f} "
+            f"(T={self.temperature:g}; prompt-blind best {self.prompt_blind:.3f}; {self.problems} problems, "
+            f"{self.seconds:.1f}s)"
+        )
+
+
+class HeldoutEvaluator:
+    def __init__(self, cfg: DictConfig) -> None:
+        self.problems: ProblemSet = load_dataset(cfg.data, cfg.eval.data)
+        if not len(self.problems):
+            raise ValueError(f"eval.data={cfg.eval.data}: no problems")
+        self.k = cfg.eval.k
+        self.seed = cfg.eval.seed
+        temperature = cfg.rollout.temperature if cfg.eval.temperature is None else cfg.eval.temperature
+        self.temperature = temperature
+        self.cfg = OmegaConf.merge(cfg, {"rollout": {"n": self.k, "temperature": temperature}})
+        self.prompt_blind = self.problems.prompt_blind_accuracy()
+
+    def due(self, step: int) -> bool:
+        """Whether to evaluate after `step` rollout steps (the start of a fresh run is the caller's)."""
+        every = self.cfg.eval.every
+        return step == self.cfg.train.steps or bool(every and step % every == 0)
+
+    def evaluate(self, engine, verifier, tokenizer, step: int) -> HeldoutResult:
+        """Every held-out problem, k samples each, on every replica's share (collective)."""
+        start = time.perf_counter()
+        engine.wake()
+        groups, _ = collect_groups(engine, verifier, tokenizer, self.problems.problems, self.cfg, self.seed)
+        engine.sleep()
+        correct = [sum(g.score > 0 for g in group.grades) for group in groups]
+        return HeldoutResult(
+            step=step,
+            avg_at_k=sum(correct) / (self.k * len(correct)),
+            pass_at_k=sum(pass_at_k(self.k, c, self.k) for c in correct) / len(correct),
+            k=self.k,
+            temperature=self.temperature,
+            problems=len(correct),
+            prompt_blind=self.prompt_blind,
+            seconds=time.perf_counter() - start,
+        )
