@@ -176,7 +176,11 @@ def _eval(ns: argparse.Namespace) -> int:
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     evaluate = sub.add_parser("eval", help="avg@k and pass@k of a checkpoint (HF or popo) on benchmarks")
-    evaluate.add_argument("checkpoint", type=Path, help="an HF model directory or a popo checkpoint")
+    evaluate.add_argument(
+        "checkpoint",
+        type=Path,
+        help="an HF model directory, a popo checkpoint, or a run's output directory (its newest checkpoint)",
+    )
     evaluate.add_argument("overrides", nargs="*", help="key.sub=value overrides (rollout.*, data.*, reward.*)")
     evaluate.add_argument(
         "--benchmark",

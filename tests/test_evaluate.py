@@ -83,3 +83,17 @@ def test_evaluate_a_checkpoint(tmp_path):
     assert result["avg_at_k"] == pytest.approx(sum(regraded) / (K * len(records)))
     assert result["pass_at_k"] == pytest.approx(sum(c > 0 for c in regraded) / len(records))
     assert sum(result["reasons"].values()) == K * len(records)
+
+
+def test_a_run_directory_stands_for_its_newest_checkpoint(tmp_path):
+    from popo_megatron.trainer.state import resolve_checkpoint
+
+    run = tmp_path / "run"
+    for name in ("step_000010", "step_000020"):
+        (run / "checkpoints" / name).mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step_000020\n")
+    newest = run / "checkpoints" / "step_000020"
+    for given in (run, run / "checkpoints", run / "checkpoints" / "latest"):
+        assert resolve_checkpoint(given) == newest, given
+    older = run / "checkpoints" / "step_000010"
+    assert resolve_checkpoint(older) == older and resolve_checkpoint(tmp_path / "hf") == tmp_path / "hf"

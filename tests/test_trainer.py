@@ -191,8 +191,9 @@ def test_main_job_learns_and_its_twin_tracks_the_target(arith_model, tmp_path):
     assert f"step {steps}/{steps} | reward" in log and f"held-out after step {steps}: avg@4" in log
     assert "held-out, best prompt-blind answer" in log, "the summary compares with the baseline"
 
-    # popo eval: the trained checkpoint exported on the fly, with the run's stored settings.
-    command = [sys.executable, "-m", "popo_megatron", "eval", str(out / "checkpoints" / f"step_{steps:06d}")]
+    # popo eval: the trained checkpoint exported on the fly, with the run's stored settings; the run's
+    # directory stands for its newest checkpoint.
+    command = [sys.executable, "-m", "popo_megatron", "eval", str(out)]
     command += ["--benchmark", "synthetic:heldout", "--k", "4", "--out", str(tmp_path / "eval")]
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,4 +1,5 @@
-"""`popo eval`: a checkpoint's avg@k and pass@k on benchmarks, with the settings it was trained with.
+"""`popo eval`: a checkpoint's avg@k and pass@k on benchmarks, with the settings it was trained with
+(the rollout's sampling, at `eval.temperature` when the run set one).
 
 The config starts from the training run's own (stored in a training
 checkpoint's trainer_state.json), so prompts, sampling and answer extraction
@@ -9,6 +10,7 @@ checkpoint is exported to a temporary HF directory first.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -48,8 +50,9 @@ def evaluate_checkpoint(
     from popo_megatron.reward.math_verifier import MathVerifier
     from popo_megatron.rollout.engine import SamplingSettings
     from popo_megatron.rollout.vllm_engine import vllm_engine
+    from popo_megatron.trainer.state import resolve_checkpoint
 
-    checkpoint = Path(checkpoint)
+    checkpoint = resolve_checkpoint(checkpoint)
     cfg = _config(checkpoint, config, list(overrides))
     results = []
     with hf_model_dir(checkpoint, weights) as model_dir:
@@ -60,6 +63,8 @@ def evaluate_checkpoint(
         for name in benchmarks or ["math500"]:
             problems = load_dataset(cfg.data, name)
             sampling = SamplingSettings.from_config(cfg.rollout)
+            if cfg.eval.temperature is not None:  # the run's evaluation temperature, as during training
+                sampling = replace(sampling, temperature=cfg.eval.temperature)
             result = evaluate(engine, problems, tokenizer, verifier, cfg.data, sampling, k, seed=cfg.seed)
             results.append((result, result.write(Path(out) / f"{Path(name).stem}.json")))
     finally:

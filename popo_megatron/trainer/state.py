@@ -265,6 +265,18 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return path
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run's output directory, its checkpoints/ directory or the `latest` marker -> the newest checkpoint
+    (what a user means by them); any other path as it is."""
+    path = Path(path)
+    if path.is_file() and path.name == LATEST:
+        return latest_checkpoint(path.parent.parent) or path
+    for run_dir in (path, path.parent):
+        if (run_dir / CHECKPOINTS / LATEST).is_file() and path in (run_dir, run_dir / CHECKPOINTS):
+            return latest_checkpoint(run_dir) or path
+    return path
+
+
 def build_train_state(cfg: DictConfig) -> TrainState:
     """Model, optimiser, twin, data, verifier and engine for `cfg`, resumed from OUTPUT_DIR when asked."""
     from megatron.core.parallel_state import is_pipeline_last_stage
