@@ -130,14 +130,14 @@ def _train(ns: argparse.Namespace) -> int:
     from popo_megatron.config import ConfigError, load_config
     from popo_megatron.convert.checkpoint_dir import CheckpointError
     from popo_megatron.data.problems import DataError
-    from popo_megatron.data.synthetic import generated_model_overrides
     from popo_megatron.launch import run_local
+    from popo_megatron.model.named import named_model_overrides
     from popo_megatron.trainer.logbook import print_summary
 
     overrides = list(ns.overrides) + ([f"train.resume_from={ns.resume.absolute()}"] if ns.resume else [])
     try:
         cfg = load_config(ns.config, overrides)
-        overrides += generated_model_overrides(cfg)
+        overrides += named_model_overrides(cfg)
         cfg = load_config(ns.config, overrides)
     except (ConfigError, DataError, CheckpointError, ValueError) as exc:
         print(f"popo train: error: {exc}", file=sys.stderr)
@@ -198,15 +198,15 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _layout(ns: argparse.Namespace) -> int:
     from popo_megatron.config import ConfigError, load_config, validate_config
-    from popo_megatron.data.synthetic import generated_model_overrides
     from popo_megatron.model.hf_config import UnsupportedModelError, read_hf_config
+    from popo_megatron.model.named import named_model_overrides
 
     try:
         cfg = load_config(ns.config, ns.overrides)
         if ns.print:
             print(OmegaConf.select(cfg, ns.print))
             return 0
-        cfg = load_config(ns.config, [*ns.overrides, *generated_model_overrides(cfg)])
+        cfg = load_config(ns.config, [*ns.overrides, *named_model_overrides(cfg)])
         validate_config(cfg, ns.world, read_hf_config(cfg.model.hf_path))
     except (ConfigError, UnsupportedModelError) as exc:
         print(f"popo layout: error: {exc}", file=sys.stderr)

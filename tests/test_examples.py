@@ -13,6 +13,19 @@ from popo_megatron.model.public_shapes import PUBLIC_SHAPES
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 ARITHMETIC = {"architectures": ["Qwen2ForCausalLM"], **ARITHMETIC_QWEN2}
+# SmolLM2-135M-Instruct's config.json as `popo pretrained` builds it (the shape; no download needed here)
+SMOLLM2 = dict(
+    architectures=["LlamaForCausalLM"],
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
 
 
 @pytest.mark.parametrize(
@@ -21,6 +34,7 @@ ARITHMETIC = {"architectures": ["Qwen2ForCausalLM"], **ARITHMETIC_QWEN2}
         ("tiny_cpu.yaml", ARITHMETIC, [1], False),
         ("tiny_cpu_grpo.yaml", ARITHMETIC, [1], False),
         ("tiny_cpu_grpo_vanilla.yaml", ARITHMETIC, [1], False),
+        ("smollm2_arithmetic.yaml", SMOLLM2, [1], False),
         ("qwen2.5-math-7b_popo.yaml", PUBLIC_SHAPES["qwen2.5-math-7b"], [8, 16], True),
         ("qwen2.5-32b_popo.yaml", PUBLIC_SHAPES["qwen2.5-32b"], [32, 64], True),
     ],
@@ -37,6 +51,7 @@ def test_examples_are_all_covered():
         "tiny_cpu.yaml",
         "tiny_cpu_grpo.yaml",
         "tiny_cpu_grpo_vanilla.yaml",
+        "smollm2_arithmetic.yaml",
         "qwen2.5-math-7b_popo.yaml",
         "qwen2.5-32b_popo.yaml",
     }

@@ -110,18 +110,3 @@ def save_arithmetic_model(path: str | Path, seed: int = 0) -> Path:
     path = save_random_hf_model(path, "Qwen2Config", seed, **ARITHMETIC_QWEN2)
     arithmetic_tokenizer().save_pretrained(path)
     return path
-
-
-# model.hf_path value for the embedded default: a tiny random Qwen2 with this task's tokenizer, generated
-# (seeded by `seed`) under OUTPUT_DIR on first use.
-GENERATED_ARITHMETIC = "generate:arithmetic"
-
-
-def generated_model_overrides(cfg) -> list[str]:
-    """Overrides that point model.hf_path at a real directory, creating the generated model if asked for."""
-    if cfg.model.hf_path != GENERATED_ARITHMETIC:
-        return []
-    path = Path(cfg.train.output_dir).absolute() / "initial_model"
-    if not (path / "config.json").is_file():
-        save_arithmetic_model(path, seed=cfg.seed)
-    return [f"model.hf_path={path}"]
