@@ -1,10 +1,11 @@
 """Held-out evaluation during training (`eval.*`): avg@k on problems the run does not train on.
 
 The live engine samples k responses per problem with the rollout's sampling
-settings and the same seeds at every evaluation, so two evaluations differ only
-by the policy. Each result is compared with the prompt-blind baseline (the best
-single answer for every problem): a policy that learned only the answer
-distribution reaches that, and no further.
+settings (at `eval.temperature` when set) and the same seeds at every
+evaluation, so two evaluations differ only by the policy. Each result is
+compared with the prompt-blind baseline (the best single answer for every
+problem): a policy that learned only the answer distribution reaches that, and
+no further.
 """
 
 from __future__ import annotations
@@ -48,9 +49,8 @@ class HeldoutEvaluator:
             raise ValueError(f"eval.data={cfg.eval.data}: no problems")
         self.k = cfg.eval.k
         self.seed = cfg.eval.seed
-        temperature = cfg.rollout.temperature if cfg.eval.temperature is None else cfg.eval.temperature
-        self.temperature = temperature
-        self.cfg = OmegaConf.merge(cfg, {"rollout": {"n": self.k, "temperature": temperature}})
+        self.temperature = cfg.rollout.temperature if cfg.eval.temperature is None else cfg.eval.temperature
+        self.cfg = OmegaConf.merge(cfg, {"rollout": {"n": self.k, "temperature": self.temperature}})
         self.prompt_blind = self.problems.prompt_blind_accuracy()
 
     def due(self, step: int) -> bool:
@@ -64,7 +64,7 @@ class HeldoutEvaluator:
         engine.wake()
         groups, _ = collect_groups(engine, verifier, tokenizer, self.problems.problems, self.cfg, self.seed)
         engine.sleep()
-        correct = [sum(g.score > 0 for g in group.grades) for group in groups]
+        correct = [sum(g.correct for g in group.grades) for group in groups]
         return HeldoutResult(
             step=step,
             avg_at_k=sum(correct) / (self.k * len(correct)),

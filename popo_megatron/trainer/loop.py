@@ -239,9 +239,9 @@ def train(cfg: DictConfig) -> RunSummary:
     rank0 = init_distributed().rank == 0
     if rank0:  # before anything can fail: a job script must not requeue a run that crashed
         clear_run_state(Path(cfg.train.output_dir))
+    heldout = HeldoutEvaluator(cfg) if cfg.eval.data else None  # its data loads (or fails) before the engine starts
     state = build_train_state(cfg)
     logbook = Logbook(cfg.train.output_dir, cfg.train.steps, state.step, enabled=rank0)
-    heldout = HeldoutEvaluator(cfg) if cfg.eval.data else None
     rewards = []
     stopped_by = None
     try:
