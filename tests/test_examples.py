@@ -13,7 +13,6 @@ from popo_megatron.model.public_shapes import PUBLIC_SHAPES
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 ARITHMETIC = {"architectures": ["Qwen2ForCausalLM"], **ARITHMETIC_QWEN2}
-# SmolLM2-135M-Instruct's config.json as `popo pretrained` builds it (the shape; no download needed here)
 SMOLLM2 = dict(
     architectures=["LlamaForCausalLM"],
     hidden_size=576,
@@ -34,7 +33,7 @@ SMOLLM2 = dict(
         ("tiny_cpu.yaml", ARITHMETIC, [1], False),
         ("tiny_cpu_grpo.yaml", ARITHMETIC, [1], False),
         ("tiny_cpu_grpo_vanilla.yaml", ARITHMETIC, [1], False),
-        ("smollm2_arithmetic.yaml", SMOLLM2, [1], False),
+        ("smollm2_arithmetic.yaml", PUBLIC_SHAPES["smollm2-135m-instruct"], [1], False),
         ("qwen2.5-math-7b_popo.yaml", PUBLIC_SHAPES["qwen2.5-math-7b"], [8, 16], True),
         ("qwen2.5-32b_popo.yaml", PUBLIC_SHAPES["qwen2.5-32b"], [32, 64], True),
     ],

@@ -34,6 +34,10 @@ def test_the_built_model_is_smollm2_with_its_chat_template(smollm2):
     assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"]
     shape = [config[k] for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads")]
     assert shape == [30, 576, 9, 3] and config["vocab_size"] == 49152
+    from popo_megatron.model.public_shapes import PUBLIC_SHAPES
+
+    public = PUBLIC_SHAPES["smollm2-135m-instruct"]  # what the example configs are validated against
+    assert {k: config[k] for k in public} == public
     assert "quantization_config" not in config, "a plain fp32 checkpoint"
     from transformers import AutoTokenizer
 

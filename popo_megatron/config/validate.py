@@ -145,7 +145,8 @@ def _algorithm_problems(cfg: DictConfig) -> list[str]:
         (
             "data.synthetic",
             _synthetic_count(cfg.data.synthetic) <= MAX_PROBLEMS,
-            f"(max_operand + 1)^operands x len(operations)^(operands - 1) problems must be <= {MAX_PROBLEMS}",
+            f"(max_operand - min_operand + 1)^operands x len(operations)^(operands - 1) problems must be <= "
+            f"{MAX_PROBLEMS}",
         ),
         ("eval.k", cfg.eval.k >= 1, "must be >= 1"),
         ("eval.temperature", cfg.eval.temperature is None or cfg.eval.temperature > 0, "must be > 0 (or null)"),

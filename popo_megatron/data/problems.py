@@ -16,6 +16,7 @@ problems, popo_megatron.data.word_problems).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
@@ -66,6 +67,13 @@ class ProblemSet:
             return float("nan")
         counts = Counter(p.answer.strip() for p in self.problems)
         return counts.most_common(1)[0][1] / len(self.problems)
+
+
+def hash_split(key: str, heldout_one_in: int) -> str:
+    """ "heldout" for about one key in `heldout_one_in`, else "train": a function of the key alone (SHA-256), so
+    a generated problem's split is the same on every machine and run, whatever else is generated with it."""
+    digest = hashlib.sha256(key.encode()).digest()
+    return "heldout" if int.from_bytes(digest[:8], "big") % heldout_one_in == 0 else "train"
 
 
 @dataclass(frozen=True)

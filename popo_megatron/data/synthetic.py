@@ -15,13 +15,12 @@ right now and then, and a positive teaches the answer, not filler around it.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from popo_megatron.data.problems import Problem, ProblemSet
+from popo_megatron.data.problems import Problem, ProblemSet, hash_split
 
 VOCAB = ["<pad>", "<eos>", *"0123456789", "+", "-", "*", "="]
 PAD, EOS = "<pad>", "<eos>"
@@ -29,12 +28,6 @@ OPERATIONS = "+-*"
 SPLITS = ("train", "heldout")
 HELDOUT_SHARE = 5  # one problem in five is held out
 MAX_PROBLEMS = 1_000_000  # the task is enumerated: the knobs may not ask for more
-
-
-def split_of(text: str) -> str:
-    """ "heldout" or "train": a function of the problem text alone."""
-    digest = hashlib.sha256(text.encode()).digest()
-    return "heldout" if int.from_bytes(digest[:8], "big") % HELDOUT_SHARE == 0 else "train"
 
 
 @dataclass(frozen=True)
@@ -49,7 +42,14 @@ class ArithmeticTask:
     @classmethod
     def from_config(cls, synthetic_cfg) -> "ArithmeticTask":
         c = synthetic_cfg
-        return cls(c.max_operand, c.operands, c.operations, c.size, c.seed, c.min_operand)
+        return cls(
+            max_operand=c.max_operand,
+            operands=c.operands,
+            operations=c.operations,
+            size=c.size,
+            seed=c.seed,
+            min_operand=c.min_operand,
+        )
 
     def count(self) -> int:
         """The number of distinct problems (both splits)."""
@@ -65,7 +65,7 @@ class ArithmeticTask:
         for numbers in itertools.product(values, repeat=self.operands):
             for ops in itertools.product(sorted(set(self.operations)), repeat=self.operands - 1):
                 text = str(numbers[0]) + "".join(op + str(n) for op, n in zip(ops, numbers[1:], strict=True))
-                if split_of(text) == split:
+                if hash_split(text, HELDOUT_SHARE) == split:
                     # Digits and + - * only, built here: Python's arithmetic is the reference.
                     rows.append((text, str(eval(text, {"__builtins__": {}}))))
         random.Random(self.seed).shuffle(rows)

@@ -14,11 +14,10 @@ repetition, a third of each operation.
 
 from __future__ import annotations
 
-import hashlib
 import random
 from dataclasses import dataclass
 
-from popo_megatron.data.problems import Problem, ProblemSet
+from popo_megatron.data.problems import Problem, ProblemSet, hash_split
 
 NAME = "arithmetic_words"
 SPLIT_SIZES = {"train": 2000, "heldout": 200}
@@ -61,8 +60,7 @@ class WordProblem:
 
     @property
     def split(self) -> str:
-        digest = hashlib.sha256(f"{self.operation}:{self.a}:{self.b}".encode()).digest()
-        return "heldout" if int.from_bytes(digest[:8], "big") % HELDOUT_SHARE == 0 else "train"
+        return hash_split(f"{self.operation}:{self.a}:{self.b}", HELDOUT_SHARE)
 
 
 def _all_triples() -> list[WordProblem]:

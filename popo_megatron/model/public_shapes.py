@@ -9,6 +9,18 @@ from __future__ import annotations
 QWEN2 = ["Qwen2ForCausalLM"]
 
 PUBLIC_SHAPES: dict[str, dict] = {
+    # as `popo pretrained smollm2-135m-instruct` builds it (popo_megatron/model/pretrained.py)
+    "smollm2-135m-instruct": dict(
+        architectures=["LlamaForCausalLM"],
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    ),
     "llama2-7b": dict(
         architectures=["LlamaForCausalLM"],
         vocab_size=32000,
