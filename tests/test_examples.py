@@ -13,18 +13,6 @@ from popo_megatron.model.public_shapes import PUBLIC_SHAPES
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 ARITHMETIC = {"architectures": ["Qwen2ForCausalLM"], **ARITHMETIC_QWEN2}
-SMOLLM2 = dict(
-    architectures=["LlamaForCausalLM"],
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    vocab_size=49152,
-    max_position_embeddings=8192,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-)
 
 
 @pytest.mark.parametrize(
