@@ -16,6 +16,7 @@ Reported per run and as mean / min / max over the seeds:
 
     python bench/bench_train.py                                  # every variant, seeds 1 2 3, 300 steps
     python bench/bench_train.py --variants popo grpo --seeds 1 --name popo_vs_grpo
+    python bench/bench_train.py --resume                         # after a stop: only the runs not yet in the JSON
 
 `popo_no_twin` is also the beta = 0 ablation: the twin serves only the similarity penalty, so a twin with
 beta = 0 trains exactly like no twin (the config rejects that combination as a twin kept for nothing).
@@ -96,6 +97,7 @@ def summarise(variant: str, seed: int, records: list[dict], heldout: list[dict],
         steps_to_target=reached,
         wall_s=seconds,
         train_reward_last10=statistics.mean(r["reward_mean"] for r in records[-10:]),
+        curve=[(h["step"], h["avg_at_k"]) for h in heldout],
         **breakdown(records),
     )
 
@@ -114,20 +116,49 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--name", default="train_comparison", help="file name of the JSON and the plot")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the runs already in the JSON (same steps) and run only the rest"
+    )
     ns = parser.parse_args()
-    rows, curves = [], {variant: [] for variant in ns.variants}
-    with tempfile.TemporaryDirectory() as tmp:
+    out_json = ns.out / f"{ns.name}.json"
+    ns.out.mkdir(parents=True, exist_ok=True)
+    meta = dict(steps=ns.steps, seeds=ns.seeds, target=TARGET, budgets=BUDGETS, variants=VARIANTS)
+    done = _previous_runs(out_json, ns.steps) if ns.resume else []
+    # Seed-major order: an interrupted bench has every variant on its first seeds, and slow drifts of
+    # the machine fall on all variants alike.
+    for seed in ns.seeds:
         for variant in ns.variants:
-            for seed in ns.seeds:
-                records, heldout, seconds = run(variant, seed, ns.steps, Path(tmp) / f"{variant}_{seed}")
-                rows.append(summarise(variant, seed, records, heldout, seconds))
-                curves[variant].append([(h["step"], h["avg_at_k"]) for h in heldout])
-                print(f"{variant} seed {seed}: held-out {rows[-1]['end']:.3f} after {ns.steps} steps, {seconds:.0f}s")
+            if any(r["variant"] == variant and r["seed"] == seed for r in done):
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                records, heldout, seconds = run(variant, seed, ns.steps, Path(tmp) / "run")
+            done.append(summarise(variant, seed, records, heldout, seconds))
+            # Written after every run, so that --resume after a stop loses at most the run in flight.
+            out_json.write_text(json.dumps({**meta, "runs": done}, indent=1) + "\n")
+            print(f"{variant} seed {seed}: held-out {done[-1]['end']:.3f} after {ns.steps} steps, {seconds:.0f}s")
+    rows = [r for r in done if r["variant"] in ns.variants and r["seed"] in ns.seeds]
+    report(rows, ns.variants, ns.seeds, ns.steps)
+    curves = {v: [r["curve"] for r in rows if r["variant"] == v] for v in ns.variants}
+    plot(curves, rows[0]["prompt_blind"], ns.out / f"{ns.name}.png")
+    print(f"\nwritten: {out_json}, {ns.out / (ns.name + '.png')}")
+    return 0
+
+
+def _previous_runs(path: Path, steps: int) -> list[dict]:
+    if not path.exists():
+        return []
+    previous = json.loads(path.read_text())
+    if previous["steps"] != steps:
+        raise SystemExit(f"{path} holds {previous['steps']}-step runs, not {steps}: drop --resume or pass --name")
+    return previous["runs"]
+
+
+def report(rows: list[dict], variants: list[str], seeds: list[int], steps: int) -> None:
     budgets = [f"at {b}" for b in BUDGETS]
-    header = ["variant", *budgets, f"at {ns.steps}", f"steps to {TARGET}", "wall s", "step s"]
-    print("\nheld-out avg@k, mean [min, max] over seeds " + ", ".join(map(str, ns.seeds)))
+    header = ["variant", *budgets, f"at {steps}", f"steps to {TARGET}", "wall s", "step s"]
+    print("\nheld-out avg@k, mean [min, max] over seeds " + ", ".join(map(str, seeds)))
     print(" | ".join(header))
-    for variant in ns.variants:
+    for variant in variants:
         mine = [r for r in rows if r["variant"] == variant]
         reached = [r["steps_to_target"] for r in mine]
         cells = [_spread([r[f"at_{b}"] for r in mine]) for b in BUDGETS] + [_spread([r["end"] for r in mine])]
@@ -138,15 +169,9 @@ def main() -> int:
     print(f"prompt-blind baseline: {rows[0]['prompt_blind']:.3f}; start: {_spread([r['start'] for r in rows])}")
     print("\nstep time shares (median over steps; mean over seeds)")
     print("variant | " + " | ".join(PARTS))
-    for variant in ns.variants:
+    for variant in variants:
         mine = [r for r in rows if r["variant"] == variant]
         print(variant + " | " + " | ".join(f"{statistics.mean(r[p] for r in mine):.1%}" for p in PARTS))
-    ns.out.mkdir(parents=True, exist_ok=True)
-    meta = dict(steps=ns.steps, seeds=ns.seeds, target=TARGET, budgets=BUDGETS, variants=VARIANTS)
-    (ns.out / f"{ns.name}.json").write_text(json.dumps({**meta, "runs": rows, "curves": curves}, indent=1) + "\n")
-    plot(curves, rows[0]["prompt_blind"], ns.out / f"{ns.name}.png")
-    print(f"\nwritten: {ns.out / (ns.name + '.json')}, {ns.out / (ns.name + '.png')}")
-    return 0
 
 
 def plot(curves: dict[str, list[list[tuple[int, float]]]], prompt_blind: float, out: Path) -> None:
