@@ -1,6 +1,6 @@
 """Benchmark: POPO, GRPO and POPO's ablations on the main job, judged on held-out problems; step-time breakdown.
 
-Every run is `popo train examples/tiny_cpu.yaml` with one seed (the seed also
+Every run is `popo train examples/tiny_cpu.yaml` (or `--example`) with one seed (the seed also
 generates the random model, so each seed is a different start), the same step
 budget, and a variant's overrides (VARIANTS). The run evaluates itself on the
 held-out split (`eval.*` of the example: avg@4 at T=0.6, every 25 steps).
@@ -17,6 +17,8 @@ Reported per run and as mean / min / max over the seeds:
     python bench/bench_train.py                                  # every variant, seeds 1 2 3, 300 steps
     python bench/bench_train.py --variants popo grpo --seeds 1 --name popo_vs_grpo
     python bench/bench_train.py --resume                         # after a stop: only the runs not yet in the JSON
+    python bench/bench_train.py --example examples/smollm2_arithmetic.yaml --variants popo grpo --seeds 1 \
+        --steps 10 --name smollm2_popo_vs_grpo                   # the real model, ~1 hour on 2 cores
 
 `popo_no_twin` is also the beta = 0 ablation: the twin serves only the similarity penalty, so a twin with
 beta = 0 trains exactly like no twin (the config rejects that combination as a twin kept for nothing).
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -35,7 +38,8 @@ from pathlib import Path
 
 from popo_megatron.trainer.logbook import EVAL_JSONL, read_metrics
 
-EXAMPLE = Path(__file__).parent.parent / "examples" / "tiny_cpu.yaml"
+ROOT = Path(__file__).resolve().parent.parent
+MAIN_JOB = "examples/tiny_cpu.yaml"  # relative to ROOT
 TARGET = 0.8
 BUDGETS = (100, 200)
 PARTS = ["rollout", "reward", "old_logprobs", "twin_forward", "update", "sync"]
@@ -53,9 +57,9 @@ VARIANTS = {
 COLORS = ["tab:blue", "tab:orange", "tab:red", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
 
 
-def run(variant: str, seed: int, steps: int, out: Path) -> tuple[list[dict], list[dict], float]:
+def run(example: Path, variant: str, seed: int, steps: int, out: Path) -> tuple[list[dict], list[dict], float]:
     """(metrics records, held-out evaluations, wall seconds) of one run."""
-    command = [sys.executable, "-m", "popo_megatron", "train", str(EXAMPLE), *VARIANTS[variant]]
+    command = [sys.executable, "-m", "popo_megatron", "train", str(example), *VARIANTS[variant]]
     command += [f"seed={seed}", f"train.steps={steps}", f"train.output_dir={out}", "train.checkpoint_every=0"]
     start = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True)
@@ -111,6 +115,7 @@ def _spread(values: list[float | None]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--example", type=Path, default=ROOT / MAIN_JOB, help="the config every variant starts from")
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--steps", type=int, default=300)
@@ -122,8 +127,9 @@ def main() -> int:
     ns = parser.parse_args()
     out_json = ns.out / f"{ns.name}.json"
     ns.out.mkdir(parents=True, exist_ok=True)
-    meta = dict(steps=ns.steps, seeds=ns.seeds, target=TARGET, budgets=BUDGETS, variants=VARIANTS)
-    done = _previous_runs(out_json, ns.steps) if ns.resume else []
+    example = os.path.relpath(ns.example, ROOT)
+    meta = dict(example=example, steps=ns.steps, seeds=ns.seeds, target=TARGET, budgets=BUDGETS, variants=VARIANTS)
+    done = _previous_runs(out_json, example, ns.steps) if ns.resume else []
     # Seed-major order: an interrupted bench has every variant on its first seeds, and slow drifts of
     # the machine fall on all variants alike.
     for seed in ns.seeds:
@@ -131,7 +137,7 @@ def main() -> int:
             if any(r["variant"] == variant and r["seed"] == seed for r in done):
                 continue
             with tempfile.TemporaryDirectory() as tmp:
-                records, heldout, seconds = run(variant, seed, ns.steps, Path(tmp) / "run")
+                records, heldout, seconds = run(ns.example, variant, seed, ns.steps, Path(tmp) / "run")
             done.append(summarise(variant, seed, records, heldout, seconds))
             # Written after every run, so that --resume after a stop loses at most the run in flight.
             out_json.write_text(json.dumps({**meta, "runs": done}, indent=1) + "\n")
@@ -144,12 +150,15 @@ def main() -> int:
     return 0
 
 
-def _previous_runs(path: Path, steps: int) -> list[dict]:
+def _previous_runs(path: Path, example: str, steps: int) -> list[dict]:
     if not path.exists():
         return []
     previous = json.loads(path.read_text())
-    if previous["steps"] != steps:
-        raise SystemExit(f"{path} holds {previous['steps']}-step runs, not {steps}: drop --resume or pass --name")
+    if (previous.get("example", MAIN_JOB), previous["steps"]) != (example, steps):
+        raise SystemExit(
+            f"{path} holds {previous['steps']}-step runs of {previous.get('example', MAIN_JOB)}, not {steps} of"
+            f" {example}: drop --resume or pass another --name"
+        )
     return previous["runs"]
 
 
@@ -188,8 +197,8 @@ def plot(curves: dict[str, list[list[tuple[int, float]]]], prompt_blind: float, 
         ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=color, alpha=0.12)
     ax.axhline(prompt_blind, color="black", linestyle="--", label="best prompt-blind answer")
     ax.set_xlabel("step")
-    ax.set_ylabel("held-out avg@4 (T=0.6)")
-    ax.set_ylim(0, 1)
+    ax.set_ylabel("held-out avg@k")
+    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -1,7 +1,8 @@
 """Start a local multi-process world (like torchrun on one machine) from Python.
 
 Used when a command asks for more ranks than it was launched with (e.g.
-`popo parity --tp 2` from a plain shell) and by the tests.
+`popo parity --layouts tp2`, or `popo train` with parallel.tensor_model_parallel_size=2, from a
+plain shell) and by the tests.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Model-parity check: Megatron-Core (our builder + weight mapping) vs transformers.
 
 `popo parity` runs it at several TP/PP/SP layouts on local processes and
-prints a table; it is the main demo until the trainer lands.
+prints a table: the check to run after a model or mapping change, before training.
 """
 
 from __future__ import annotations
