@@ -126,28 +126,57 @@ def _train_worker(config: str | None, overrides: list[str]) -> None:
     train(load_config(config, overrides))
 
 
+def _complete_run(cfg, resume, rank0: bool) -> int:
+    """A run that has done its train.steps: nothing to train. Say so, and how to go on (status 0), or, when
+    the command changes settings that would then apply to no step, refuse (status 2)."""
+    out, steps = cfg.train.output_dir, cfg.train.steps
+    changes = [c for c in resume.changes if c.key != "train.steps"]
+    how = (
+        f"raise train.steps above {resume.step} to continue it (e.g. train.steps={2 * resume.step}), or start "
+        "a new run: another train.output_dir, or train.resume=false (which overwrites this run's checkpoints)"
+    )
+    if not rank0:
+        return 2 if changes else 0
+    if changes:
+        changed = ", ".join(map(str, changes))
+        print(
+            f"popo train: error: {out} is a complete run ({resume.step}/{steps} steps): the changed settings "
+            f"({changed}) would apply to no step; {how}",
+            file=sys.stderr,
+        )
+        return 2
+    print(f"popo train: {out} is a complete run ({resume.step}/{steps} steps): nothing to train; {how}")
+    return 0
+
+
 def _train(ns: argparse.Namespace) -> int:
     from popo_megatron.config import ConfigError, load_config
     from popo_megatron.convert.checkpoint_dir import CheckpointError
     from popo_megatron.data.problems import DataError
     from popo_megatron.launch import run_local
     from popo_megatron.model.named import named_model_overrides
+    from popo_megatron.trainer.checkpoints import plan_resume
     from popo_megatron.trainer.logbook import print_summary
 
     overrides = list(ns.overrides) + ([f"train.resume_from={ns.resume.absolute()}"] if ns.resume else [])
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         cfg = load_config(ns.config, overrides)
         overrides += named_model_overrides(cfg)
         cfg = load_config(ns.config, overrides)
+        resume = plan_resume(cfg)
     except (ConfigError, DataError, CheckpointError, ValueError) as exc:
-        print(f"popo train: error: {exc}", file=sys.stderr)
+        if rank0:
+            print(f"popo train: error: {exc}", file=sys.stderr)
         return 2
+    if resume is not None and resume.step >= cfg.train.steps:
+        return _complete_run(cfg, resume, rank0)
     from popo_megatron.platform.distributed import slurm_environment
 
     config = str(ns.config) if ns.config else None
     if "WORLD_SIZE" in os.environ or slurm_environment(dict(os.environ)):  # torchrun / srun: this process is one rank
         _train_worker(config, overrides)
-        if int(os.environ.get("RANK", "0")) != 0:
+        if not rank0:
             return 0
     else:
         par = cfg.parallel

@@ -86,7 +86,7 @@ def test_evaluate_a_checkpoint(tmp_path):
 
 
 def test_a_run_directory_stands_for_its_newest_checkpoint(tmp_path):
-    from popo_megatron.trainer.state import resolve_checkpoint
+    from popo_megatron.trainer.checkpoints import resolve_checkpoint
 
     run = tmp_path / "run"
     for name in ("step_000010", "step_000020"):

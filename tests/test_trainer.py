@@ -7,6 +7,8 @@
   learning curve and checkpoints.
 - Exact resume: a run stopped by SIGTERM and resumed ends bit-identical to one that never stopped.
 - Resume at another layout (TP=2 -> TP=1) gives the same loss at the first resumed step.
+- A resumed run reports the settings it changes, refuses those its checkpoint depends on, and a complete
+  run says so instead of training nothing.
 - A crash while a checkpoint is written leaves the previous checkpoint as `latest`.
 """
 
@@ -291,6 +293,40 @@ def test_resume_at_another_layout(arith_model, tmp_path):
             assert resumed[key] == pytest.approx(expected[key], abs=1e-4), key
 
 
+def _popo_train_now(out: Path, model: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`popo train` on the tiny example, to completion, its console captured."""
+    command = [sys.executable, "-m", "popo_megatron", "train", str(EXAMPLE), f"model.hf_path={model}"]
+    command += [f"train.output_dir={out}", *overrides]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def test_resume_says_what_changed_and_refuses_what_it_cannot_continue(arith_model, tmp_path):
+    out = tmp_path / "run"
+    base = ["train.checkpoint_every=0", "optim.lr_decay_style=constant", *SMALL]
+    _finish(_popo_train(out, arith_model, "train.steps=1", *base), out)
+
+    again = _popo_train_now(out, arith_model, "train.steps=1", *base)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "is a complete run (1/1 steps): nothing to train" in again.stdout and "train.steps=2" in again.stdout
+    assert "mean reward" not in again.stdout, "the old summary, as if the command had trained"
+
+    changed = _popo_train_now(out, arith_model, "train.steps=1", "rollout.temperature=0.8", *base)
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr + changed.stdout
+    assert "rollout.temperature: 1.0 -> 0.8" in changed.stderr and "would apply to no step" in changed.stderr
+
+    refused = _popo_train_now(out, arith_model, "train.steps=2", "rollout.n=8", *base)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr + refused.stdout
+    assert "rollout.n: 4 -> 8" in refused.stderr and "train.output_dir" in refused.stderr
+    assert len(records(out)) == 1, "a refused resume trains nothing"
+
+    resumed = _popo_train_now(out, arith_model, "train.steps=2", "optim.lr=5e-4", *base)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "changed: optim.lr: 0.001 -> 0.0005" in resumed.stdout and "changed: train.steps: 1 -> 2" in resumed.stdout
+    assert [r["step"] for r in records(out)] == [1, 2]
+    # The new rate is the one used (Megatron's scheduler would keep the checkpoint's 1e-3 by default).
+    assert [r["lr"] for r in records(out)] == [pytest.approx(1e-3), pytest.approx(5e-4)]
+
+
 def _crash_worker(model: str, out: str) -> None:
     from megatron.core import dist_checkpointing
 
@@ -321,7 +357,7 @@ def _crash_worker(model: str, out: str) -> None:
 
 
 def test_crash_while_checkpointing_keeps_the_previous_latest(arith_model, tmp_path):
-    from popo_megatron.trainer.state import latest_checkpoint
+    from popo_megatron.trainer.checkpoints import latest_checkpoint
 
     out = tmp_path / "crash"
     run_local(_crash_worker, 1, str(arith_model), str(out))

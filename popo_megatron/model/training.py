@@ -79,4 +79,9 @@ def build_scheduler(optimizer, cfg: DictConfig, total_updates: int):
         end_wd=optim.weight_decay,
         wd_incr_steps=max(total_updates, 1),
         wd_incr_style="constant",
+        # On resume the config's schedule wins and the checkpoint gives the position in it: a changed
+        # optim.lr or train.steps applies (Megatron's default keeps the checkpoint's and says so only in
+        # its INFO log).
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )

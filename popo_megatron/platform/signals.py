@@ -4,8 +4,9 @@ A stop signal reaches every process of a job step, not only the ranks: Slurm del
 scancel) and the `--signal` warning (SIGUSR1) to all processes of the step, and Ctrl-C sends SIGINT to the
 whole foreground process group. The ranks stop cleanly on SIGTERM and SIGUSR1 (finish the step, write a
 checkpoint, exit; see trainer/loop.py); SIGINT interrupts them at once, as Ctrl-C should. A helper process
-a rank started must survive all three, or the checkpoint a signal asks for fails: megatron-core's checkpoint writer talks to a `multiprocessing.Manager` process it spawns on the
-first save, and a grading worker that dies mid-step costs a sample.
+a rank started must survive all three, or the checkpoint a signal asks for fails: megatron-core's
+checkpoint writer talks to a `multiprocessing.Manager` process it spawns on the first save, and a grading
+worker that dies mid-step costs a sample.
 
 "spawn" children reset handled signals to their default (which for these three is: die), but keep the
 blocked signal mask across fork and exec. So a helper started inside `stop_signals_held` is born with the

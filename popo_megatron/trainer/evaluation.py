@@ -22,7 +22,7 @@ def _config(checkpoint: Path, config: Path | None, overrides: list[str]):
     import tempfile
 
     from popo_megatron.config import load_config
-    from popo_megatron.trainer.state import TRAINER_STATE
+    from popo_megatron.trainer.checkpoints import TRAINER_STATE
 
     stored = checkpoint / TRAINER_STATE
     overrides = [f"model.hf_path={checkpoint}", *overrides]
@@ -50,7 +50,7 @@ def evaluate_checkpoint(
     from popo_megatron.reward.math_verifier import MathVerifier
     from popo_megatron.rollout.engine import SamplingSettings
     from popo_megatron.rollout.vllm_engine import vllm_engine
-    from popo_megatron.trainer.state import resolve_checkpoint
+    from popo_megatron.trainer.checkpoints import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(checkpoint)
     cfg = _config(checkpoint, config, list(overrides))

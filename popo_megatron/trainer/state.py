@@ -51,10 +51,8 @@ from popo_megatron.data.sampler import PromptSampler
 from popo_megatron.model.hf_config import HFModelArgs
 from popo_megatron.platform import capture_rng_state, restore_rng_state
 from popo_megatron.platform.signals import stop_signals_held
+from popo_megatron.trainer.checkpoints import CHECKPOINTS, LATEST, TRAINER_STATE, plan_resume, read_trainer_state
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-TRAINER_STATE = "trainer_state.json"
 # The distributed optimiser's state in canonical per-parameter form: a checkpoint reloads at any layout.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 _TWIN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -191,7 +189,7 @@ class TrainState:
                 for name, param in self.predictor.named_parameters():
                     param.copy_(loaded["predictor"][f"predictor.{name}"])
             self.predictor_optimizer.load_state_dict(torch.load(ckpt / "predictor_optimizer.pt", weights_only=True))
-        state = json.loads((ckpt / TRAINER_STATE).read_text())
+        state = read_trainer_state(ckpt)
         self.step = state["step"]
         self.sampler.load_state_dict(state["sampler"])
         self.momentum.load_state_dict(state["momentum"])
@@ -252,29 +250,6 @@ def _remove_old(root: Path, keep: int) -> None:
     steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
     for old in steps[: max(0, len(steps) - keep)]:
         shutil.rmtree(old)
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run, or None."""
-    marker = Path(output_dir) / CHECKPOINTS / LATEST
-    if not marker.is_file():
-        return None
-    path = marker.parent / marker.read_text().strip()
-    if not path.is_dir():
-        raise CheckpointError(f"{marker} points to {path.name}, which does not exist")
-    return path
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A run's output directory, its checkpoints/ directory or the `latest` marker -> the newest checkpoint
-    (what a user means by them); any other path as it is."""
-    path = Path(path)
-    if path.is_file() and path.name == LATEST:
-        return latest_checkpoint(path.parent.parent) or path
-    for run_dir in (path, path.parent):
-        if (run_dir / CHECKPOINTS / LATEST).is_file() and path in (run_dir, run_dir / CHECKPOINTS):
-            return latest_checkpoint(run_dir) or path
-    return path
 
 
 def build_train_state(cfg: DictConfig) -> TrainState:
@@ -340,12 +315,11 @@ def build_train_state(cfg: DictConfig) -> TrainState:
         predictor_optimizer=predictor_optimizer,
     )
     state.follow_lr_schedule()
-    previous = latest_checkpoint(cfg.train.output_dir) if cfg.train.resume else None
-    if cfg.train.resume_from:
-        previous = Path(cfg.train.resume_from)
-    if previous is not None:
-        state.load_checkpoint(previous)
+    resume = plan_resume(cfg)
+    if resume is not None:
+        state.load_checkpoint(resume.checkpoint)
         state.sync_weights()  # the engine started from model.hf_path's weights
         if dist.get_rank() == 0:
-            print(f"resumed from {previous} at step {state.step}/{cfg.train.steps}", flush=True)
+            changed = "".join(f"\n  changed: {change}" for change in resume.changes)
+            print(f"resumed from {resume.checkpoint} at step {state.step}/{cfg.train.steps}{changed}", flush=True)
     return state

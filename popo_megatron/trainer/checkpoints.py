@@ -1,0 +1,157 @@
+"""A run's checkpoints on disk: their names, the newest one, the one a run resumes from, and what the
+resumed run's config changes against the config the checkpoint was saved with.
+
+    OUTPUT_DIR/checkpoints/step_000010/trainer_state.json   step, sampler, ..., the run's config
+    OUTPUT_DIR/checkpoints/latest                           the name of the newest complete checkpoint
+
+A resumed run continues the saved one: its weights, optimiser, twin, prompt sampler and schedules. Most
+settings may change on the way (a learning rate, a sampling temperature, more steps) and the change is
+reported; the keys in FIXED define what the saved state *is*, and changing them is refused. Writing
+checkpoints and loading them into a model is trainer/state.py's.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from popo_megatron.convert.checkpoint_dir import HF_DIR, CheckpointError
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+TRAINER_STATE = "trainer_state.json"
+
+_DATA_SET = "the prompt sampler's position is a position in the data set and order the run was saved with"
+# Keys (or key prefixes) a resumed run may not change, and why.
+FIXED = {
+    "model.hf_path": "the checkpoint's weights were trained from another model",
+    "algorithm": "the optimiser state, twin and metrics belong to the algorithm the run was saved with",
+    "data.train": _DATA_SET,
+    "data.problem_key": _DATA_SET,
+    "data.answer_key": _DATA_SET,
+    "data.solution_key": _DATA_SET,
+    "data.synthetic": _DATA_SET,
+    "data.shuffle_seed": _DATA_SET,
+    "rollout.n": "the group size G defines the run's groups and POPO's redistribution weights",
+    "seed": "the run's random streams (rollout seeds, a generated model) follow from it",
+    "popo.twin.enabled": "the checkpoint has its twin's weights, or has none",
+}
+# Where a run is stored and how it is started: not part of what it computes.
+NOT_COMPARED = ("train.output_dir", "train.resume", "train.resume_from")
+
+
+class ResumeError(CheckpointError):
+    """A resumed run's config changes a key the checkpoint's state depends on."""
+
+
+@dataclass(frozen=True)
+class Change:
+    key: str
+    saved: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.saved!r} -> {self.new!r}"
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    checkpoint: Path
+    step: int  # the step the checkpoint was saved after
+    changes: list[Change]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    marker = Path(output_dir) / CHECKPOINTS / LATEST
+    if not marker.is_file():
+        return None
+    path = marker.parent / marker.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{marker} points to {path.name}, which does not exist")
+    return path
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run's output directory, its checkpoints/ directory or the `latest` marker -> the newest checkpoint
+    (what a user means by them); any other path as it is."""
+    path = Path(path)
+    if path.is_file() and path.name == LATEST:
+        return latest_checkpoint(path.parent.parent) or path
+    for run_dir in (path, path.parent):
+        if (run_dir / CHECKPOINTS / LATEST).is_file() and path in (run_dir, run_dir / CHECKPOINTS):
+            return latest_checkpoint(run_dir) or path
+    return path
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    path = checkpoint / TRAINER_STATE
+    if not path.is_file():
+        raise CheckpointError(f"{checkpoint}: no {TRAINER_STATE}: not a training checkpoint of popo train")
+    return json.loads(path.read_text())
+
+
+def plan_resume(cfg: DictConfig) -> ResumePlan | None:
+    """The checkpoint `cfg` resumes from (train.resume_from, else OUTPUT_DIR's newest when train.resume),
+    the step it was saved after, and the settings `cfg` changes; None for a fresh run.
+    Raises ResumeError naming every FIXED key that `cfg` changes."""
+    if cfg.train.resume_from:
+        checkpoint = Path(cfg.train.resume_from)
+    elif cfg.train.resume:
+        checkpoint = latest_checkpoint(cfg.train.output_dir)
+    else:
+        return None
+    if checkpoint is None:
+        return None
+    state = read_trainer_state(checkpoint)
+    saved = state.get("config")
+    changes = (
+        [] if saved is None else config_changes(saved, OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    )
+    refused = [c for c in changes if _refused(c, checkpoint)]
+    if refused:
+        lines = "; ".join(f"{c} ({_reason(c.key)})" for c in refused)
+        raise ResumeError(
+            f"{checkpoint} cannot continue with this config: {lines}. Start a new run instead: another "
+            f"train.output_dir, or train.resume=false (which overwrites this run's checkpoints)"
+        )
+    return ResumePlan(checkpoint=checkpoint, step=int(state["step"]), changes=changes)
+
+
+def config_changes(saved: dict, new: dict) -> list[Change]:
+    """The keys (dotted) whose values differ, among those both configs have: a key added to the schema
+    since the checkpoint was saved, or removed from it, is not a change the user made."""
+    before, after = _flatten(saved), _flatten(new)
+    keys = [k for k in after if k in before and not k.startswith(NOT_COMPARED)]
+    return [Change(k, before[k], after[k]) for k in keys if before[k] != after[k]]
+
+
+def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _reason(key: str) -> str | None:
+    return next((why for fixed, why in FIXED.items() if key == fixed or key.startswith(fixed + ".")), None)
+
+
+def _refused(change: Change, checkpoint: Path) -> bool:
+    if _reason(change.key) is None:
+        return False
+    if change.key == "model.hf_path":  # the same model moved to another path (another machine, cache)
+        return _model_config(Path(change.new)) != _model_config(checkpoint / HF_DIR)
+    return True
+
+
+def _model_config(hf_dir: Path) -> dict | None:
+    path = hf_dir / "config.json"
+    return json.loads(path.read_text()) if path.is_file() else None
