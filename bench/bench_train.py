@@ -163,24 +163,37 @@ def _previous_runs(path: Path, example: str, steps: int) -> list[dict]:
 
 
 def report(rows: list[dict], variants: list[str], seeds: list[int], steps: int) -> None:
-    budgets = [f"at {b}" for b in BUDGETS]
-    header = ["variant", *budgets, f"at {steps}", f"steps to {TARGET}", "wall s", "step s"]
-    print("\nheld-out avg@k, mean [min, max] over seeds " + ", ".join(map(str, seeds)))
-    print(" | ".join(header))
-    for variant in variants:
-        mine = [r for r in rows if r["variant"] == variant]
-        reached = [r["steps_to_target"] for r in mine]
-        cells = [_spread([r[f"at_{b}"] for r in mine]) for b in BUDGETS] + [_spread([r["end"] for r in mine])]
-        cells.append("/".join("-" if s is None else str(s) for s in reached))
-        cells.append(f"{statistics.mean(r['wall_s'] for r in mine):.0f}")
-        cells.append(f"{statistics.mean(r['step_s'] for r in mine):.2f}")
-        print(" | ".join([variant, *cells]))
-    print(f"prompt-blind baseline: {rows[0]['prompt_blind']:.3f}; start: {_spread([r['start'] for r in rows])}")
+    """Markdown tables (the README's): held-out accuracy and time per variant, the winner of each column."""
+    measured = [v for v in variants if any(r["variant"] == v for r in rows)]
+    mine = {v: [r for r in rows if r["variant"] == v] for v in measured}
+    budgets = [*BUDGETS, steps]
+    keys = [f"at_{b}" for b in BUDGETS] + ["end"]
+
+    def mean(variant: str, key: str) -> float:
+        known = [r[key] for r in mine[variant] if r[key] is not None]
+        return statistics.mean(known) if known else float("nan")
+
+    def reach(variant: str) -> tuple[int, float]:  # seeds that reached TARGET (more is better), mean steps
+        reached = [r["steps_to_target"] for r in mine[variant] if r["steps_to_target"] is not None]
+        return len(reached), statistics.mean(reached) if reached else float("inf")
+
+    header = ["variant", *[f"held-out at {b}" for b in budgets], f"steps to {TARGET}", "wall s", "step s"]
+    print(f"\nheld-out avg@k: mean [min, max] over seeds {', '.join(map(str, seeds))}; steps to {TARGET} per seed")
+    print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
+    for v in measured:
+        cells = [_spread([r[k] for r in mine[v]]) for k in keys]
+        cells.append("/".join("-" if r["steps_to_target"] is None else str(r["steps_to_target"]) for r in mine[v]))
+        cells += [f"{mean(v, 'wall_s'):.0f}", f"{mean(v, 'step_s'):.2f}"]
+        print("| " + " | ".join([v, *cells]) + " |")
+    best = [max(measured, key=lambda v, k=k: mean(v, k)) for k in keys]
+    best.append(max(measured, key=lambda v: (reach(v)[0], -reach(v)[1])))
+    best += [min(measured, key=lambda v: mean(v, "wall_s")), min(measured, key=lambda v: mean(v, "step_s"))]
+    print("| **winner** | " + " | ".join(f"**{v}**" for v in best) + " |")
+    print(f"\nprompt-blind baseline: {rows[0]['prompt_blind']:.3f}; start: {_spread([r['start'] for r in rows])}")
     print("\nstep time shares (median over steps; mean over seeds)")
-    print("variant | " + " | ".join(PARTS))
-    for variant in variants:
-        mine = [r for r in rows if r["variant"] == variant]
-        print(variant + " | " + " | ".join(f"{statistics.mean(r[p] for r in mine):.1%}" for p in PARTS))
+    print("| variant | " + " | ".join(PARTS) + " |\n|" + " --- |" * (len(PARTS) + 1))
+    for v in measured:
+        print(f"| {v} | " + " | ".join(f"{mean(v, p):.1%}" for p in PARTS) + " |")
 
 
 def plot(curves: dict[str, list[list[tuple[int, float]]]], prompt_blind: float, out: Path) -> None:
