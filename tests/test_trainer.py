@@ -294,7 +294,7 @@ def test_resume_at_another_layout(arith_model, tmp_path):
 
 
 def _popo_train_now(out: Path, model: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """`popo train` on the tiny example, to completion, its console captured."""
+    """`popo train` on the tiny example, to completion, its console captured (later overrides win)."""
     command = [sys.executable, "-m", "popo_megatron", "train", str(EXAMPLE), f"model.hf_path={model}"]
     command += [f"train.output_dir={out}", *overrides]
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -305,21 +305,21 @@ def test_resume_says_what_changed_and_refuses_what_it_cannot_continue(arith_mode
     base = ["train.checkpoint_every=0", "optim.lr_decay_style=constant", *SMALL]
     _finish(_popo_train(out, arith_model, "train.steps=1", *base), out)
 
-    again = _popo_train_now(out, arith_model, "train.steps=1", *base)
+    again = _popo_train_now(out, arith_model, *base, "train.steps=1")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "is a complete run (1/1 steps): nothing to train" in again.stdout and "train.steps=2" in again.stdout
     assert "mean reward" not in again.stdout, "the old summary, as if the command had trained"
 
-    changed = _popo_train_now(out, arith_model, "train.steps=1", "rollout.temperature=0.8", *base)
+    changed = _popo_train_now(out, arith_model, *base, "train.steps=1", "rollout.temperature=0.8")
     assert changed.returncode == 2 and "Traceback" not in changed.stderr + changed.stdout
     assert "rollout.temperature: 1.0 -> 0.8" in changed.stderr and "would apply to no step" in changed.stderr
 
-    refused = _popo_train_now(out, arith_model, "train.steps=2", "rollout.n=8", *base)
+    refused = _popo_train_now(out, arith_model, *base, "train.steps=2", "rollout.n=8")
     assert refused.returncode == 2 and "Traceback" not in refused.stderr + refused.stdout
     assert "rollout.n: 4 -> 8" in refused.stderr and "train.output_dir" in refused.stderr
     assert len(records(out)) == 1, "a refused resume trains nothing"
 
-    resumed = _popo_train_now(out, arith_model, "train.steps=2", "optim.lr=5e-4", *base)
+    resumed = _popo_train_now(out, arith_model, *base, "train.steps=2", "optim.lr=5e-4")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "changed: optim.lr: 0.001 -> 0.0005" in resumed.stdout and "changed: train.steps: 1 -> 2" in resumed.stdout
     assert [r["step"] for r in records(out)] == [1, 2]
