@@ -181,7 +181,13 @@ class TrainState:
         with torch.no_grad():
             for name, tensor in loaded["model"].items():
                 params[name.removeprefix("model.")].copy_(tensor)
+        configured = [(group.get("max_lr"), group.get("min_lr")) for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(loaded["optimizer"])
+        # The loaded groups carry the saved run's max_lr / min_lr, which the LR schedule reads before its
+        # own: the config's win, as for the schedule itself (model/training.py, build_scheduler).
+        for group, (max_lr, min_lr) in zip(self.optimizer.param_groups, configured, strict=True):
+            if max_lr is not None:
+                group["max_lr"], group["min_lr"] = max_lr, min_lr
         if self.twin is not None:
             self.twin.load_full_tensors({k.removeprefix("twin."): v for k, v in loaded["twin"].items()})
         if self.predictor is not None:
