@@ -10,6 +10,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from popo_megatron.logs import VERBOSE_ENV, console, console_out, setup_logging
+
 PARITY_LAYOUTS = ["tp1", "tp2", "tp2_sp", "pp2"]
 
 
@@ -37,7 +39,7 @@ def _parity(ns: argparse.Namespace) -> int:
         f"{args.num_attention_heads} heads / {args.num_kv_heads} KV heads, vocab {args.vocab_size}, "
         f"tied embeddings: {args.tie_word_embeddings}"
     )
-    results = run_parity(hf_path, layouts)
+    results = run_parity(hf_path, layouts, log_dir=Path(ns.out) / "logs")
     print()
     print(f"{'layout':10s} {'ranks':>5s} {'max |diff|':>11s} {'load (s)':>9s} {'wall (s)':>9s}  result")
     ok = True
@@ -121,9 +123,12 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 def _train_worker(config: str | None, overrides: list[str]) -> None:
     from popo_megatron.config import load_config
+
+    cfg = load_config(config, overrides)
+    setup_logging(Path(cfg.train.output_dir) / "logs", int(os.environ.get("RANK", "0")))
     from popo_megatron.trainer.loop import train
 
-    train(load_config(config, overrides))
+    train(cfg)
 
 
 def _complete_run(cfg, resume, rank0: bool) -> int:
@@ -174,20 +179,23 @@ def _train(ns: argparse.Namespace) -> int:
     from popo_megatron.platform.distributed import slurm_environment
 
     config = str(ns.config) if ns.config else None
+    logs = Path(cfg.train.output_dir) / "logs"
     if "WORLD_SIZE" in os.environ or slurm_environment(dict(os.environ)):  # torchrun / srun: this process is one rank
         _train_worker(config, overrides)
         if not rank0:
             return 0
     else:
+        setup_logging(None)
         par = cfg.parallel
         nproc = ns.nproc or par.tensor_model_parallel_size * par.pipeline_model_parallel_size
-        print(f"popo train: starting {nproc} local rank(s)")
-        run_local(_train_worker, nproc, config, overrides)
+        print(f"popo train: starting {nproc} local rank(s); their full logs: {logs}/rank_N.log")
+        run_local(_train_worker, nproc, config, overrides, log_dir=logs)
     print_summary(cfg)
     return 0
 
 
 def _eval(ns: argparse.Namespace) -> int:
+    setup_logging(ns.out / "logs")  # first: before the imports below can print
     from popo_megatron.config import ConfigError
     from popo_megatron.convert.checkpoint_dir import CheckpointError
     from popo_megatron.data.problems import DataError
@@ -196,10 +204,10 @@ def _eval(ns: argparse.Namespace) -> int:
     try:
         results = evaluate_checkpoint(ns.checkpoint, ns.benchmarks, ns.k, ns.out, ns.config, ns.overrides, ns.weights)
     except (ConfigError, CheckpointError, DataError, ValueError) as exc:
-        print(f"popo eval: error: {exc}", file=sys.stderr)
+        print(f"popo eval: error: {exc}", file=console())
         return 2
     for result, path in results:
-        print(f"{result.summary()}  -> {path}")
+        print(f"{result.summary()}  -> {path}", file=console_out())
     return 0
 
 
@@ -297,6 +305,11 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="popo", description=__doc__)
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help=f"every library's output on the console too (also {VERBOSE_ENV}=1); by default it goes to OUTPUT_DIR/logs",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_train(sub)
     _add_eval(sub)
@@ -320,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
         ns.overrides = [*ns.overrides, *extra]
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if ns.verbose:
+        os.environ[VERBOSE_ENV] = "1"  # for the ranks and helpers too
+    if ns.command not in ("train", "eval"):  # those two know their log directory
+        setup_logging(None)
     return ns.func(ns)
 
 

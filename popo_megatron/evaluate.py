@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from omegaconf import DictConfig
-from tqdm import tqdm
 
 from popo_megatron.data.problems import ProblemSet
 from popo_megatron.data.prompts import render_prompt
+from popo_megatron.logs import progress as progress_bar
 from popo_megatron.rollout.engine import RolloutEngine, SamplingSettings
 
 
@@ -90,7 +90,7 @@ def evaluate(
     reasons: Counter = Counter()
     tokens = 0
     start = time.perf_counter()
-    bar = tqdm(total=len(problems), desc=f"eval {problems.name}", unit="problem", disable=not progress)
+    bar = progress_bar(total=len(problems), desc=f"eval {problems.name}", unit="problem", disable=not progress)
     for first in range(0, len(problems), batch_prompts):
         batch = problems.problems[first : first + batch_prompts]
         prompts = [render_prompt(p.problem, tokenizer, data_cfg.prompt_template, data_cfg.instruction) for p in batch]

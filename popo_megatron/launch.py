@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as mp
+
+from popo_megatron.logs import setup_logging
 
 
 def _free_port() -> int:
@@ -21,7 +24,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple) -> None:
+def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple, log_dir: Path | None) -> None:
+    if log_dir is not None:  # first: before anything imported can print
+        setup_logging(log_dir, rank)
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -43,12 +48,13 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: 
     shutdown()
 
 
-def run_local(fn: Callable[..., Any], world_size: int, *args: Any) -> None:
-    """Call `fn(*args)` on `world_size` local ranks with torch.distributed initialised.
+def run_local(fn: Callable[..., Any], world_size: int, *args: Any, log_dir: Path | None = None) -> None:
+    """Call `fn(*args)` on `world_size` local ranks with torch.distributed initialised; with `log_dir`,
+    each rank's output goes to LOG_DIR/rank_N.log (popo_megatron.logs).
 
     `fn` must be importable (a module-level function). The first rank failure is
     re-raised here with its traceback.
     """
     mp.start_processes(
-        _entry, args=(fn, world_size, _free_port(), args), nprocs=world_size, start_method="spawn", join=True
+        _entry, args=(fn, world_size, _free_port(), args, log_dir), nprocs=world_size, start_method="spawn", join=True
     )

@@ -17,6 +17,9 @@ import torch
 from omegaconf import DictConfig
 
 from popo_megatron.launch import run_local
+from popo_megatron.logs import get_logger
+
+log = get_logger("parity")
 
 
 @dataclass(frozen=True)
@@ -100,15 +103,17 @@ def parity_tolerance(result: dict) -> float:
     return PARITY_RTOL * max(1.0, result["max_abs_logit"])
 
 
-def run_parity(hf_path: str | Path, layouts: list[Layout]) -> list[dict]:
-    """Run the parity check at each layout (each in a fresh local world); one result dict per layout."""
+def run_parity(hf_path: str | Path, layouts: list[Layout], log_dir: Path | None = None) -> list[dict]:
+    """Run the parity check at each layout (each in a fresh local world); one result dict per layout. With
+    `log_dir`, the ranks' output goes to LOG_DIR/LAYOUT/rank_N.log."""
     results = []
     for layout in layouts:
         with tempfile.TemporaryDirectory() as tmp:
             result_file = str(Path(tmp) / "result.json")
             start = time.perf_counter()
-            run_local(_parity_worker, layout.world, str(hf_path), layout, result_file)
+            logs = None if log_dir is None else Path(log_dir) / layout.name
+            run_local(_parity_worker, layout.world, str(hf_path), layout, result_file, log_dir=logs)
             result = json.loads(Path(result_file).read_text())
         results.append(dict(layout=layout.name, world=layout.world, wall_s=time.perf_counter() - start, **result))
-        print(f"  {layout.name:8s} max |logits - transformers| = {result['max_abs_diff']:.2e}", flush=True)
+        log.info(f"  {layout.name:8s} max |logits - transformers| = {result['max_abs_diff']:.2e}")
     return results

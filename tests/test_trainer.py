@@ -308,7 +308,7 @@ def test_resume_says_what_changed_and_refuses_what_it_cannot_continue(arith_mode
     again = _popo_train_now(out, arith_model, *base, "train.steps=1")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "is a complete run (1/1 steps): nothing to train" in again.stdout and "train.steps=2" in again.stdout
-    assert "mean reward" not in again.stdout, "the old summary, as if the command had trained"
+    assert "mean reward" not in again.stdout + again.stderr, "the old summary, as if the command had trained"
 
     changed = _popo_train_now(out, arith_model, *base, "train.steps=1", "rollout.temperature=0.8")
     assert changed.returncode == 2 and "Traceback" not in changed.stderr + changed.stdout
@@ -321,7 +321,8 @@ def test_resume_says_what_changed_and_refuses_what_it_cannot_continue(arith_mode
 
     resumed = _popo_train_now(out, arith_model, *base, "train.steps=2", "optim.lr=5e-4")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "changed: optim.lr: 0.001 -> 0.0005" in resumed.stdout and "changed: train.steps: 1 -> 2" in resumed.stdout
+    console = resumed.stdout + resumed.stderr
+    assert "changed: optim.lr: 0.001 -> 0.0005" in console and "changed: train.steps: 1 -> 2" in console
     assert [r["step"] for r in records(out)] == [1, 2]
     # The new rate is the one used (Megatron's scheduler would keep the checkpoint's 1e-3 by default).
     assert [r["lr"] for r in records(out)] == [pytest.approx(1e-3), pytest.approx(5e-4)]

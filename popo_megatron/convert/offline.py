@@ -33,6 +33,7 @@ from popo_megatron.convert.checkpoint_dir import (
 from popo_megatron.convert.dcp_stream import Chunk, StoredTensors, write_chunks
 from popo_megatron.convert.hf_checkpoint import HFCheckpoint, HFShardWriter
 from popo_megatron.convert.mapping import CheckpointParam, ShardContext, WeightMap
+from popo_megatron.logs import progress
 from popo_megatron.model.hf_config import HFModelArgs, read_hf_config
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -81,7 +82,8 @@ def _split_among_ranks(chunks: list[Chunk]) -> list[Chunk]:
 
 def _progress(total: int, desc: str, enabled: bool) -> tqdm:
     rank, _ = _rank_and_world()
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled or rank != 0)
+    bytes_bar = dict(unit="B", unit_scale=True, unit_divisor=1024)
+    return progress(total=total, desc=desc, disable=not enabled, rank=rank, **bytes_bar)
 
 
 def _planning() -> bool:

