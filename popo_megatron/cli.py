@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from popo_megatron.errors import UserError
 from popo_megatron.logs import VERBOSE_ENV, console, console_out, setup_logging
 
 PARITY_LAYOUTS = ["tp1", "tp2", "tp2_sp", "pp2"]
@@ -181,7 +183,13 @@ def _train(ns: argparse.Namespace) -> int:
     config = str(ns.config) if ns.config else None
     logs = Path(cfg.train.output_dir) / "logs"
     if "WORLD_SIZE" in os.environ or slurm_environment(dict(os.environ)):  # torchrun / srun: this process is one rank
-        _train_worker(config, overrides)
+        try:
+            _train_worker(config, overrides)
+        except UserError as exc:  # one line from rank 0 (the others' go to their logs); the traceback: the log
+            traceback.print_exc()
+            if rank0:
+                print(f"popo train: error: {exc}", file=console())
+            return 2
         if not rank0:
             return 0
     else:
@@ -189,7 +197,11 @@ def _train(ns: argparse.Namespace) -> int:
         par = cfg.parallel
         nproc = ns.nproc or par.tensor_model_parallel_size * par.pipeline_model_parallel_size
         print(f"popo train: starting {nproc} local rank(s); their full logs: {logs}/rank_N.log")
-        run_local(_train_worker, nproc, config, overrides, log_dir=logs)
+        try:
+            run_local(_train_worker, nproc, config, overrides, log_dir=logs)
+        except UserError as exc:
+            print(f"popo train: error: {exc} (the traceback: {logs}/rank_N.log)", file=sys.stderr)
+            return 2
     print_summary(cfg)
     return 0
 

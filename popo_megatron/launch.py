@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+import tempfile
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
 
+from popo_megatron.errors import USER_ERROR_EXIT, UserError, record_user_error, recorded_user_error
 from popo_megatron.logs import setup_logging
 
 
@@ -24,7 +29,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple, log_dir: Path | None) -> None:
+def _entry(
+    rank: int, fn: Callable[..., Any], world_size: int, port: int, args: tuple, log_dir: Path | None, errors: str
+) -> None:
     if log_dir is not None:  # first: before anything imported can print
         setup_logging(log_dir, rank)
     os.environ.update(
@@ -41,7 +48,12 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, args: 
     from popo_megatron.platform import init_distributed, shutdown
 
     init_distributed(timeout_minutes=10)
-    fn(*args)
+    try:
+        fn(*args)
+    except UserError as exc:  # the parent reports it in one line; the traceback stays in this rank's log
+        traceback.print_exc()
+        record_user_error(Path(errors), exc)
+        sys.exit(USER_ERROR_EXIT)
     # Only after success: shutdown() starts with a barrier, which a failed rank must
     # not enter (its peers may never arrive). A failed rank just exits; the parent
     # then stops the others.
@@ -52,9 +64,21 @@ def run_local(fn: Callable[..., Any], world_size: int, *args: Any, log_dir: Path
     """Call `fn(*args)` on `world_size` local ranks with torch.distributed initialised; with `log_dir`,
     each rank's output goes to LOG_DIR/rank_N.log (popo_megatron.logs).
 
-    `fn` must be importable (a module-level function). The first rank failure is
-    re-raised here with its traceback.
+    `fn` must be importable (a module-level function). A user error (popo_megatron.errors.UserError) in
+    a rank is raised here as a UserError with its message (of the first rank that saw it); any other
+    failure of a rank as torch's ProcessRaisedException, with the rank's traceback.
     """
-    mp.start_processes(
-        _entry, args=(fn, world_size, _free_port(), args, log_dir), nprocs=world_size, start_method="spawn", join=True
-    )
+    with tempfile.TemporaryDirectory(prefix="popo-errors-") as errors:
+        try:
+            mp.start_processes(
+                _entry,
+                args=(fn, world_size, _free_port(), args, log_dir, errors),
+                nprocs=world_size,
+                start_method="spawn",
+                join=True,
+            )
+        except ProcessException:
+            reported = recorded_user_error(Path(errors))
+            if reported is None:
+                raise
+            raise reported from None

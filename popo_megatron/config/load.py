@@ -10,9 +10,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from popo_megatron.config.schema import PopoConfig
+from popo_megatron.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem the user must fix; the message names the key and the reason."""
 
 

@@ -29,6 +29,7 @@ from typing import Iterator
 import torch.distributed as dist
 
 from popo_megatron.convert.mapping import ShardContext
+from popo_megatron.errors import UserError
 from popo_megatron.model.hf_config import HFModelArgs, read_hf_config
 from popo_megatron.model.layout import megatron_query_groups, padded_vocab_size
 
@@ -42,7 +43,7 @@ WEIGHT_PREFIXES = {"model": "model.", "twin": "twin."}
 _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint directory is missing, incomplete, or does not fit the request."""
 
 

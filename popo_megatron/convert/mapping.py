@@ -28,6 +28,7 @@ from typing import Protocol, Sequence
 
 import torch
 
+from popo_megatron.errors import UserError
 from popo_megatron.model.hf_config import HFModelArgs
 from popo_megatron.model.layout import kv_replication_factor, megatron_query_groups, padded_vocab_size
 
@@ -40,7 +41,7 @@ class Sliceable(Protocol):
     def __getitem__(self, index) -> torch.Tensor: ...
 
 
-class MappingError(ValueError):
+class MappingError(UserError, ValueError):
     """HF and Megatron weights do not fit together (wrong model, wrong shapes, missing tensors)."""
 
 

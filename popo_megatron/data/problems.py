@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from popo_megatron.errors import UserError
 from popo_megatron.reward.extract import last_boxed
 
 BUNDLED_DIR = Path(__file__).parent / "bundled"
@@ -32,7 +33,7 @@ ANSWER_KEYS = ("answer",)
 SOLUTION_KEYS = ("solution",)
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset file or row that cannot be used; the message names the file and line (or row)."""
 
     def __init__(self, message: str, reason: str = "malformed") -> None:

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from popo_megatron.errors import UserError
 
-class UnsupportedModelError(ValueError):
+
+class UnsupportedModelError(UserError, ValueError):
     """The checkpoint's architecture or one of its options is not supported."""
 
 

@@ -31,6 +31,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from popo_megatron.errors import UserError
 from popo_megatron.logs import get_logger
 
 SMOLLM2 = "smollm2-135m-instruct"
@@ -41,7 +42,7 @@ _GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 _COMPLETE = ".complete"
 
 
-class PretrainedModelError(RuntimeError):
+class PretrainedModelError(UserError, RuntimeError):
     """A step of building the model failed; the message says which and what to do."""
 
 

@@ -1,0 +1,68 @@
+"""User errors end in one line on the console: `popo <command>: error: ...` naming the key, file or line
+and what to do, exit status 2, no traceback (that goes to the rank's log). Some are found before any
+rank starts, the others inside a rank (a layout the model does not allow, a data row, a model path)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "tiny_cpu.yaml"
+
+
+@pytest.fixture(scope="module")
+def arith_model(tmp_path_factory) -> Path:
+    from popo_megatron.data.synthetic import save_arithmetic_model
+
+    return save_arithmetic_model(tmp_path_factory.mktemp("model") / "arith", seed=1234)
+
+
+def _popo(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "popo_megatron", *args], capture_output=True, text=True, timeout=600)
+
+
+def _one_error_line(proc: subprocess.CompletedProcess, command: str) -> str:
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 2, f"exit status {proc.returncode}:\n{console[-3000:]}"
+    assert "Traceback" not in console, console[-3000:]
+    errors = [line for line in console.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(f"popo {command}: error: "), console[-3000:]
+    return errors[0]
+
+
+def test_a_value_of_the_wrong_type_names_its_key(arith_model, tmp_path):
+    proc = _popo("train", str(EXAMPLE), f"model.hf_path={arith_model}", f"train.output_dir={tmp_path}", "train.steps=x")
+    assert "train.steps" in _one_error_line(proc, "train")
+
+
+def test_a_layout_the_model_does_not_allow_is_found_in_the_rank(arith_model, tmp_path):
+    overrides = [f"model.hf_path={arith_model}", f"train.output_dir={tmp_path}", "parallel.tensor_model_parallel_size=3"]
+    line = _one_error_line(_popo("train", str(EXAMPLE), *overrides), "train")
+    assert "tensor_model_parallel_size" in line and "rank_N.log" in line
+
+
+def test_a_malformed_data_row_names_its_file_and_line(arith_model, tmp_path):
+    data = tmp_path / "problems.jsonl"
+    data.write_text('{"problem": "1+1=", "answer": "2"}\n{"problem": "2+2="}\n')
+    overrides = [f"model.hf_path={arith_model}", f"train.output_dir={tmp_path / 'run'}", f"data.train={data}"]
+    assert f"{data}:2" in _one_error_line(_popo("train", str(EXAMPLE), *overrides), "train")
+
+
+def test_a_missing_model_directory_is_named(tmp_path):
+    missing = tmp_path / "no-such-model"
+    overrides = [f"model.hf_path={missing}", f"train.output_dir={tmp_path / 'run'}"]
+    assert str(missing) in _one_error_line(_popo("train", str(EXAMPLE), *overrides), "train")
+
+
+def test_a_directory_that_is_not_a_training_checkpoint_is_named(arith_model, tmp_path):
+    overrides = [f"model.hf_path={arith_model}", f"train.output_dir={tmp_path / 'run'}"]
+    line = _one_error_line(_popo("train", str(EXAMPLE), *overrides, f"train.resume_from={arith_model}"), "train")
+    assert str(arith_model) in line and "trainer_state.json" in line
+
+
+def test_eval_of_a_missing_checkpoint_is_one_line(tmp_path):
+    line = _one_error_line(_popo("eval", str(tmp_path / "nothing"), "--out", str(tmp_path / "eval")), "eval")
+    assert str(tmp_path / "nothing") in line
