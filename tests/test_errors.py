@@ -39,7 +39,8 @@ def test_a_value_of_the_wrong_type_names_its_key(arith_model, tmp_path):
 
 
 def test_a_layout_the_model_does_not_allow_is_found_in_the_rank(arith_model, tmp_path):
-    overrides = [f"model.hf_path={arith_model}", f"train.output_dir={tmp_path}", "parallel.tensor_model_parallel_size=3"]
+    overrides = [f"model.hf_path={arith_model}", f"train.output_dir={tmp_path}"]
+    overrides.append("parallel.tensor_model_parallel_size=3")
     line = _one_error_line(_popo("train", str(EXAMPLE), *overrides), "train")
     assert "tensor_model_parallel_size" in line and "rank_N.log" in line
 
