@@ -30,3 +30,15 @@ def gold_parses(gold: str, settings) -> Grade:
 
     parsed = parse("\\boxed{" + gold + "}", parsing_timeout=5)
     return Grade(1.0, "correct", gold) if parsed else Grade(0.0, "bad_gold", gold)
+
+
+def slow_warm_up() -> None:
+    """A warm-up longer than the pools' timeouts in the tests (imports on a loaded machine)."""
+    time.sleep(2.5)
+
+
+def module_loaded(name: str, settings) -> Grade:
+    """Score 1 if module `name` was imported in this worker before it graded anything."""
+    import sys
+
+    return Grade(1.0 if name in sys.modules else 0.0, "correct" if name in sys.modules else "mismatch", name)

@@ -3,16 +3,18 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
-from grading_helpers import crashing_grade, raising_grade, sleepy_grade
+from grading_helpers import crashing_grade, module_loaded, raising_grade, sleepy_grade, slow_warm_up
 
 from popo_megatron.algo.metrics import MetricAccumulator
 from popo_megatron.config import load_config
 from popo_megatron.reward.extract import extract_answer, last_boxed
 from popo_megatron.reward.grade import add_grade_metrics
-from popo_megatron.reward.math_verifier import MathVerifier
+from popo_megatron.reward.math_verifier import MathVerifier, warm_up_math_verify
 from popo_megatron.reward.pool import GRACE_S, GradingPool
 
 TIMEOUT_S = 2.0
@@ -150,6 +152,27 @@ def test_a_bug_in_the_grader_is_raised_not_hidden():
     with GradingPool(raising_grade, None, workers=1, timeout_s=5.0) as pool:
         with pytest.raises(RuntimeError, match="ZeroDivisionError: bug in the grader on 'boom'"):
             pool.map([("boom",)])
+
+
+def test_workers_warm_up_before_their_first_deadline():
+    # A warm-up longer than the timeout: the first samples are graded, not scored as timeouts.
+    with GradingPool(sleepy_grade, None, workers=2, timeout_s=1.0, warm_up=slow_warm_up) as pool:
+        assert [g.reason for g in pool.map([("a", 0.0), ("b", 0.0), ("c", 0.0)])] == ["correct"] * 3
+        assert pool.stats.timeouts == 0
+    # The verifier's workers have math-verify and sympy imported before they take a sample.
+    with GradingPool(module_loaded, None, workers=1, timeout_s=5.0, warm_up=warm_up_math_verify) as pool:
+        assert [g.score for g in pool.map([("math_verify",), ("sympy",)])] == [1.0, 1.0]
+
+
+def test_a_script_read_from_stdin_is_told_why_workers_cannot_start():
+    script = (
+        "from popo_megatron.reward.math_verifier import grade_math, MathGradeSettings\n"
+        "from popo_megatron.reward.pool import GradingPool\n"
+        "with GradingPool(grade_math, MathGradeSettings(), workers=1, timeout_s=5.0) as pool:\n"
+        "    pool.map([('1', '1')])\n"
+    )
+    proc = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "read from standard input" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_mismatched_inputs_are_refused(verifier):

@@ -112,3 +112,19 @@ def test_vllm_logprobs_match_megatron_after_each_sync(tiny_checkpoint, tp, pp):
             mcore_reshard(ckpt, resharded, tp=1, pp=2, progress=False)
         ckpt = resharded
     run_local(_sync_worker, tp * pp, str(export), str(ckpt), tp, pp)
+
+
+def test_a_failed_prefix_cache_reset_stops_the_sync():
+    """Our glue only (vLLM's reset fails only while requests hold KV blocks, which the trainer never lets
+    happen): vLLM logs the failure and goes on; we raise rather than serve blocks of the old weights."""
+    from popo_megatron.rollout.vllm_weights import reload_vllm_weights
+
+    class BusyEngine:  # what vLLM's LLM answers while requests hold blocks
+        def collective_rpc(self, method: str, kwargs: dict) -> None:
+            list(kwargs["weights_iterator"])
+
+        def reset_prefix_cache(self) -> bool:
+            return False
+
+    with pytest.raises(RuntimeError, match="could not reset its prefix cache"):
+        reload_vllm_weights(BusyEngine(), [("model.norm.weight", torch.ones(4))], tie_word_embeddings=False)

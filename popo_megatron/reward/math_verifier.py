@@ -69,12 +69,22 @@ def grade_math(response: str, gold: str, settings: MathGradeSettings) -> Grade:
     return Grade(1.0, "correct", shown) if same else Grade(0.0, "mismatch", shown)
 
 
+def warm_up_math_verify() -> None:
+    """Import math-verify and sympy and run one comparison: seconds of first-use cost on a loaded machine,
+    paid before a grading worker reports ready instead of inside a sample's deadline."""
+    from math_verify import parse, verify
+
+    verify(parse(_boxed("\\frac{1}{2}")), parse(_boxed("0.5")))
+
+
 class MathVerifier:
     """The `reward` config's verifier: grade_math in a GradingPool of `reward.workers` processes."""
 
     def __init__(self, reward_cfg: DictConfig, progress: bool = False) -> None:
         settings = MathGradeSettings(tuple(reward_cfg.answer_fallbacks), reward_cfg.timeout_s)
-        self.pool = GradingPool(grade_math, settings, reward_cfg.workers, reward_cfg.timeout_s, progress)
+        self.pool = GradingPool(
+            grade_math, settings, reward_cfg.workers, reward_cfg.timeout_s, progress, warm_up=warm_up_math_verify
+        )
 
     def grade(self, responses: Sequence[str], golds: Sequence[str]) -> list[Grade]:
         """One grade per response, in order; `golds[i]` is the reference answer of `responses[i]`."""

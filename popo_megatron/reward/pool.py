@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing as mp
+import os
+import sys
 import time
 import traceback
 from collections import Counter, deque
@@ -35,10 +37,24 @@ from popo_megatron.reward.grade import Grade
 
 # Added to the timeout before a worker is killed: process scheduling, not grading.
 GRACE_S = 0.5
+_UNIMPORTABLE_MAIN = (
+    "the calling script was read from standard input, and a 'spawn' worker must import the parent's main "
+    "module: run the script from a file (python script.py), or from an importable module"
+)
 
 
-def _worker_main(conn: Connection, grade: Callable[..., Grade], settings: Any) -> None:
+def _main_unimportable() -> bool:
+    """A script piped to `python -` (spawn re-imports __main__ by its file, and '<stdin>' is none)."""
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    return main_file is not None and not os.path.isfile(main_file)
+
+
+def _worker_main(
+    conn: Connection, grade: Callable[..., Grade], settings: Any, warm_up: Callable[[], None] | None
+) -> None:
     ignore_stop_signals()
+    if warm_up is not None:  # before "ready": imports must not eat into the first sample's deadline
+        warm_up()
     conn.send(("ready", None, None))
     while True:
         task = conn.recv()
@@ -69,14 +85,21 @@ class PoolStats:
 
 
 class GradingPool:
-    """`workers` processes calling `grade(*item, settings)` for each item of `map`."""
+    """`workers` processes calling `grade(*item, settings)` for each item of `map`; each runs `warm_up()`
+    (imports, first-use set-up) before it takes a sample."""
 
     def __init__(
-        self, grade: Callable[..., Grade], settings: Any, workers: int, timeout_s: float, progress: bool = False
+        self,
+        grade: Callable[..., Grade],
+        settings: Any,
+        workers: int,
+        timeout_s: float,
+        progress: bool = False,
+        warm_up: Callable[[], None] | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"a grading pool needs at least one worker, got {workers}")
-        self._grade, self._settings = grade, settings
+        self._grade, self._settings, self._warm_up = grade, settings, warm_up
         self.timeout_s = timeout_s
         self.progress = progress
         self.stats = PoolStats()
@@ -87,7 +110,10 @@ class GradingPool:
     def _start(self) -> _Worker:
         parent, child = self._context.Pipe()
         process = self._context.Process(
-            target=_worker_main, args=(child, self._grade, self._settings), daemon=True, name="popo-grader"
+            target=_worker_main,
+            args=(child, self._grade, self._settings, self._warm_up),
+            daemon=True,
+            name="popo-grader",
         )
         with stop_signals_held():  # until the worker ignores them itself
             process.start()
@@ -140,7 +166,11 @@ class GradingPool:
                     if not worker.ready:
                         raise RuntimeError(
                             f"a grading worker exited while starting (exit code {worker.process.exitcode}); "
-                            "run the grading function in a plain process to see why"
+                            + (
+                                _UNIMPORTABLE_MAIN
+                                if _main_unimportable()
+                                else "run the grading function in a plain process to see why"
+                            )
                         )
                     if worker.task is not None:
                         finish(worker.task, Grade(0.0, "worker_crash"))

@@ -31,4 +31,10 @@ def reload_vllm_weights(llm: Any, weights: Iterable[tuple[str, torch.Tensor]], t
     if tie_word_embeddings:
         weights = with_tied_lm_head(weights)
     llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=iter(weights), is_checkpoint_format=True))
-    llm.reset_prefix_cache()
+    # vLLM only logs a failed reset and goes on: its cached KV blocks, computed with the old weights, would
+    # then be served to prompts sharing a prefix. It fails while requests hold blocks.
+    if not llm.reset_prefix_cache():
+        raise RuntimeError(
+            "vLLM could not reset its prefix cache after a weight sync (KV blocks still held by requests): "
+            "cached blocks of the old weights would be reused. Weights must be synced with no request in flight."
+        )
