@@ -72,7 +72,7 @@ def _check_logprobs(model, args, generation, where: str) -> None:
     assert diff < LOGPROB_TOLERANCE, f"{where}: engine vs Megatron log-probs differ by {diff}"
 
 
-def _engine_worker(export: str, ckpt: str, out: str) -> None:
+def _engine_worker(export: str, ckpt: str) -> None:
     import torch.distributed as dist
 
     from popo_megatron.convert.model_checkpoint import load_model_weights
@@ -122,28 +122,33 @@ def _engine_worker(export: str, ckpt: str, out: str) -> None:
         engine.wake()
         engine.update_weights(iter_hf_weights(model, args, cfg))
         assert engine.generate(PROMPTS, greedy, 0).responses == before, "restoring the weights restores the output"
-        if dist.get_rank() == 0:
-            torch.save([g[0].token_ids for g in before], Path(out) / "greedy_tp1.pt")
     finally:
         engine.shutdown()
     dist.barrier()  # the trainer's process group survived the engine's shutdown
 
 
-def _tp2_worker(export: str, out: str) -> None:
-    import torch.distributed as dist
+def _greedy(export: str, vllm_tp: int) -> list[list[int]]:
     from model_helpers import config_for
 
     from popo_megatron.rollout.engine import SamplingSettings
     from popo_megatron.rollout.vllm_engine import vllm_engine
 
-    cfg = config_for(Path(export), 2, 1, overrides=_rollout_overrides(vllm_tp=2))
-    engine = vllm_engine(cfg, export)  # one engine sharded over both ranks: same prompts on both
+    cfg = config_for(Path(export), 2, 1, overrides=_rollout_overrides(vllm_tp=vllm_tp))
+    engine = vllm_engine(cfg, export)  # TP=2: one engine sharded over both ranks, the same prompts on both
     try:
-        greedy = engine.generate(PROMPTS, SamplingSettings.from_config(cfg.rollout).greedy(), 0).responses
+        return [
+            g[0].token_ids
+            for g in engine.generate(PROMPTS, SamplingSettings.from_config(cfg.rollout).greedy(), 0).responses
+        ]
     finally:
         engine.shutdown()
-    expected = torch.load(Path(out) / "greedy_tp1.pt", weights_only=True)
-    assert [g[0].token_ids for g in greedy] == expected, f"rank {dist.get_rank()}: vLLM TP=2 differs from TP=1"
+
+
+def _tp2_worker(export: str) -> None:
+    import torch.distributed as dist
+
+    expected = _greedy(export, vllm_tp=1)  # one full replica per rank
+    assert _greedy(export, vllm_tp=2) == expected, f"rank {dist.get_rank()}: vLLM TP=2 differs from TP=1"
 
 
 @pytest.fixture(scope="module")
@@ -159,12 +164,11 @@ def exported(tmp_path_factory) -> tuple[Path, Path]:
     return root / "export", root / "mcore"
 
 
-def test_engine_generates_matches_megatron_and_follows_weight_updates(exported, tmp_path):
+def test_engine_generates_matches_megatron_and_follows_weight_updates(exported):
     export, ckpt = exported
-    run_local(_engine_worker, 2, str(export), str(ckpt), str(export.parent))
+    run_local(_engine_worker, 2, str(export), str(ckpt))
 
 
 def test_vllm_tp2_inside_the_trainer_world_matches_tp1(exported):
     export, _ = exported
-    assert (export.parent / "greedy_tp1.pt").is_file(), "runs after the TP=1 test"
-    run_local(_tp2_worker, 2, str(export), str(export.parent))
+    run_local(_tp2_worker, 2, str(export))
