@@ -108,8 +108,9 @@ class _ConsoleHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             text = self.format(record)
-            if record.levelno >= logging.WARNING and not record.name.startswith("popo"):
-                text = f"{record.levelname.lower()} ({record.name}): {text}"
+            if record.levelno >= logging.WARNING:  # ours: "warning: ..."; a library's: "warning (vllm.x): ..."
+                ours = record.name == "popo" or record.name.startswith("popo.")
+                text = f"{record.levelname.lower()}{'' if ours else f' ({record.name})'}: {text}"
             tqdm.write(text, file=console())
         except Exception:  # noqa: BLE001 - logging must not raise; the standard way to report it
             self.handleError(record)
