@@ -11,8 +11,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from popo_megatron.errors import UserError
-from popo_megatron.logs import VERBOSE_ENV, console, console_out, setup_logging
+from popo_megatron.errors import USER_ERROR_EXIT, UserError
+from popo_megatron.logs import VERBOSE_ENV, console, console_out, is_verbose, log_file, setup_logging
 
 PARITY_LAYOUTS = ["tp1", "tp2", "tp2_sp", "pp2"]
 
@@ -28,13 +28,9 @@ def _parity(ns: argparse.Namespace) -> int:
         if not (hf_path / "config.json").is_file():
             save_random_hf_model(hf_path, "Qwen2Config", **TINY_QWEN2)
         print(f"popo parity: using a tiny random Qwen2 checkpoint at {hf_path}")
-    try:  # every layout is checked against the model before any process starts
-        layouts = [parse_layout(name) for name in ns.layouts]
-        for layout in layouts:
-            check_layout(hf_path, layout)
-    except ValueError as exc:  # a malformed name, or a layout the model does not allow (ConfigError)
-        print(f"popo parity: error: {exc}", file=sys.stderr)
-        return 2
+    layouts = [parse_layout(name) for name in ns.layouts]
+    for layout in layouts:  # every layout is checked against the model before any process starts
+        check_layout(hf_path, layout)
     args = read_hf_config(hf_path)
     print(
         f"popo parity: {args.architecture}, {args.num_layers} layers, hidden {args.hidden_size}, "
@@ -58,31 +54,23 @@ def _parity(ns: argparse.Namespace) -> int:
 
 
 def _convert(ns: argparse.Namespace) -> int:
-    from popo_megatron.config import ConfigError
     from popo_megatron.convert import offline
-    from popo_megatron.convert.checkpoint_dir import CheckpointError
-    from popo_megatron.convert.mapping import MappingError
-    from popo_megatron.model.hf_config import UnsupportedModelError
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed:  # under torchrun / srun: the ranks share the work
         from popo_megatron.platform import init_distributed
 
         init_distributed()
-    try:
-        if ns.direction == "hf-to-mcore":
-            stats = offline.hf_to_mcore(
-                ns.hf, ns.out, ns.tp, ns.pp, ns.dtype, ns.make_vocab_size_divisible_by, progress=not ns.quiet
-            )
-        elif ns.direction == "mcore-to-hf":
-            stats = offline.mcore_to_hf(
-                ns.ckpt, ns.out, ns.weights, ns.dtype, int(ns.max_shard_size_gb * 1024**3), progress=not ns.quiet
-            )
-        else:
-            stats = offline.mcore_reshard(ns.ckpt, ns.out, ns.tp, ns.pp, progress=not ns.quiet)
-    except (CheckpointError, ConfigError, MappingError, UnsupportedModelError, FileExistsError, ValueError) as exc:
-        print(f"popo convert {ns.direction}: error: {exc}", file=sys.stderr)
-        return 2
+    if ns.direction == "hf-to-mcore":
+        stats = offline.hf_to_mcore(
+            ns.hf, ns.out, ns.tp, ns.pp, ns.dtype, ns.make_vocab_size_divisible_by, progress=not ns.quiet
+        )
+    elif ns.direction == "mcore-to-hf":
+        stats = offline.mcore_to_hf(
+            ns.ckpt, ns.out, ns.weights, ns.dtype, int(ns.max_shard_size_gb * 1024**3), progress=not ns.quiet
+        )
+    else:
+        stats = offline.mcore_reshard(ns.ckpt, ns.out, ns.tp, ns.pp, progress=not ns.quiet)
     from popo_megatron.platform.memory import peak_rss_mib
 
     peak_mib = peak_rss_mib()
@@ -124,100 +112,81 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _train_worker(config: str | None, overrides: list[str]) -> None:
+    """One rank of `popo train` (its logging is set up by then: by `_train` under torchrun / srun, by
+    `launch.run_local` for local ranks)."""
     from popo_megatron.config import load_config
-
-    cfg = load_config(config, overrides)
-    setup_logging(Path(cfg.train.output_dir) / "logs", int(os.environ.get("RANK", "0")))
     from popo_megatron.trainer.loop import train
 
-    train(cfg)
+    train(load_config(config, overrides))
 
 
 def _complete_run(cfg, resume, rank0: bool) -> int:
     """A run that has done its train.steps: nothing to train. Say so, and how to go on (status 0), or, when
-    the command changes settings that would then apply to no step, refuse (status 2)."""
+    the command changes settings that would then apply to no step, refuse (a user error)."""
     out, steps = cfg.train.output_dir, cfg.train.steps
     changes = [c for c in resume.changes if c.key != "train.steps"]
     how = (
         f"raise train.steps above {resume.step} to continue it (e.g. train.steps={2 * resume.step}), or start "
         "a new run: another train.output_dir, or train.resume=false (which overwrites this run's checkpoints)"
     )
-    if not rank0:
-        return 2 if changes else 0
     if changes:
         changed = ", ".join(map(str, changes))
-        print(
-            f"popo train: error: {out} is a complete run ({resume.step}/{steps} steps): the changed settings "
-            f"({changed}) would apply to no step; {how}",
-            file=sys.stderr,
+        raise UserError(
+            f"{out} is a complete run ({resume.step}/{steps} steps): the changed settings ({changed}) would apply "
+            f"to no step; {how}"
         )
-        return 2
-    print(f"popo train: {out} is a complete run ({resume.step}/{steps} steps): nothing to train; {how}")
+    if rank0:
+        print(f"popo train: {out} is a complete run ({resume.step}/{steps} steps): nothing to train; {how}")
     return 0
 
 
 def _train(ns: argparse.Namespace) -> int:
-    from popo_megatron.config import ConfigError, load_config
-    from popo_megatron.convert.checkpoint_dir import CheckpointError
-    from popo_megatron.data.problems import DataError
+    from popo_megatron.config import load_config, validate_config
     from popo_megatron.launch import run_local
+    from popo_megatron.model.hf_config import read_hf_config
     from popo_megatron.model.named import named_model_overrides
+    from popo_megatron.platform.distributed import slurm_environment
     from popo_megatron.trainer.checkpoints import plan_resume
     from popo_megatron.trainer.logbook import print_summary
 
     overrides = list(ns.overrides) + ([f"train.resume_from={ns.resume.absolute()}"] if ns.resume else [])
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    try:
-        cfg = load_config(ns.config, overrides)
-        overrides += named_model_overrides(cfg)
-        cfg = load_config(ns.config, overrides)
-        resume = plan_resume(cfg)
-    except (ConfigError, DataError, CheckpointError, ValueError) as exc:
-        if rank0:
-            print(f"popo train: error: {exc}", file=sys.stderr)
-        return 2
+    env = {**os.environ, **slurm_environment(dict(os.environ))}
+    is_rank = "WORLD_SIZE" in env  # under torchrun / srun this process is one rank
+    cfg = load_config(ns.config, overrides)
+    logs = Path(cfg.train.output_dir) / "logs"
+    # Before the model is made or anything is imported that prints: a rank logs to its file; a launcher of
+    # local ranks keeps the console (the ranks log to their files, see launch.run_local).
+    setup_logging(logs if is_rank else None, _rank())
+    overrides += named_model_overrides(cfg)
+    cfg = load_config(ns.config, overrides)
+    resume = plan_resume(cfg)
     if resume is not None and resume.step >= cfg.train.steps:
-        return _complete_run(cfg, resume, rank0)
-    from popo_megatron.platform.distributed import slurm_environment
+        return _complete_run(cfg, resume, _rank() == 0)
 
     config = str(ns.config) if ns.config else None
-    logs = Path(cfg.train.output_dir) / "logs"
-    if "WORLD_SIZE" in os.environ or slurm_environment(dict(os.environ)):  # torchrun / srun: this process is one rank
-        try:
-            _train_worker(config, overrides)
-        except UserError as exc:  # one line from rank 0 (the others' go to their logs); the traceback: the log
-            traceback.print_exc()
-            if rank0:
-                print(f"popo train: error: {exc}", file=console())
-            return 2
-        if not rank0:
+    if is_rank:
+        _train_worker(config, overrides)
+        if _rank() != 0:
             return 0
     else:
-        setup_logging(None)
         par = cfg.parallel
         nproc = ns.nproc or par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+        # Checked here too, so a layout the model does not allow is refused before any rank starts.
+        validate_config(cfg, nproc, read_hf_config(cfg.model.hf_path))
         print(f"popo train: starting {nproc} local rank(s); their full logs: {logs}/rank_N.log")
         try:
             run_local(_train_worker, nproc, config, overrides, log_dir=logs)
         except UserError as exc:
-            print(f"popo train: error: {exc} (the traceback: {logs}/rank_N.log)", file=sys.stderr)
-            return 2
+            raise UserError(f"{exc} (the traceback: {logs}/rank_N.log)") from None
     print_summary(cfg)
     return 0
 
 
 def _eval(ns: argparse.Namespace) -> int:
     setup_logging(ns.out / "logs")  # first: before the imports below can print
-    from popo_megatron.config import ConfigError
-    from popo_megatron.convert.checkpoint_dir import CheckpointError
-    from popo_megatron.data.problems import DataError
     from popo_megatron.trainer.evaluation import evaluate_checkpoint
 
-    try:
-        results = evaluate_checkpoint(ns.checkpoint, ns.benchmarks, ns.k, ns.out, ns.config, ns.overrides, ns.weights)
-    except (ConfigError, CheckpointError, DataError, ValueError) as exc:
-        print(f"popo eval: error: {exc}", file=console())
-        return 2
+    results = evaluate_checkpoint(ns.checkpoint, ns.benchmarks, ns.k, ns.out, ns.config, ns.overrides, ns.weights)
     for result, path in results:
         print(f"{result.summary()}  -> {path}", file=console_out())
     return 0
@@ -246,20 +215,16 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _layout(ns: argparse.Namespace) -> int:
-    from popo_megatron.config import ConfigError, load_config, validate_config
-    from popo_megatron.model.hf_config import UnsupportedModelError, read_hf_config
+    from popo_megatron.config import load_config, validate_config
+    from popo_megatron.model.hf_config import read_hf_config
     from popo_megatron.model.named import named_model_overrides
 
-    try:
-        cfg = load_config(ns.config, ns.overrides)
-        if ns.print:
-            print(OmegaConf.select(cfg, ns.print))
-            return 0
-        cfg = load_config(ns.config, [*ns.overrides, *named_model_overrides(cfg)])
-        validate_config(cfg, ns.world, read_hf_config(cfg.model.hf_path))
-    except (ConfigError, UnsupportedModelError) as exc:
-        print(f"popo layout: error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config(ns.config, ns.overrides)
+    if ns.print:
+        print(OmegaConf.select(cfg, ns.print))
+        return 0
+    cfg = load_config(ns.config, [*ns.overrides, *named_model_overrides(cfg)])
+    validate_config(cfg, ns.world, read_hf_config(cfg.model.hf_path))
     par, rollout = cfg.parallel, cfg.rollout
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
     print(
@@ -272,14 +237,9 @@ def _layout(ns: argparse.Namespace) -> int:
 
 
 def _pretrained(ns: argparse.Namespace) -> int:
-    from popo_megatron.model.pretrained import PretrainedModelError, build_smollm2
+    from popo_megatron.model.pretrained import build_smollm2
 
-    try:
-        path = build_smollm2(ns.cache)
-    except PretrainedModelError as exc:
-        print(f"popo pretrained: error: {exc}", file=sys.stderr)
-        return 2
-    print(path)
+    print(build_smollm2(ns.cache))
     return 0
 
 
@@ -349,7 +309,27 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[VERBOSE_ENV] = "1"  # for the ranks and helpers too
     if ns.command not in ("train", "eval"):  # those two know their log directory
         setup_logging(None)
-    return ns.func(ns)
+    try:
+        return ns.func(ns)
+    except UserError as exc:
+        return _report(exc, f"popo {ns.command}" + (f" {ns.direction}" if ns.command == "convert" else ""))
+
+
+def _rank() -> int:
+    """This process's rank under torchrun or srun (0 otherwise)."""
+    from popo_megatron.platform.distributed import slurm_environment
+
+    return int({**os.environ, **slurm_environment(dict(os.environ))}.get("RANK", "0"))
+
+
+def _report(exc: UserError, command: str) -> int:
+    """A user error: one line on the console from rank 0; the traceback where nobody reads it by accident
+    (the log file, or the console with --verbose)."""
+    if log_file() is not None or is_verbose():
+        traceback.print_exc()  # standard error: the log file when there is one
+    if _rank() == 0:
+        print(f"{command}: error: {exc}", file=console())
+    return USER_ERROR_EXIT
 
 
 if __name__ == "__main__":

@@ -19,8 +19,9 @@ USER_ERROR_EXIT = 2
 ERROR_FILE = "user_error"
 
 
-class UserError(Exception):
-    """A problem in what the user gave us; the message says where and what to do."""
+class UserError(ValueError):
+    """A problem in what the user gave us (a value, in the widest sense); the message says where and what
+    to do."""
 
 
 def record_user_error(directory: Path, exc: UserError) -> bool:

@@ -7,6 +7,7 @@ plain shell) and by the tests.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -20,7 +21,7 @@ import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
 from popo_megatron.errors import USER_ERROR_EXIT, UserError, record_user_error, recorded_user_error
-from popo_megatron.logs import setup_logging
+from popo_megatron.logs import is_verbose, setup_logging
 
 
 def _free_port() -> int:
@@ -68,6 +69,8 @@ def run_local(fn: Callable[..., Any], world_size: int, *args: Any, log_dir: Path
     a rank is raised here as a UserError with its message (of the first rank that saw it); any other
     failure of a rank as torch's ProcessRaisedException, with the rank's traceback.
     """
+    if not is_verbose():  # when a rank fails, torch warns once per peer it stops; the failure itself is reported
+        logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory(prefix="popo-errors-") as errors:
         try:
             mp.start_processes(

@@ -47,6 +47,38 @@ HARMLESS = [
     ),
     (
         "vllm",
+        r"global random seed is set to",
+        "at engine start, in-process vLLM seeds the process's random generators; the engine restores them "
+        "(rollout/vllm_engine.py) and sampling uses explicit per-request seeds",
+    ),
+    (
+        "vllm",
+        r"Enforce eager set|Inductor compilation was disabled",
+        "we ask for eager mode (no torch.compile or graphs) on purpose: in-process weight reloads every step",
+    ),
+    (
+        "vllm",
+        r"Triton is not installed|Model Runner V2 requires Triton",
+        "the CPU build's optional kernels; vLLM falls back to the V1 model runner, which is what we test",
+    ),
+    (
+        "vllm",
+        r"Reset SSM cache type",
+        "about Mamba-style state caches, which attention-only models do not have",
+    ),
+    (
+        "vllm",
+        r"doesn't allow to use `torch.set_num_threads` after the thread binding",
+        "vLLM's CPU worker has pinned the process's OpenMP threads to cores; later requests to change the "
+        "thread count are skipped and the pinning stays",
+    ),
+    (
+        "vllm",
+        r"Using None for EOS token id because tokenizer is not initialized",
+        "the engine runs without a tokenizer; the trainer passes the model's EOS ids as stop tokens",
+    ),
+    (
+        "vllm",
         r"lib(tcmalloc|iomp) is not found in LD_PRELOAD",
         "a performance hint for vLLM's CPU build: the allocator and OpenMP runtime it prefers; runs are "
         "correct without them",
@@ -68,6 +100,11 @@ def console() -> IO[str]:
 def console_out() -> IO[str]:
     """Standard output as it was before `setup_logging` redirected it: for a command's results."""
     return _console_out or sys.stdout
+
+
+def log_file() -> Path | None:
+    """This process's log file (None: its output goes to the console)."""
+    return _log_file
 
 
 def is_verbose() -> bool:
@@ -127,6 +164,9 @@ def setup_logging(log_dir: str | Path | None, rank: int = 0) -> Path | None:
         logging.basicConfig(level=logging.INFO, format=FORMAT)
         return None
     os.environ["VLLM_CONFIGURE_LOGGING"] = "0"
+    # transformers' own bars ("Writing model shards" for a millisecond when the tiny model is made, "Loading
+    # checkpoint shards"): ours say what is happening; read at transformers' import, hence here.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)

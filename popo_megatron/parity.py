@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from popo_megatron.errors import UserError
 from popo_megatron.launch import run_local
 from popo_megatron.logs import get_logger
 
@@ -48,7 +49,7 @@ def parse_layout(name: str) -> Layout:
         match = re.fullmatch(r"(tp|pp)([1-9][0-9]*)|sp", part)
         key = part if part == "sp" else match.group(1) if match else None
         if key is None or key in values:
-            raise ValueError(
+            raise UserError(
                 f"layout {name!r}: expected tpN, ppM and sp joined by '_', each at most once (e.g. tp3_pp2, tp2_sp)"
             )
         values[key] = True if key == "sp" else int(match.group(2))

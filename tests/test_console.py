@@ -69,4 +69,4 @@ def test_a_vllm_error_reaches_the_console(arith_model, tmp_path):
     # A context shorter than the prompts: vLLM itself refuses the requests.
     proc = _train(tmp_path / "run", arith_model, "train.steps=1", "rollout.max_model_len=4")
     assert proc.returncode != 0
-    assert "maximum model length" in proc.stderr, proc.stderr[-3000:]
+    assert "maximum context length" in proc.stderr, proc.stderr[-3000:]

@@ -38,18 +38,23 @@ def test_a_value_of_the_wrong_type_names_its_key(arith_model, tmp_path):
     assert "train.steps" in _one_error_line(proc, "train")
 
 
-def test_a_layout_the_model_does_not_allow_is_found_in_the_rank(arith_model, tmp_path):
+def test_a_layout_the_model_does_not_allow_is_refused_before_any_rank_starts(arith_model, tmp_path):
     overrides = [f"model.hf_path={arith_model}", f"train.output_dir={tmp_path}"]
     overrides.append("parallel.tensor_model_parallel_size=3")
-    line = _one_error_line(_popo("train", str(EXAMPLE), *overrides), "train")
-    assert "tensor_model_parallel_size" in line and "rank_N.log" in line
+    proc = _popo("train", str(EXAMPLE), *overrides)
+    assert "tensor_model_parallel_size=3 does not divide" in _one_error_line(proc, "train")
+    assert "local rank(s)" not in proc.stdout
 
 
-def test_a_malformed_data_row_names_its_file_and_line(arith_model, tmp_path):
+def test_a_data_row_error_in_a_rank_is_one_line_and_its_traceback_is_in_the_log(arith_model, tmp_path):
     data = tmp_path / "problems.jsonl"
     data.write_text('{"problem": "1+1=", "answer": "2"}\n{"problem": "2+2="}\n')
-    overrides = [f"model.hf_path={arith_model}", f"train.output_dir={tmp_path / 'run'}", f"data.train={data}"]
-    assert f"{data}:2" in _one_error_line(_popo("train", str(EXAMPLE), *overrides), "train")
+    out = tmp_path / "run"
+    proc = _popo("train", str(EXAMPLE), f"model.hf_path={arith_model}", f"train.output_dir={out}", f"data.train={data}")
+    assert "local rank(s)" in proc.stdout, "found inside a rank"
+    line = _one_error_line(proc, "train")
+    assert f"{data}:2" in line and "rank_N.log" in line
+    assert "Traceback" in (out / "logs" / "rank_0.log").read_text()
 
 
 def test_a_missing_model_directory_is_named(tmp_path):

@@ -33,7 +33,7 @@ def validate_config(
     if cfg.model.make_vocab_size_divisible_by < 1:
         problems.append(f"model.make_vocab_size_divisible_by={cfg.model.make_vocab_size_divisible_by}: must be >= 1")
     if problems:  # the rules below divide by these
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+        raise ConfigError(_one_line(problems))
 
     if world_size % cfg.rollout.tensor_parallel_size != 0:
         problems.append(
@@ -86,7 +86,12 @@ def validate_config(
                 f"and intermediate_size={model.intermediate_size}"
             )
     if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+        raise ConfigError(_one_line(problems))
+
+
+def _one_line(problems: list[str]) -> str:
+    """The problems as one message line (a console error is one line), each naming its key."""
+    return "invalid config: " + "; ".join(problems)
 
 
 def _algorithm_problems(cfg: DictConfig) -> list[str]:

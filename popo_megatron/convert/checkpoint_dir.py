@@ -139,7 +139,7 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
     """
     out = Path(out).absolute()
     if out.exists():
-        raise FileExistsError(f"{out} already exists: remove it or choose another output directory")
+        raise CheckpointError(f"{out} already exists: remove it or choose another output directory")
     tmp = out.parent / f".{out.name}.incomplete"
     if _is_rank0():
         if tmp.exists():

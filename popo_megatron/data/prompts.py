@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from popo_megatron.errors import UserError
+
 PLACEHOLDER = "{problem}"
 
 
@@ -16,7 +18,7 @@ def render_prompt(problem: str, tokenizer: Any, template: str | None, instructio
     """The prompt's token ids for the rollout engine."""
     if template is not None:
         if PLACEHOLDER not in template:
-            raise ValueError(f"data.prompt_template must contain {PLACEHOLDER}: {template!r}")
+            raise UserError(f"data.prompt_template must contain {PLACEHOLDER}: {template!r}")
         return tokenizer.encode(template.replace(PLACEHOLDER, problem), add_special_tokens=False)
     if getattr(tokenizer, "chat_template", None):
         content = f"{problem}\n{instruction}" if instruction else problem

@@ -20,7 +20,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from popo_megatron.data.problems import Problem, ProblemSet, hash_split
+from popo_megatron.data.problems import DataError, Problem, ProblemSet, hash_split
 
 VOCAB = ["<pad>", "<eos>", *"0123456789", "+", "-", "*", "="]
 PAD, EOS = "<pad>", "<eos>"
@@ -59,7 +59,7 @@ class ArithmeticTask:
     def problems(self, split: str = "train") -> ProblemSet:
         """The split's problems, the same for the same settings; usual precedence (* before + and -)."""
         if split not in SPLITS:
-            raise ValueError(f"synthetic:{split}: unknown split; choose one of {', '.join(SPLITS)}")
+            raise DataError(f"synthetic:{split}: unknown split; choose one of {', '.join(SPLITS)}")
         rows = []
         values = range(self.min_operand, self.max_operand + 1)
         for numbers in itertools.product(values, repeat=self.operands):

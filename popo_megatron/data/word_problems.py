@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from popo_megatron.data.problems import Problem, ProblemSet, hash_split
+from popo_megatron.data.problems import DataError, Problem, ProblemSet, hash_split
 
 NAME = "arithmetic_words"
 SPLIT_SIZES = {"train": 2000, "heldout": 200}
@@ -78,7 +78,7 @@ def word_problems(split: str, size: int | None = None, seed: int = 0) -> Problem
     """`size` problems of the split (default SPLIT_SIZES[split]), a third of each operation, in random order;
     the same for the same arguments."""
     if split not in SPLIT_SIZES:
-        raise ValueError(f"{NAME}: unknown split {split!r}; choose from {sorted(SPLIT_SIZES)}")
+        raise DataError(f"{NAME}: unknown split {split!r}; choose from {sorted(SPLIT_SIZES)}")
     size = SPLIT_SIZES[split] if size is None else size
     rng = random.Random(f"{NAME}:{split}:{seed}")
     chosen = []
@@ -86,7 +86,7 @@ def word_problems(split: str, size: int | None = None, seed: int = 0) -> Problem
         pool = [t for t in _all_triples() if t.split == split and t.operation == operation]
         count = size // len(OPERATIONS) + (index < size % len(OPERATIONS))
         if count > len(pool):
-            raise ValueError(f"{NAME}:{split}: {count} {operation} problems asked for, the split has {len(pool)}")
+            raise DataError(f"{NAME}:{split}: {count} {operation} problems asked for, the split has {len(pool)}")
         chosen += rng.sample(pool, count)
     rng.shuffle(chosen)
     rows = []

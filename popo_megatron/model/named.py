@@ -12,6 +12,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from popo_megatron.errors import UserError
+
 GENERATED_ARITHMETIC = "generate:arithmetic"
 PRETRAINED = "pretrained:"
 
@@ -31,7 +33,7 @@ def named_model_overrides(cfg: DictConfig) -> list[str]:
 
         name = hf_path.removeprefix(PRETRAINED)
         if name != SMOLLM2:
-            raise ValueError(
+            raise UserError(
                 f"model.hf_path={hf_path}: unknown pretrained model; the one known is {PRETRAINED}{SMOLLM2}"
             )
         return [f"model.hf_path={build_smollm2()}"]

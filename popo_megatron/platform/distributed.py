@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from popo_megatron.errors import UserError
 from popo_megatron.platform.cpu_compat import apply_cpu_compat
 from popo_megatron.platform.device import cuda_available, dist_backend
 
@@ -46,7 +47,7 @@ def _first_host(nodelist: str) -> str:
     """The first host of a Slurm node list ("gpu[07-09,12],cpu1" -> "gpu07")."""
     first = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist)
     if first is None:
-        raise RuntimeError(f"cannot read the Slurm node list {nodelist!r}: set MASTER_ADDR")
+        raise UserError(f"cannot read the Slurm node list {nodelist!r}: set MASTER_ADDR")
     prefix, ranges = first.groups()
     return prefix + ranges.split(",")[0].split("-")[0] if ranges else prefix
 
@@ -92,7 +93,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> RankInfo:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
-        raise RuntimeError(f"WORLD_SIZE={world_size} but {', '.join(missing)} not set: launch with torchrun")
+        raise UserError(f"WORLD_SIZE={world_size} but {', '.join(missing)} not set: launch with torchrun")
     if cuda_available():
         torch.cuda.set_device(local_rank)
     dist.init_process_group(

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from popo_megatron.errors import UserError
 from popo_megatron.logs import progress as progress_bar
 from popo_megatron.platform import (
     capture_rng_state,
@@ -155,7 +156,7 @@ def stop_token_ids(model_dir: str | Path) -> list[int]:
             eos = json.loads(path.read_text()).get("eos_token_id")
             ids += [eos] if isinstance(eos, int) else list(eos or [])
     if not ids:
-        raise ValueError(f"{model_dir}: no eos_token_id in config.json or generation_config.json")
+        raise UserError(f"{model_dir}: no eos_token_id in config.json or generation_config.json")
     return sorted(set(ids))
 
 

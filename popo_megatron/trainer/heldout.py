@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-from popo_megatron.data.problems import ProblemSet, load_dataset
+from popo_megatron.data.problems import DataError, ProblemSet, load_dataset
 from popo_megatron.evaluate import pass_at_k
 from popo_megatron.trainer.rollouts import collect_groups
 
@@ -46,7 +46,7 @@ class HeldoutEvaluator:
     def __init__(self, cfg: DictConfig) -> None:
         self.problems: ProblemSet = load_dataset(cfg.data, cfg.eval.data)
         if not len(self.problems):
-            raise ValueError(f"eval.data={cfg.eval.data}: no problems")
+            raise DataError(f"eval.data={cfg.eval.data}: no problems")
         self.k = cfg.eval.k
         self.seed = cfg.eval.seed
         self.temperature = cfg.rollout.temperature if cfg.eval.temperature is None else cfg.eval.temperature
