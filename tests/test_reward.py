@@ -15,7 +15,7 @@ from popo_megatron.config import load_config
 from popo_megatron.reward.extract import extract_answer, last_boxed
 from popo_megatron.reward.grade import add_grade_metrics
 from popo_megatron.reward.math_verifier import MathVerifier, warm_up_math_verify
-from popo_megatron.reward.pool import GRACE_S, GradingPool
+from popo_megatron.reward.pool import GradingPool
 
 TIMEOUT_S = 2.0
 MILLION_DIGITS = r"\boxed{" + "7" * 1_000_000 + "}"
@@ -81,9 +81,7 @@ def verifier():
 
 def test_grade_table(verifier):
     assert len(CASES) >= 30
-    start = time.monotonic()
     grades = verifier.grade([c[0] for c in CASES], [c[1] for c in CASES])
-    elapsed = time.monotonic() - start
     for (response, gold, score, reason), grade in zip(CASES, grades, strict=True):
         where = f"{response[:40]!r} vs {gold!r}: {grade}"
         assert grade.score == score, where
@@ -96,8 +94,6 @@ def test_grade_table(verifier):
     reported = metrics.reduce()
     assert reported["reward/mean"] == pytest.approx(sum(c[2] for c in CASES) / len(CASES))
     assert reported["reward/timeout"] == sum(g.reason == "timeout" for g in grades) >= 1
-    # Two workers; the slow cases are bounded by their timeout (plus the grace and a worker restart each).
-    assert elapsed < 3 * (TIMEOUT_S + GRACE_S) + 30, f"the table took {elapsed:.1f}s"
 
 
 def test_fallbacks_find_answers_without_a_box():
@@ -137,7 +133,8 @@ def test_pool_kills_overrunning_workers_and_keeps_order():
         assert [g.reason for g in grades] == ["correct", "timeout", "correct", "timeout", "correct"]
         assert [g.answer for g in grades if g.correct] == ["a", "b", "c"], "results come back in input order"
         assert pool.stats.timeouts == 2 and pool.stats.restarts == 2
-        assert elapsed < 2 * (1.0 + GRACE_S) + 20, f"two stuck samples held the batch for {elapsed:.1f}s"
+        # Not a speed bound: a batch that waited for a stuck sample would take its whole 60 s.
+        assert elapsed < 60, f"two stuck samples held the batch for {elapsed:.1f}s"
         assert [g.reason for g in pool.map([("again", 0.0)])] == ["correct"], "replacements work"
 
 
