@@ -136,7 +136,8 @@ def _complete_run(cfg, resume, rank0: bool) -> int:
             f"to no step; {how}"
         )
     if rank0:
-        print(f"popo train: {out} is a complete run ({resume.step}/{steps} steps): nothing to train; {how}")
+        message = f"popo train: {out} is a complete run ({resume.step}/{steps} steps): nothing to train; {how}"
+        print(message, file=console_out())  # a rank's own standard output is its log file
     return 0
 
 
