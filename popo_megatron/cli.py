@@ -146,28 +146,27 @@ def _train(ns: argparse.Namespace) -> int:
     from popo_megatron.launch import run_local
     from popo_megatron.model.hf_config import read_hf_config
     from popo_megatron.model.named import named_model_overrides
-    from popo_megatron.platform.distributed import slurm_environment
     from popo_megatron.trainer.checkpoints import plan_resume
     from popo_megatron.trainer.logbook import print_summary
 
     overrides = list(ns.overrides) + ([f"train.resume_from={ns.resume.absolute()}"] if ns.resume else [])
-    env = {**os.environ, **slurm_environment(dict(os.environ))}
-    is_rank = "WORLD_SIZE" in env  # under torchrun / srun this process is one rank
+    is_rank = "WORLD_SIZE" in _launcher_env()  # under torchrun / srun this process is one rank
+    rank = _rank()
     cfg = load_config(ns.config, overrides)
     logs = Path(cfg.train.output_dir) / "logs"
     # Before the model is made or anything is imported that prints: a rank logs to its file; a launcher of
     # local ranks keeps the console (the ranks log to their files, see launch.run_local).
-    setup_logging(logs if is_rank else None, _rank())
+    setup_logging(logs if is_rank else None, rank)
     overrides += named_model_overrides(cfg)
     cfg = load_config(ns.config, overrides)
     resume = plan_resume(cfg)
     if resume is not None and resume.step >= cfg.train.steps:
-        return _complete_run(cfg, resume, _rank() == 0)
+        return _complete_run(cfg, resume, rank == 0)
 
     config = str(ns.config) if ns.config else None
     if is_rank:
         _train_worker(config, overrides)
-        if _rank() != 0:
+        if rank != 0:
             return 0
     else:
         par = cfg.parallel
@@ -320,11 +319,16 @@ def main(argv: list[str] | None = None) -> int:
         raise
 
 
-def _rank() -> int:
-    """This process's rank under torchrun or srun (0 otherwise)."""
+def _launcher_env() -> dict[str, str]:
+    """The environment with torchrun's variables, derived from Slurm's under plain srun."""
     from popo_megatron.platform.distributed import slurm_environment
 
-    return int({**os.environ, **slurm_environment(dict(os.environ))}.get("RANK", "0"))
+    return {**os.environ, **slurm_environment(dict(os.environ))}
+
+
+def _rank() -> int:
+    """This process's rank under torchrun or srun (0 otherwise)."""
+    return int(_launcher_env().get("RANK", "0"))
 
 
 def _report(exc: UserError, command: str) -> int:

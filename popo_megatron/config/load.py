@@ -13,7 +13,7 @@ from popo_megatron.config.schema import PopoConfig
 from popo_megatron.errors import UserError
 
 
-class ConfigError(UserError, ValueError):
+class ConfigError(UserError):
     """A configuration problem the user must fix; the message names the key and the reason."""
 
 

@@ -43,7 +43,7 @@ WEIGHT_PREFIXES = {"model": "model.", "twin": "twin."}
 _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt"}
 
 
-class CheckpointError(UserError, ValueError):
+class CheckpointError(UserError):
     """A checkpoint directory is missing, incomplete, or does not fit the request."""
 
 

@@ -41,7 +41,7 @@ class Sliceable(Protocol):
     def __getitem__(self, index) -> torch.Tensor: ...
 
 
-class MappingError(UserError, ValueError):
+class MappingError(UserError):
     """HF and Megatron weights do not fit together (wrong model, wrong shapes, missing tensors)."""
 
 

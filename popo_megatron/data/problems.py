@@ -33,7 +33,7 @@ ANSWER_KEYS = ("answer",)
 SOLUTION_KEYS = ("solution",)
 
 
-class DataError(UserError, ValueError):
+class DataError(UserError):
     """A dataset file or row that cannot be used; the message names the file and line (or row)."""
 
     def __init__(self, message: str, reason: str = "malformed") -> None:

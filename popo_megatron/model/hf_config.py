@@ -15,7 +15,7 @@ from typing import Any
 from popo_megatron.errors import UserError
 
 
-class UnsupportedModelError(UserError, ValueError):
+class UnsupportedModelError(UserError):
     """The checkpoint's architecture or one of its options is not supported."""
 
 
