@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-
-from popo_megatron.model.tiny import save_synthetic_hf_checkpoint
+from synthetic_checkpoint import save_synthetic_hf_checkpoint
 
 BUCKETS_MB = (16, 64, 256, 1024)
 
@@ -56,11 +55,11 @@ def _stream_worker(hf_path: str, out_file: str) -> None:
     import torch.distributed as dist
 
     from popo_megatron.config import load_config
-    from popo_megatron.convert import load_hf_weights
-    from popo_megatron.convert.weight_stream import iter_hf_weights
     from popo_megatron.model.builder import build_gpt_model
     from popo_megatron.model.hf_config import read_hf_config
     from popo_megatron.platform import init_model_parallel, seed_everything
+    from popo_megatron.rollout.weight_stream import iter_hf_weights
+    from popo_megatron.weights import load_hf_weights
 
     cfg = load_config(overrides=[f"model.hf_path={hf_path}", "parallel.tensor_model_parallel_size=2"])
     init_model_parallel(cfg.parallel)

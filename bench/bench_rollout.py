@@ -54,10 +54,11 @@ def _worker(tiny: str, medium: str, out: str) -> None:
     gen = torch.Generator().manual_seed(0)
     rows = []
     engine = vllm_engine(config(tiny, 128), tiny)
-    engine.generate([[1, 2, 3]], SamplingSettings(n=1, max_tokens=8), 0)  # warm-up
+    engine.generate([[1, 2, 3]], SamplingSettings(n=1, temperature=1.0, top_p=1.0, max_tokens=8, top_k=0), 0)  # warm-up
     for prompts, n, max_tokens in SHAPES:
         batch = [torch.randint(0, 1000, (32,), generator=gen).tolist() for _ in range(prompts)]
-        result = engine.generate(batch, SamplingSettings(n=n, temperature=1.0, max_tokens=max_tokens), 1)
+        sampling = SamplingSettings(n=n, temperature=1.0, top_p=1.0, max_tokens=max_tokens, top_k=0)
+        result = engine.generate(batch, sampling, 1)
         rows.append(
             dict(
                 prompts=prompts,
@@ -90,7 +91,7 @@ def _worker(tiny: str, medium: str, out: str) -> None:
 
 def main() -> int:
     from popo_megatron.launch import run_local
-    from popo_megatron.model.tiny import TINY_QWEN2, save_random_hf_model
+    from popo_megatron.model.random_model import TINY_QWEN2, save_random_hf_model
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results"))

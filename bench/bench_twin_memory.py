@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from popo_megatron.model.public_shapes import PUBLIC_SHAPES
+from public_shapes import PUBLIC_SHAPES
 
 # (shape, TP, DP): TP=8 needs the heads divisible by 8 (Qwen2.5-7B has 28 heads: TP=4).
 RUNS = [("llama2-7b", 8, 4), ("qwen2.5-7b", 4, 4), ("qwen2.5-32b", 8, 4)]
@@ -34,7 +34,8 @@ def measure(shape: str, tp: int, dp: int) -> dict:
     from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
 
     from popo_megatron.algo.twin import TwinParams
-    from popo_megatron.config import load_config, validate_config
+    from popo_megatron.config import load_config
+    from popo_megatron.config.validate import validate_config
     from popo_megatron.model.builder import build_gpt_model
     from popo_megatron.model.hf_config import read_hf_config
     from popo_megatron.model.training import wrap_ddp

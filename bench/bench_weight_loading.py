@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from popo_megatron.model.tiny import save_synthetic_hf_checkpoint
+from synthetic_checkpoint import save_synthetic_hf_checkpoint
 
 
 def _status_kb() -> dict[str, int]:
@@ -44,10 +44,10 @@ def _load_worker(hf_path: str, tp: int, out_dir: str) -> None:
     import torch.distributed as dist
 
     from popo_megatron.config import load_config
-    from popo_megatron.convert import load_hf_weights
     from popo_megatron.model.builder import build_gpt_model
     from popo_megatron.model.hf_config import read_hf_config
     from popo_megatron.platform import init_model_parallel, seed_everything
+    from popo_megatron.weights import load_hf_weights
 
     cfg = load_config(overrides=[f"model.hf_path={hf_path}", f"parallel.tensor_model_parallel_size={tp}"])
     init_model_parallel(cfg.parallel)

@@ -19,7 +19,7 @@ PARITY_LAYOUTS = ["tp1", "tp2", "tp2_sp", "pp2"]
 
 def _parity(ns: argparse.Namespace) -> int:
     from popo_megatron.model.hf_config import read_hf_config
-    from popo_megatron.model.tiny import TINY_QWEN2, save_random_hf_model
+    from popo_megatron.model.random_model import TINY_QWEN2, save_random_hf_model
     from popo_megatron.parity import PARITY_RTOL, check_layout, parity_tolerance, parse_layout, run_parity
 
     hf_path = ns.hf
@@ -142,11 +142,12 @@ def _complete_run(cfg, resume, rank0: bool) -> int:
 
 
 def _train(ns: argparse.Namespace) -> int:
-    from popo_megatron.config import load_config, validate_config
+    from popo_megatron.checkpoint.runs import plan_resume
+    from popo_megatron.config import load_config
+    from popo_megatron.config.validate import validate_config
     from popo_megatron.launch import run_local
     from popo_megatron.model.hf_config import read_hf_config
-    from popo_megatron.model.named import named_model_overrides
-    from popo_megatron.trainer.checkpoints import plan_resume
+    from popo_megatron.named_models import named_model_overrides
     from popo_megatron.trainer.logbook import print_summary
 
     overrides = list(ns.overrides) + ([f"train.resume_from={ns.resume.absolute()}"] if ns.resume else [])
@@ -215,9 +216,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _layout(ns: argparse.Namespace) -> int:
-    from popo_megatron.config import load_config, validate_config
+    from popo_megatron.config import load_config
+    from popo_megatron.config.validate import validate_config
     from popo_megatron.model.hf_config import read_hf_config
-    from popo_megatron.model.named import named_model_overrides
+    from popo_megatron.named_models import named_model_overrides
 
     cfg = load_config(ns.config, ns.overrides)
     if ns.print:

@@ -122,7 +122,7 @@ def evaluate(
 def hf_model_dir(checkpoint: str | Path, weights: str = "model") -> Iterator[Path]:
     """An HF model directory for `checkpoint`: itself when it is one, else a temporary export of a popo
     checkpoint's policy (or twin) weights, removed afterwards (one process: not collective)."""
-    from popo_megatron.convert.checkpoint_dir import INFO_FILE
+    from popo_megatron.checkpoint.format import INFO_FILE
     from popo_megatron.convert.offline import mcore_to_hf
 
     checkpoint = Path(checkpoint)

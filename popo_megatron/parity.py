@@ -59,7 +59,8 @@ def parse_layout(name: str) -> Layout:
 def check_layout(hf_path: str | Path, layout: Layout) -> DictConfig:
     """The config of `hf_path` at `layout`; ConfigError when the model does not allow the layout (heads,
     KV heads, layers vs TP / PP, SP)."""
-    from popo_megatron.config import load_config, validate_config
+    from popo_megatron.config import load_config
+    from popo_megatron.config.validate import validate_config
     from popo_megatron.model.hf_config import read_hf_config
 
     cfg = load_config(overrides=[f"model.hf_path={hf_path}", *layout.overrides()])
@@ -71,9 +72,9 @@ def _parity_worker(hf_path: str, layout: Layout, result_file: str) -> None:
     from megatron.core import parallel_state
     from transformers import AutoModelForCausalLM
 
-    from popo_megatron.convert import load_hf_model
-    from popo_megatron.model.forward import forward_backward
+    from popo_megatron.model.forward import forward_logits
     from popo_megatron.platform import init_model_parallel, seed_everything
+    from popo_megatron.weights import load_hf_model
 
     cfg = check_layout(hf_path, layout)
     init_model_parallel(cfg.parallel)
@@ -84,7 +85,7 @@ def _parity_worker(hf_path: str, layout: Layout, result_file: str) -> None:
     model.eval()
     tokens = torch.randint(0, args.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        logits = forward_backward(model, tokens)
+        logits = forward_logits(model, tokens)
     if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
         reference = AutoModelForCausalLM.from_pretrained(hf_path, dtype=torch.float32)
         with torch.no_grad():

@@ -41,3 +41,41 @@ def build_model(hf: Path, tp: int, pp: int, sequence_parallel: bool = False, ove
     seed_everything(0)
     args = read_hf_config(hf)
     return build_gpt_model(args, cfg), args, cfg
+
+
+def save_model_weights(model, out: Path, args, cfg, hf_dir: Path, twin=None) -> None:
+    """Write the model's weights (and the twin's) as a "weights" checkpoint at `out`, the way the trainer
+    writes its own (checkpoint_directory + dist_checkpointing.save)."""
+    from megatron.core import dist_checkpointing
+
+    from popo_megatron.checkpoint.format import MEGATRON_DIR, checkpoint_directory
+    from popo_megatron.checkpoint.weights import layout_info, twin_sharded_state, weights_sharded_state_dict
+
+    sharded = weights_sharded_state_dict(model)
+    weights = ["model"]
+    if twin is not None:
+        sharded.update(twin_sharded_state(twin))
+        weights.append("twin")
+    with checkpoint_directory(out, hf_dir, layout_info(args, cfg, kind="weights", weights=weights)) as tmp:
+        dist_checkpointing.save(sharded, str(tmp / MEGATRON_DIR))
+
+
+@torch.no_grad()
+def load_model_weights(model, ckpt: Path, args, cfg) -> None:
+    """Load a checkpoint's policy weights into this rank's parameters through the package's load path."""
+    from popo_megatron.checkpoint.weights import load_checkpoint_state, unprefixed, weights_request
+
+    loaded, _ = load_checkpoint_state(ckpt, {"model": weights_request(model)}, args, cfg)
+    params = dict(model.named_parameters())
+    for name, tensor in unprefixed(loaded["model"], "model").items():
+        params[name].copy_(tensor)  # a no-op where the loader filled the parameter in place
+
+
+def load_twin_weights(twin, ckpt: Path, args, cfg) -> None:
+    """Set the twin from a checkpoint's `twin` weights (saved at this or any other layout), in its dtype."""
+    from popo_megatron.checkpoint.weights import load_checkpoint_state, unprefixed, weights_request
+    from popo_megatron.model.forward import unwrap_model
+
+    request = {"twin": weights_request(unwrap_model(twin.model), "twin", dtype=twin.dtype)}
+    loaded, _ = load_checkpoint_state(ckpt, request, args, cfg)
+    twin.load_full_tensors(unprefixed(loaded["twin"], "twin"))

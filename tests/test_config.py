@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from tiny_models import QWEN2_CONFIG_JSON
 
-from popo_megatron.config import ConfigError, load_config, validate_config
+from popo_megatron.config import ConfigError, load_config
+from popo_megatron.config.validate import validate_config
 from popo_megatron.model.hf_config import UnsupportedModelError, parse_hf_config
 
 QWEN = QWEN2_CONFIG_JSON

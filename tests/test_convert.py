@@ -18,10 +18,10 @@ import pytest
 import torch
 from model_helpers import build_model, perturb
 
-from popo_megatron.convert.checkpoint_dir import CheckpointError, read_checkpoint
-from popo_megatron.convert.hf_checkpoint import HFCheckpoint
+from popo_megatron.checkpoint.format import CheckpointError, read_checkpoint
 from popo_megatron.convert.offline import hf_to_mcore, mcore_reshard, mcore_to_hf
 from popo_megatron.launch import run_local
+from popo_megatron.weights.hf_checkpoint import HFCheckpoint
 
 TOKENS = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
 # fp32 logits of the same weights at another TP/PP: only the order of reductions differs.
@@ -61,10 +61,10 @@ def test_offline_round_trip_is_bit_exact(tiny_models, tmp_path):
 def _save_logits(model, args, path: Path) -> None:
     from megatron.core import parallel_state
 
-    from popo_megatron.model.forward import forward_backward
+    from popo_megatron.model.forward import forward_logits
 
     with torch.no_grad():
-        logits = forward_backward(model, TOKENS)
+        logits = forward_logits(model, TOKENS)
     if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
         torch.save(logits[0][..., : args.vocab_size], path)
 
@@ -72,9 +72,9 @@ def _save_logits(model, args, path: Path) -> None:
 def _tp2pp2_worker(root: str, names: list[str]) -> None:
     """Load each converted checkpoint at TP=2 x PP=2, check the stream, perturb, save."""
     import torch.distributed as dist
+    from model_helpers import load_model_weights, save_model_weights
 
-    from popo_megatron.convert.model_checkpoint import load_model_weights, save_model_weights
-    from popo_megatron.convert.weight_stream import iter_hf_weights
+    from popo_megatron.rollout.weight_stream import iter_hf_weights
 
     for name in names:
         case = Path(root) / name
@@ -131,7 +131,7 @@ def test_export_loads_in_transformers_with_megatron_logits(trained_tp2pp2, tiny_
 
 
 def _reload_worker(root: str, names: list[str], tp: int, pp: int) -> None:
-    from popo_megatron.convert.model_checkpoint import load_model_weights
+    from model_helpers import load_model_weights
 
     for name in names:
         case = Path(root) / name

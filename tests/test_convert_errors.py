@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from popo_megatron.checkpoint.format import CheckpointError, read_checkpoint
+from popo_megatron.checkpoint.weights import check_loadable
 from popo_megatron.cli import main
 from popo_megatron.config import ConfigError
 from popo_megatron.convert import offline
-from popo_megatron.convert.checkpoint_dir import CheckpointError, read_checkpoint
-from popo_megatron.convert.mapping import MappingError
-from popo_megatron.convert.model_checkpoint import check_loadable
 from popo_megatron.model.hf_config import read_hf_config
+from popo_megatron.weights.mapping import MappingError
 
 
 def _nothing_written(out: Path) -> bool:

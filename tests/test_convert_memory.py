@@ -5,8 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from popo_megatron.convert.checkpoint_dir import read_checkpoint
-from popo_megatron.model.tiny import save_synthetic_hf_checkpoint
+from synthetic_checkpoint import save_synthetic_hf_checkpoint
+
+from popo_megatron.checkpoint.format import read_checkpoint
 
 CHECKPOINT_GB = 2.1
 # The process imports torch (~0.3 GiB) and holds a few tensors of at most 131 MB

@@ -77,10 +77,10 @@ def probe_synchronize():
 
 
 def probe_cuda_literals():
-    from popo_megatron.model.forward import forward_backward
+    from popo_megatron.model.forward import forward_logits
 
     model = _tiny_gpt()
-    logits = forward_backward(model, torch.randint(0, 64, (1, 8)), loss_fn=lambda lg: lg.float().mean())
+    logits = forward_logits(model, torch.randint(0, 64, (1, 8)), loss_fn=lambda lg: lg.float().mean())
     assert logits[0].shape == (1, 8, 64)
     assert all(p.grad is not None for p in model.parameters())
 
@@ -115,9 +115,9 @@ def probe_cuda_type_checks():
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(use_distributed_optimizer=True), model)
     optimizer = get_megatron_optimizer(OptimizerConfig(lr=1e-2, use_distributed_optimizer=True), [ddp])
     before = [p.detach().clone() for p in model.parameters()]
-    from popo_megatron.model.forward import forward_backward
+    from popo_megatron.model.forward import forward_logits
 
-    forward_backward(ddp, torch.randint(0, 64, (1, 8)), loss_fn=lambda lg: lg.float().pow(2).mean())
+    forward_logits(ddp, torch.randint(0, 64, (1, 8)), loss_fn=lambda lg: lg.float().pow(2).mean())
     ddp.finish_grad_sync()
     success, _, _ = optimizer.step()
     assert success
@@ -146,7 +146,7 @@ def probe_optimizer_step_state():
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from popo_megatron.model.forward import forward_backward
+    from popo_megatron.model.forward import forward_logits
 
     metadata = {"distrib_optim_sharding_type": "fully_reshardable"}
     tokens = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
@@ -161,7 +161,7 @@ def probe_optimizer_step_state():
 
     def step(ddp, optimizer):
         ddp.zero_grad_buffer()
-        forward_backward(ddp, tokens, loss_fn=lambda lg: lg.float().pow(2).mean())
+        forward_logits(ddp, tokens, loss_fn=lambda lg: lg.float().pow(2).mean())
         optimizer.step()
 
     model, ddp, optimizer = setup()

@@ -10,7 +10,8 @@ import torch
 from grading_helpers import gold_parses
 
 from popo_megatron.config import load_config
-from popo_megatron.data.problems import DataError, Fields, load_dataset, load_problems
+from popo_megatron.data.datasets import load_dataset
+from popo_megatron.data.problems import DataError, Fields, load_problems
 from popo_megatron.data.prompts import render_prompt
 from popo_megatron.data.sampler import PromptSampler
 from popo_megatron.data.synthetic import VOCAB, ArithmeticTask, arithmetic_tokenizer, save_arithmetic_model

@@ -15,7 +15,8 @@ from popo_megatron.data.problems import Problem
 from popo_megatron.data.synthetic import arithmetic_tokenizer
 from popo_megatron.reward.grade import Grade
 from popo_megatron.rollout.engine import Generation, Response
-from popo_megatron.trainer.rollouts import ROUND_SEED_STRIDE, collect_step, has_signal
+from popo_megatron.rollout.seeds import ROUND_SEED_STRIDE
+from popo_megatron.trainer.rollouts import collect_step, has_signal
 
 N = 4
 

@@ -29,7 +29,7 @@ def _eval_worker(ckpt: str, out: str) -> None:
     from transformers import AutoTokenizer
 
     from popo_megatron.config import load_config
-    from popo_megatron.data.problems import load_dataset
+    from popo_megatron.data.datasets import load_dataset
     from popo_megatron.evaluate import evaluate
     from popo_megatron.reward.math_verifier import MathVerifier
     from popo_megatron.rollout.engine import SamplingSettings
@@ -86,7 +86,7 @@ def test_evaluate_a_checkpoint(tmp_path):
 
 
 def test_a_run_directory_stands_for_its_newest_checkpoint(tmp_path):
-    from popo_megatron.trainer.checkpoints import resolve_checkpoint
+    from popo_megatron.checkpoint.runs import resolve_checkpoint
 
     run = tmp_path / "run"
     for name in ("step_000010", "step_000020"):

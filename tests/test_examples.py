@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from public_shapes import PUBLIC_SHAPES
 
-from popo_megatron.config import load_config, validate_config
+from popo_megatron.config import load_config
+from popo_megatron.config.validate import validate_config
 from popo_megatron.data.synthetic import ARITHMETIC_QWEN2
 from popo_megatron.model.hf_config import parse_hf_config
-from popo_megatron.model.public_shapes import PUBLIC_SHAPES
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 ARITHMETIC = {"architectures": ["Qwen2ForCausalLM"], **ARITHMETIC_QWEN2}

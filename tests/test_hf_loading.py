@@ -7,14 +7,14 @@ import shutil
 
 import pytest
 
-from popo_megatron.convert import MappingError
 from popo_megatron.launch import run_local
+from popo_megatron.weights import MappingError
 
 
 def _load(hf_path: str) -> None:
     from popo_megatron.config import load_config
-    from popo_megatron.convert import load_hf_model
     from popo_megatron.platform import init_model_parallel, seed_everything
+    from popo_megatron.weights import load_hf_model
 
     cfg = load_config(overrides=[f"model.hf_path={hf_path}"])
     init_model_parallel(cfg.parallel)

@@ -69,8 +69,8 @@ def _worker(hf: str, out: str) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from popo_megatron.convert import load_hf_weights
-    from popo_megatron.model.forward import forward_backward, gather_vocab
+    from popo_megatron.model.forward import forward_logits, gather_vocab
+    from popo_megatron.weights import load_hf_weights
 
     hf = Path(hf)
     tokens = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(2))
@@ -97,7 +97,7 @@ def _worker(hf: str, out: str) -> None:
 
             for param in model.parameters():
                 param.grad = None
-            forward_backward(model, tokens, loss_fn)
+            forward_logits(model, tokens, loss_fn)
             grads[method] = {n: p.grad.clone() for n, p in model.named_parameters()}
         for method in ("chunked", "unchunked"):
             for i, what in enumerate(("log-probs", "entropy")):

@@ -10,8 +10,9 @@ import torch
 
 from popo_megatron.algo.advantages import group_stats, grpo_advantages, popo_weights
 from popo_megatron.algo.batch import pack_rows, spread_per_token
-from popo_megatron.algo.losses import ISBound, grpo_policy_loss, popo_policy_loss, similarity_sum
-from popo_megatron.algo.metrics import MetricAccumulator
+from popo_megatron.algo.losses import grpo_policy_loss, popo_policy_loss, similarity_sum
+from popo_megatron.config.schema import ISBoundConfig
+from popo_megatron.metrics import Metric, MetricAccumulator, Reduce
 
 REWARDS = torch.tensor(
     [
@@ -111,7 +112,7 @@ def test_popo_loss_and_gradient_match_reference(mode):
     token_weights = torch.rand(lp.shape, generator=torch.Generator().manual_seed(5)) + 0.5
     denominator = float((weights * mask.sum(-1)).sum())
     metrics = MetricAccumulator()
-    loss = popo_policy_loss(lp, old, mask, weights, ISBound(mode, 0.28, 2.0), denominator, token_weights, metrics)
+    loss = popo_policy_loss(lp, old, mask, weights, ISBoundConfig(mode, 0.28, 2.0), denominator, token_weights, metrics)
     (grad,) = torch.autograd.grad(loss, lp)
     ref = _reference_popo(lp, old, mask, weights, mode, 0.28, 2.0, denominator, token_weights)
     (ref_grad,) = torch.autograd.grad(ref, lp)
@@ -135,7 +136,7 @@ def test_popo_loss_without_positives_is_zero_and_finite():
     lp, old, mask = _random_case(1)
     weights = torch.zeros(lp.shape[0])
     metrics = MetricAccumulator()
-    loss = popo_policy_loss(lp, old, mask, weights, ISBound(), 0.0, metrics=metrics)
+    loss = popo_policy_loss(lp, old, mask, weights, ISBoundConfig(), 0.0, metrics=metrics)
     (grad,) = torch.autograd.grad(loss, lp)
     assert loss.item() == 0.0 and torch.all(grad == 0)
     reported = metrics.reduce(count_keys=True)
@@ -192,14 +193,17 @@ def test_similarity_penalty_is_bounded_and_pulls_towards_the_twin():
 
 
 def test_metric_accumulator_combines_means_totals_and_extremes():
+    x, loss = Metric("x", Reduce.mean), Metric("loss", Reduce.total)
     a, b = MetricAccumulator(), MetricAccumulator()
-    a.add_masked("x", torch.tensor([1.0, 5.0, 9.0]), torch.tensor([True, True, False]), extremes=True)
-    b.add_masked("x", torch.tensor([3.0]), torch.tensor([True]), extremes=True)
-    a.add_total("loss", 0.25)
-    b.add_total("loss", 0.5)
+    a.add_masked(x, torch.tensor([1.0, 5.0, 9.0]), torch.tensor([True, True, False]), extremes=True)
+    b.add_masked(x, torch.tensor([3.0]), torch.tensor([True]), extremes=True)
+    a.add_total(loss, 0.25)
+    b.add_total(loss, 0.5)
     a.merge(b)
     out = a.reduce()
     assert out == {"loss": 0.75, "x": 3.0, "x_max": 5.0, "x_min": 1.0}
+    with pytest.raises(ValueError, match="reduces by total, not mean"):
+        a.add_mean(loss, 1.0, 1)
 
 
 def test_pack_rows_masks_the_positions_that_predict_response_tokens():

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from popo_megatron.convert.mapping import QKV, GatedFC1, MappingError, RowSplit, ShardContext, VocabSplit, WeightMap
 from popo_megatron.model.hf_config import parse_hf_config
+from popo_megatron.weights.mapping import QKV, GatedFC1, MappingError, RowSplit, ShardContext, VocabSplit, WeightMap
 
 
 def _args(heads=8, kv=2, head_dim=4, hidden=16, inter=24, vocab=50, **extra):

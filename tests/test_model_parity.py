@@ -32,13 +32,14 @@ def _worker(tp: int, pp: int, sp: bool, model_dirs: dict) -> None:
     from megatron.core import parallel_state
     from transformers import AutoModelForCausalLM
 
-    from popo_megatron.config import load_config, validate_config
-    from popo_megatron.convert import iter_megatron_shards, load_hf_weights
+    from popo_megatron.config import load_config
+    from popo_megatron.config.validate import validate_config
     from popo_megatron.model.builder import build_gpt_model
-    from popo_megatron.model.forward import forward_backward, gather_vocab
+    from popo_megatron.model.forward import forward_logits, gather_vocab
     from popo_megatron.model.hf_config import read_hf_config
     from popo_megatron.model.training import wrap_ddp
     from popo_megatron.platform import init_model_parallel, seed_everything
+    from popo_megatron.weights import iter_megatron_shards, load_hf_weights
 
     for name, path in model_dirs.items():
         cfg = load_config(
@@ -62,7 +63,7 @@ def _worker(tp: int, pp: int, sp: bool, model_dirs: dict) -> None:
         hf_logits = hf(tokens).logits
         _next_token_loss(hf_logits, tokens, args.vocab_size).backward()
 
-        logits = forward_backward(
+        logits = forward_logits(
             ddp, tokens, loss_fn=lambda lg, t=tokens, v=args.vocab_size: _next_token_loss(gather_vocab(lg), t, v)
         )
         where = f"{name} at TP={tp} PP={pp} SP={sp}"

@@ -66,8 +66,8 @@ def _implicit_negative_worker(hf: str, prompts, answers, out: str) -> None:
     from popo_megatron.algo.advantages import popo_weights
     from popo_megatron.algo.batch import PolicyBatch, pack_rows
     from popo_megatron.algo.step import LossSettings, forward_backward, loss_normalizers
-    from popo_megatron.convert import load_hf_weights
     from popo_megatron.model.training import wrap_ddp
+    from popo_megatron.weights import load_hf_weights
 
     model, args, cfg = build_model(Path(hf), 2, 1, overrides=("popo.twin.enabled=false", "popo.redistribution=uniform"))
     load_hf_weights(model, hf, args, cfg)
@@ -117,8 +117,8 @@ def _edge_worker(hf: str) -> None:
     from popo_megatron.algo.batch import PolicyBatch, pack_rows
     from popo_megatron.algo.step import LossSettings, forward_backward, forward_only, loss_normalizers
     from popo_megatron.algo.twin import TwinParams
-    from popo_megatron.convert import load_hf_weights
     from popo_megatron.model.training import wrap_ddp
+    from popo_megatron.weights import load_hf_weights
 
     model, args, cfg = build_model(Path(hf), 1, 1, overrides=("popo.similarity.beta=0.5",))
     load_hf_weights(model, hf, args, cfg)

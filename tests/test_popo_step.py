@@ -131,8 +131,8 @@ def _step_case(hf: Path, case: str, tp: int, pp: int, sp: bool, microbatches: in
     from popo_megatron.algo.step import LossSettings, forward_backward, forward_only, loss_normalizers
     from popo_megatron.algo.twin import TwinParams
     from popo_megatron.config.schema import Algorithm
-    from popo_megatron.convert import iter_megatron_shards, load_hf_weights
     from popo_megatron.model.training import wrap_ddp
+    from popo_megatron.weights import iter_megatron_shards, load_hf_weights
 
     parallel_state.destroy_model_parallel()
     # With the distributed optimiser each data-parallel rank holds the reduced gradient of its own slice only;
@@ -218,8 +218,8 @@ def _all_tokens_case(hf: Path, tp: int, where: str) -> None:
     from popo_megatron.algo.batch import PolicyBatch, pack_rows
     from popo_megatron.algo.step import LossSettings, forward_backward, forward_only, loss_normalizers
     from popo_megatron.algo.twin import TwinParams
-    from popo_megatron.convert import iter_megatron_shards, load_hf_weights
     from popo_megatron.model.training import wrap_ddp
+    from popo_megatron.weights import iter_megatron_shards, load_hf_weights
 
     parallel_state.destroy_model_parallel()
     overrides = (
@@ -274,8 +274,8 @@ def _joint_clip_worker(hf: str) -> None:
     from popo_megatron.algo.predictor import SimilarityPredictor, clip_with_predictor
     from popo_megatron.algo.step import LossSettings, forward_backward, forward_only, loss_normalizers
     from popo_megatron.algo.twin import TwinParams
-    from popo_megatron.convert import load_hf_weights
     from popo_megatron.model.training import build_optimizer, wrap_ddp
+    from popo_megatron.weights import load_hf_weights
 
     overrides = (
         "popo.similarity.beta=0.5",

@@ -1,4 +1,4 @@
-"""What a resumed run continues from and what its config changes (trainer/checkpoints.py), on checkpoint
+"""What a resumed run continues from and what its config changes (checkpoint/runs.py), on checkpoint
 directories written by hand: the parts of a checkpoint this logic reads are trainer_state.json and the
 model's config.json. tests/test_trainer.py checks the same through `popo train` on real runs."""
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from popo_megatron.checkpoint.runs import ResumeError, config_changes, plan_resume
 from popo_megatron.config import load_config
-from popo_megatron.trainer.checkpoints import ResumeError, config_changes, plan_resume
 
 MODEL = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2}
 

@@ -10,8 +10,8 @@ import time
 import pytest
 from grading_helpers import crashing_grade, module_loaded, raising_grade, sleepy_grade, slow_warm_up
 
-from popo_megatron.algo.metrics import MetricAccumulator
 from popo_megatron.config import load_config
+from popo_megatron.metrics import MetricAccumulator
 from popo_megatron.reward.extract import extract_answer, last_boxed
 from popo_megatron.reward.grade import add_grade_metrics
 from popo_megatron.reward.math_verifier import MathVerifier, warm_up_math_verify
@@ -165,7 +165,7 @@ def test_a_script_read_from_stdin_is_told_why_workers_cannot_start():
     script = (
         "from popo_megatron.reward.math_verifier import grade_math, MathGradeSettings\n"
         "from popo_megatron.reward.pool import GradingPool\n"
-        "with GradingPool(grade_math, MathGradeSettings(), workers=1, timeout_s=5.0) as pool:\n"
+        "with GradingPool(grade_math, MathGradeSettings((), 5.0), workers=1, timeout_s=5.0) as pool:\n"
         "    pool.map([('1', '1')])\n"
     )
     proc = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=300)

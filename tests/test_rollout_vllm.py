@@ -38,17 +38,16 @@ def _rollout_overrides(vllm_tp: int) -> tuple[str, ...]:
     )
 
 
-def _megatron_logprobs(model, args, prompts, responses) -> torch.Tensor | None:
+def _megatron_logprobs(model, args, cfg, prompts, responses) -> torch.Tensor | None:
     """[rollouts, response tokens] log-probs of the responses under the Megatron model, at the temperature."""
     from megatron.core import parallel_state
 
     from popo_megatron.algo.batch import PolicyBatch, pack_rows
     from popo_megatron.algo.step import LossSettings, forward_only
-    from popo_megatron.config.schema import Algorithm
 
     tokens, mask = pack_rows(prompts, responses)
     batch = PolicyBatch(tokens, mask, torch.zeros(len(prompts)), torch.zeros(len(prompts), dtype=torch.bool))
-    settings = LossSettings(Algorithm.popo, args.vocab_size, temperature=TEMPERATURE)
+    settings = LossSettings.from_config(cfg, args.vocab_size, temperature=TEMPERATURE)
     outputs = forward_only(model, [batch], settings)
     if not parallel_state.is_pipeline_last_stage():
         return None
@@ -65,20 +64,20 @@ def _flatten(generation, prompts):
     return rows_prompts, rows_responses, torch.tensor(engine_logprobs)
 
 
-def _check_logprobs(model, args, generation, where: str) -> None:
+def _check_logprobs(model, args, cfg, generation, where: str) -> None:
     prompts, responses, served = _flatten(generation, PROMPTS)
-    reference = _megatron_logprobs(model, args, prompts, responses)
+    reference = _megatron_logprobs(model, args, cfg, prompts, responses)
     diff = (served - reference).abs().max().item()
     assert diff < LOGPROB_TOLERANCE, f"{where}: engine vs Megatron log-probs differ by {diff}"
 
 
 def _engine_worker(export: str, ckpt: str) -> None:
     import torch.distributed as dist
+    from model_helpers import load_model_weights
 
-    from popo_megatron.convert.model_checkpoint import load_model_weights
-    from popo_megatron.convert.weight_stream import iter_hf_weights
     from popo_megatron.rollout.engine import SamplingSettings
     from popo_megatron.rollout.vllm_engine import vllm_engine
+    from popo_megatron.rollout.weight_stream import iter_hf_weights
 
     export = Path(export)
     model, args, cfg = build_model(export, 2, 1, overrides=_rollout_overrides(vllm_tp=1))
@@ -88,7 +87,7 @@ def _engine_worker(export: str, ckpt: str) -> None:
         sampling = SamplingSettings.from_config(cfg.rollout)
         seed = 1000  # the same on both ranks: they are one TP group of the trainer and need the same batch
         first = engine.generate(PROMPTS, sampling, seed)
-        _check_logprobs(model, args, first, "sampled")
+        _check_logprobs(model, args, cfg, first, "sampled")
         for group in first.responses:
             assert len(group) == sampling.n
             for r in group:
@@ -114,7 +113,7 @@ def _engine_worker(export: str, ckpt: str) -> None:
         engine.update_weights(iter_hf_weights(model, args, cfg))
         changed = engine.generate(PROMPTS, greedy, 0)
         assert [g[0].token_ids for g in changed.responses] != [g[0].token_ids for g in before], "greedy unchanged"
-        _check_logprobs(model, args, engine.generate(PROMPTS, sampling, seed), "after update_weights")
+        _check_logprobs(model, args, cfg, engine.generate(PROMPTS, sampling, seed), "after update_weights")
         with torch.no_grad():
             for name, param in model.named_parameters():
                 param.copy_(original[name])

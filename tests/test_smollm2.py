@@ -34,7 +34,7 @@ def test_the_built_model_is_smollm2_with_its_chat_template(smollm2):
     assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"]
     shape = [config[k] for k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads")]
     assert shape == [30, 576, 9, 3] and config["vocab_size"] == 49152
-    from popo_megatron.model.public_shapes import PUBLIC_SHAPES
+    from public_shapes import PUBLIC_SHAPES
 
     public = PUBLIC_SHAPES["smollm2-135m-instruct"]  # what the example configs are validated against
     assert {k: config[k] for k in public} == public
@@ -68,12 +68,11 @@ def _vllm_worker(hf: str, out: str) -> None:
 
     from popo_megatron.algo.batch import PolicyBatch, pack_rows
     from popo_megatron.algo.step import LossSettings, forward_only
-    from popo_megatron.config.schema import Algorithm
-    from popo_megatron.convert import load_hf_weights
-    from popo_megatron.convert.weight_stream import iter_hf_weights
     from popo_megatron.data.prompts import render_prompt
     from popo_megatron.rollout.engine import SamplingSettings
     from popo_megatron.rollout.vllm_engine import vllm_engine
+    from popo_megatron.rollout.weight_stream import iter_hf_weights
+    from popo_megatron.weights import load_hf_weights
 
     overrides = ("rollout.max_model_len=256", "rollout.kv_cache_memory_mb=64")
     model, args, cfg = build_model(Path(hf), 1, 1, overrides=overrides)
@@ -85,7 +84,7 @@ def _vllm_worker(hf: str, out: str) -> None:
         engine.update_weights(iter_hf_weights(model, args, cfg))
         questions = ["What is 2+2?", "What is 7*8?", "What is 17+25?"]
         prompts = [render_prompt(q, tokenizer, None, "Answer with the number only.") for q in questions]
-        sampling = SamplingSettings(n=4, temperature=TEMPERATURE, max_tokens=MAX_TOKENS)
+        sampling = SamplingSettings(n=4, temperature=TEMPERATURE, top_p=1.0, max_tokens=MAX_TOKENS, top_k=0)
         generation = engine.generate(prompts, sampling, seed=3)
         responses = [r for group in generation.responses for r in group]
         for r in responses:  # EOS ends a response and is part of it; otherwise the length limit did
@@ -95,7 +94,7 @@ def _vllm_worker(hf: str, out: str) -> None:
                 assert len(r.token_ids) == MAX_TOKENS and tokenizer.eos_token_id not in r.token_ids
         tokens, mask = pack_rows([p for p in prompts for _ in range(sampling.n)], [r.token_ids for r in responses])
         batch = PolicyBatch(tokens, mask, torch.zeros(len(responses)), torch.zeros(len(responses), dtype=torch.bool))
-        settings = LossSettings(Algorithm.popo, args.vocab_size, temperature=TEMPERATURE)
+        settings = LossSettings.from_config(cfg, args.vocab_size, temperature=TEMPERATURE)
         trainer = forward_only(model, [batch], settings)[0].logprobs[mask]
         served = torch.tensor([lp for r in responses for lp in r.logprobs])
         texts = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in responses]

@@ -44,8 +44,8 @@ def _train(hf: Path, tp: int, distributed_optimizer: bool, record: bool):
     from popo_megatron.algo.drift import TwinMomentum
     from popo_megatron.algo.step import LossSettings, forward_backward, forward_only, loss_normalizers
     from popo_megatron.algo.twin import TwinParams
-    from popo_megatron.convert import load_hf_weights
     from popo_megatron.model.training import build_optimizer, wrap_ddp
+    from popo_megatron.weights import load_hf_weights
 
     parallel_state.destroy_model_parallel()
     overrides = (
@@ -105,10 +105,10 @@ def _closed_form_ema(history: dict) -> dict[str, torch.Tensor]:
 
 def _sliced_worker(hf: str, out: str) -> None:
     import torch.distributed as dist
+    from model_helpers import save_model_weights
 
     from popo_megatron.algo.twin import TwinParams
-    from popo_megatron.convert.model_checkpoint import save_model_weights
-    from popo_megatron.convert.weight_stream import iter_hf_weights
+    from popo_megatron.rollout.weight_stream import iter_hf_weights
 
     hf = Path(hf)
     model, ddp, twin, args, cfg, history = _train(hf, 1, distributed_optimizer=True, record=True)
@@ -182,12 +182,13 @@ def _save_trained_predictor(hidden_size: int, out: Path) -> None:
 
 
 def _reload_worker(hf: str, out: str) -> None:
+    from model_helpers import load_twin_weights
+
     from popo_megatron.algo.twin import TwinParams
-    from popo_megatron.convert import load_hf_weights
-    from popo_megatron.convert.model_checkpoint import load_twin_weights
-    from popo_megatron.convert.weight_stream import iter_hf_weights
     from popo_megatron.model.forward import unwrap_model
     from popo_megatron.model.training import wrap_ddp
+    from popo_megatron.rollout.weight_stream import iter_hf_weights
+    from popo_megatron.weights import load_hf_weights
 
     model, args, cfg = build_model(Path(hf), 1, 1)
     load_hf_weights(model, hf, args, cfg)
@@ -242,7 +243,7 @@ def test_sliced_twin_equals_unsliced(trained):
 def test_twin_saved_at_tp2_reloads_at_tp1(trained, tiny_models):
     from test_convert import assert_bit_exact, hf_tensors
 
-    from popo_megatron.convert.checkpoint_dir import read_checkpoint
+    from popo_megatron.checkpoint.format import read_checkpoint
     from popo_megatron.convert.offline import mcore_to_hf
 
     info, _ = read_checkpoint(trained / "ckpt_tp2")

@@ -18,7 +18,7 @@ from model_helpers import build_model, perturb
 
 from popo_megatron.convert.offline import hf_to_mcore, mcore_to_hf
 from popo_megatron.launch import run_local
-from popo_megatron.model.tiny import TINY_QWEN2, save_random_hf_model
+from popo_megatron.model.random_model import TINY_QWEN2, save_random_hf_model
 
 # fp32 vLLM vs Megatron log-probs of the same weights (measured: ~5e-7).
 LOGPROB_TOLERANCE = 1e-4
@@ -28,10 +28,10 @@ SEQUENCE = torch.randint(0, TINY_QWEN2["vocab_size"], (32,), generator=torch.Gen
 def _megatron_logprobs(model, args) -> torch.Tensor | None:
     from megatron.core import parallel_state
 
-    from popo_megatron.model.forward import forward_backward
+    from popo_megatron.model.forward import forward_logits
 
     with torch.no_grad():
-        logits = forward_backward(model, SEQUENCE[None])
+        logits = forward_logits(model, SEQUENCE[None])
     if not parallel_state.is_pipeline_last_stage():
         return None
     logprobs = torch.log_softmax(logits[0][0, :, : args.vocab_size], dim=-1)
@@ -50,16 +50,14 @@ def _vllm_logprobs(llm) -> torch.Tensor:
 def _sync_worker(export: str, ckpt: str, tp: int, pp: int) -> None:
     # In-process engine core, one thread per rank (vLLM disables torch.set_num_threads).
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    import vllm.distributed.parallel_state as vllm_parallel_state
-
-    # Engine shutdown would otherwise destroy the trainer's default process group.
-    vllm_parallel_state.destroy_distributed_environment = lambda: None
+    from model_helpers import load_model_weights
     from vllm import LLM
 
-    from popo_megatron.convert.model_checkpoint import load_model_weights
-    from popo_megatron.convert.weight_stream import iter_hf_weights
+    from popo_megatron.platform.vllm_compat import keep_process_group_on_shutdown, shutdown_engine
     from popo_megatron.rollout.vllm_weights import reload_vllm_weights
+    from popo_megatron.rollout.weight_stream import iter_hf_weights
 
+    keep_process_group_on_shutdown()  # engine shutdown would otherwise destroy the trainer's process group
     model, args, cfg = build_model(Path(export), tp, pp)
     load_model_weights(model, ckpt, args, cfg)
     # One full replica per rank (vLLM TP=1), started from the project's own HF export.
@@ -89,7 +87,7 @@ def _sync_worker(export: str, ckpt: str, tp: int, pp: int) -> None:
                 assert (served - previous).abs().max().item() > 1e-3, f"step {step}: vLLM output did not change"
             previous = served
     finally:
-        llm.llm_engine.engine_core.shutdown()
+        shutdown_engine(llm)
 
 
 @pytest.fixture(scope="module")

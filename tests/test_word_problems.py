@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from popo_megatron.config.schema import DataConfig
-from popo_megatron.data.problems import load_dataset
+from popo_megatron.data.datasets import load_dataset
 from popo_megatron.data.word_problems import SPLIT_SIZES, word_problems
 
 EXPECTED = {"add": lambda a, b: a + b, "subtract": lambda a, b: a - b, "multiply": lambda a, b: a * b}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from popo_megatron.model.tiny import save_random_hf_model
+from popo_megatron.model.random_model import save_random_hf_model
 
 COMMON = dict(
     vocab_size=1000,  # pads to 1024: exercises vocab padding

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
-from popo_megatron.algo.metrics import MetricAccumulator
+from popo_megatron import metrics as m
 from popo_megatron.config.schema import AdvantageStd, Redistribution
+from popo_megatron.metrics import MetricAccumulator
 
 # Added to GRPO's group standard deviation (groups whose rewards are all equal have std 0).
 GRPO_STD_EPS = 1e-6
@@ -39,10 +40,9 @@ def popo_weights(rewards: torch.Tensor, redistribution: Redistribution | str) ->
     p = k / group_size
     has_positive = k > 0
     safe_k = k.clamp(min=1)
-    mode = Redistribution(redistribution)
-    if mode == Redistribution.uniform:
+    if redistribution == Redistribution.uniform:
         per_group = 1.0 / safe_k
-    elif mode == Redistribution.success_scaled:
+    elif redistribution == Redistribution.success_scaled:
         per_group = (1.0 - p) / safe_k
     else:
         per_group = torch.sqrt((1.0 - p) / p.clamp(min=1.0 / group_size))
@@ -55,7 +55,6 @@ def grpo_advantages(rewards: torch.Tensor, std: AdvantageStd | str = AdvantageSt
     as in grpo_matched's derivation) or the sample std (G - 1, the original GRPO); `none`: r - mean (Dr. GRPO)."""
     rewards = rewards.to(torch.float64)
     centred = rewards - rewards.mean(-1, keepdim=True)
-    std = AdvantageStd(std)
     if std != AdvantageStd.none:
         correction = 0 if std == AdvantageStd.population else 1
         centred = centred / (rewards.std(-1, keepdim=True, correction=correction) + GRPO_STD_EPS)
@@ -74,10 +73,10 @@ class GroupStats:
 
     def add_to(self, metrics: MetricAccumulator) -> None:
         """As step metrics (reduce them over the data-parallel group for the global batch's values)."""
-        metrics.add_mean("reward/positive_fraction", self.positives, self.rollouts)
-        metrics.add_total("reward/groups_without_positives", self.groups_without_positives)
-        metrics.add_total("reward/groups_all_positive", self.groups_all_positive)
-        metrics.add_total("reward/groups", self.groups)
+        metrics.add_mean(m.POSITIVE_FRACTION, self.positives, self.rollouts)
+        metrics.add_total(m.GROUPS_WITHOUT_POSITIVES, self.groups_without_positives)
+        metrics.add_total(m.GROUPS_ALL_POSITIVE, self.groups_all_positive)
+        metrics.add_total(m.GROUPS, self.groups)
 
 
 def group_stats(rewards: torch.Tensor) -> GroupStats:

@@ -135,7 +135,7 @@ def make_policy_batch(
         raise ValueError(f"rewards {tuple(rewards.shape)} must be [groups, G] with one per response ({len(responses)})")
     tp = cfg.parallel.tensor_model_parallel_size
     tokens, mask = pack_rows(prompts, responses, pad_id, tp if cfg.parallel.sequence_parallel else 1)
-    if Algorithm(cfg.algorithm) == Algorithm.popo:
+    if cfg.algorithm == Algorithm.popo:
         weights = popo_weights(rewards, cfg.popo.redistribution)
     else:
         weights = grpo_advantages(rewards, cfg.grpo.advantage_std)

@@ -45,7 +45,7 @@ class TwinMomentum:
     """m_t for the twin's EMA, from `popo.twin.momentum` (see the module docstring)."""
 
     def __init__(self, cfg, total_steps: int | None = None) -> None:
-        self.schedule = MomentumSchedule(cfg.schedule)
+        self.schedule = cfg.schedule
         if self.schedule == MomentumSchedule.cosine and not total_steps:
             raise ValueError("the cosine momentum schedule needs the run's total number of steps")
         self.cfg = cfg

@@ -9,20 +9,12 @@ predicts token t + 1, see popo_megatron.algo.batch) and [B] per rollout.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-from popo_megatron.algo.metrics import MetricAccumulator
-from popo_megatron.config.schema import ISBoundMode
-
-
-@dataclass(frozen=True)
-class ISBound:
-    mode: ISBoundMode = ISBoundMode.clip
-    eps_high: float = 0.28
-    truncate_c: float = 2.0
+from popo_megatron import metrics as m
+from popo_megatron.config.schema import ISBoundConfig, ISBoundMode
+from popo_megatron.metrics import MetricAccumulator
 
 
 def safe_denominator(denominator: float) -> float:
@@ -41,7 +33,7 @@ def popo_policy_loss(
     old_logprobs: torch.Tensor,
     loss_mask: torch.Tensor,
     weights: torch.Tensor,
-    bound: ISBound,
+    bound: ISBoundConfig,
     denominator: float,
     token_weights: torch.Tensor | None = None,
     metrics: MetricAccumulator | None = None,
@@ -55,7 +47,7 @@ def popo_policy_loss(
     mask = loss_mask & (weights > 0).unsqueeze(-1)
     log_ratio = torch.where(mask, logprobs - old_logprobs, 0.0)
     ratio = torch.exp(log_ratio)
-    if ISBoundMode(bound.mode) == ISBoundMode.clip:
+    if bound.mode == ISBoundMode.clip:
         # Gradient flows while rho < 1 + eps_high, none above: PPO's clip for a positive advantage.
         surrogate = ratio.clamp(max=1.0 + bound.eps_high)
         bounded = ratio > 1.0 + bound.eps_high
@@ -66,8 +58,8 @@ def popo_policy_loss(
         surrogate = surrogate * token_weights
     numerator = (weights.unsqueeze(-1) * torch.where(mask, surrogate, 0.0)).sum()
     if metrics is not None:
-        metrics.add_masked("popo/ratio", ratio, mask, extremes=True)
-        metrics.add_masked("popo/clip_fraction", bounded.float(), mask)
+        metrics.add_masked(m.POPO_RATIO, ratio, mask, extremes=True)
+        metrics.add_masked(m.POPO_CLIP_FRACTION, bounded.float(), mask)
     return -numerator / safe_denominator(denominator)
 
 
@@ -99,10 +91,10 @@ def grpo_policy_loss(
         kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1.0
         per_token = per_token + kl_beta * kl
         if metrics is not None:
-            metrics.add_masked("grpo/kl", kl, loss_mask)
+            metrics.add_masked(m.GRPO_KL, kl, loss_mask)
     if metrics is not None:
-        metrics.add_masked("grpo/ratio", ratio, loss_mask, extremes=True)
-        metrics.add_masked("grpo/clip_fraction", (clipped > unclipped).float(), loss_mask)
+        metrics.add_masked(m.GRPO_RATIO, ratio, loss_mask, extremes=True)
+        metrics.add_masked(m.GRPO_CLIP_FRACTION, (clipped > unclipped).float(), loss_mask)
     return torch.where(loss_mask, per_token, 0.0).sum() / safe_denominator(denominator)
 
 

@@ -26,26 +26,26 @@ batch (they carry no gradient), so the caller passes that count.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from popo_megatron import metrics as m
 from popo_megatron.algo.batch import PolicyBatch
 from popo_megatron.algo.hidden import capture_final_hidden, sequence_slice
 from popo_megatron.algo.logprobs import vocab_parallel_logprobs
 from popo_megatron.algo.losses import (
-    ISBound,
     grpo_policy_loss,
     popo_policy_loss,
     safe_denominator,
     similarity_sum,
     truncated_is_weights,
 )
-from popo_megatron.algo.metrics import MetricAccumulator
-from popo_megatron.config.schema import Algorithm, LossNormalizer, RolloutCorrection
+from popo_megatron.config.schema import Algorithm, ISBoundConfig, LossNormalizer, RolloutCorrection
+from popo_megatron.metrics import MetricAccumulator
 from popo_megatron.model.forward import unwrap_model
 from popo_megatron.platform import collective_device
 
@@ -56,26 +56,27 @@ class LossSettings:
 
     algorithm: Algorithm
     vocab_size: int  # the real vocabulary; padded ids are excluded from the softmax
-    temperature: float = 1.0  # the rollout's sampling temperature
-    chunk_tokens: int = 1024
-    bound: ISBound = field(default_factory=ISBound)
-    normalizer: LossNormalizer = LossNormalizer.all_tokens  # POPO's policy-loss normaliser
-    similarity_beta: float = 0.0  # POPO: 0 when the twin is off
-    eps_low: float = 0.2  # GRPO
-    eps_high: float = 0.28  # GRPO
-    kl_beta: float = 0.0  # GRPO
-    tis_cap: float | None = None  # rollout correction: truncated IS weight cap (None: no correction)
+    temperature: float  # the rollout's sampling temperature
+    chunk_tokens: int
+    bound: ISBoundConfig
+    normalizer: LossNormalizer  # POPO's policy-loss normaliser
+    similarity_beta: float  # POPO: 0 when the twin is off
+    eps_low: float  # GRPO
+    eps_high: float  # GRPO
+    kl_beta: float  # GRPO
+    tis_cap: float | None  # rollout correction: truncated IS weight cap (None: no correction)
 
     @classmethod
-    def from_config(cls, cfg: DictConfig, vocab_size: int, temperature: float = 1.0) -> "LossSettings":
+    def from_config(cls, cfg: DictConfig, vocab_size: int, temperature: float | None = None) -> LossSettings:
+        """The settings of `cfg` (its defaults are the schema's); `temperature` defaults to the rollout's."""
         popo = cfg.popo
         return cls(
-            algorithm=Algorithm(cfg.algorithm),
+            algorithm=cfg.algorithm,
             vocab_size=vocab_size,
-            temperature=temperature,
+            temperature=cfg.rollout.temperature if temperature is None else temperature,
             chunk_tokens=cfg.loss.logprob_chunk_tokens,
-            bound=ISBound(popo.is_bound.mode, popo.is_bound.eps_high, popo.is_bound.truncate_c),
-            normalizer=LossNormalizer(popo.loss_normalizer),
+            bound=OmegaConf.to_object(popo.is_bound),
+            normalizer=popo.loss_normalizer,
             similarity_beta=popo.similarity.beta if popo.twin.enabled else 0.0,
             eps_low=cfg.grpo.eps_low,
             eps_high=cfg.grpo.eps_high,
@@ -245,15 +246,15 @@ def forward_backward(
     def loss_of(index, mb, logits, final_hidden):
         mask = mb.loss_mask
         lp, ent = settings.logprobs(logits, mb, with_entropy=True)
-        metrics.add_masked("entropy", ent, mask)
+        metrics.add_masked(m.ENTROPY, ent, mask)
         if mb.old_logprobs is None:
             raise ValueError("the batch has no old_logprobs (fill them from the trainer or the rollout engine)")
         if not popo and settings.kl_beta > 0 and mb.ref_logprobs is None:
             raise ValueError("grpo.kl_beta > 0 needs the reference policy's log-probs in the batch (ref_logprobs)")
         if mb.rollout_logprobs is not None:  # the trainer's pi_old against the engine's: numerical mismatch
             mismatch = (mb.old_logprobs - mb.rollout_logprobs).abs()
-            metrics.add_masked("rollout/logprob_abs_diff", mismatch, mask)
-            metrics.add_max("rollout/logprob_abs_diff_max", torch.where(mask, mismatch, 0.0).max())
+            metrics.add_masked(m.LOGPROB_MISMATCH, mismatch, mask)
+            metrics.add_max(m.LOGPROB_MISMATCH_MAX, torch.where(mask, mismatch, 0.0).max())
         token_weights = None
         if settings.tis_cap is not None:
             if mb.rollout_logprobs is None:
@@ -261,7 +262,7 @@ def forward_backward(
             token_weights = torch.where(
                 mask, truncated_is_weights(mb.old_logprobs, mb.rollout_logprobs, settings.tis_cap), 1.0
             )
-            metrics.add_masked("rollout/tis_weight", token_weights, mask)
+            metrics.add_masked(m.TIS_WEIGHT, token_weights, mask)
         if popo:
             loss = popo_policy_loss(
                 lp, mb.old_logprobs, mask, mb.sample_weights, settings.bound, normalizers.policy, token_weights, metrics
@@ -283,7 +284,7 @@ def forward_backward(
         # Loss metrics: the mean over the mini-batches of a step of each mini-batch's global loss (the shares
         # of all micro-batches and ranks carry weights that add up to 1 per mini-batch).
         share = 1.0 / scale
-        metrics.add_mean("loss/policy", loss.detach(), share)
+        metrics.add_mean(m.LOSS_POLICY, loss.detach(), share)
         if use_twin:
             sim_mask = (mask & mb.positive.unsqueeze(-1)).transpose(0, 1)  # [S, mb], like the hidden states
             local_mask = sim_mask[sequence_slice(model, sim_mask.shape[0])]
@@ -292,10 +293,10 @@ def forward_backward(
                 # Each TP rank holds its own slice of the sequence: sum the slices (backward: identity,
                 # so each slice's hidden states get the gradient of the whole sum).
                 distance = tensor_parallel.reduce_from_tensor_model_parallel_region(distance)
-            metrics.add_mean("popo/similarity", distance.detach(), sim_mask.sum())
+            metrics.add_mean(m.POPO_SIMILARITY, distance.detach(), sim_mask.sum())
             similarity = distance / safe_denominator(normalizers.similarity)
             loss = loss + settings.similarity_beta * similarity
-        metrics.add_mean("loss/total", loss.detach(), share)
+        metrics.add_mean(m.LOSS_TOTAL, loss.detach(), share)
         return loss * scale, {}
 
     _run_schedule(model, micro_batches, loss_of, capture_hidden=use_twin, forward_only=False)

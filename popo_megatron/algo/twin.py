@@ -20,12 +20,11 @@ Operations:
   data-parallel ranks (as the optimiser does after a step); the backup is this
   rank's slice only. FP8 (Transformer Engine): the cached FP8 copies of the
   weights are marked stale on both sides of the swap (see `_refresh_fp8_caches`).
-- `sharded_state_dict()` / `load_full_tensors()`: the twin in a Megatron
-  distributed checkpoint under the key prefix `twin.`, keyed exactly like the
-  model's own weights, so it reloads at any other TP / PP / DP layout and
-  exports to HF with `popo convert mcore-to-hf --weights twin`. Saving gathers
-  the data-parallel slices into whole (TP/PP-sharded) tensors on the twin's
-  device.
+- `full_tensors()` / `load_full_tensors()`: the twin as whole (TP/PP-sharded)
+  tensors, gathering the data-parallel slices, for a checkpoint
+  (checkpoint/weights.py stores them under the key prefix `twin.`, keyed like
+  the model's own weights, so the twin reloads at any other TP / PP / DP layout
+  and exports to HF with `popo convert mcore-to-hf --weights twin`).
 
 The same class holds a frozen copy (a reference policy for GRPO's KL) when
 `update` is never called.
@@ -42,6 +41,7 @@ import torch.distributed as dist
 
 from popo_megatron.model.forward import unwrap_model
 from popo_megatron.platform import collective_device, cuda_available
+from popo_megatron.platform.megatron_compat import ddp_buckets, uses_distributed_optimizer
 
 # Elements per piece when the EMA casts or moves data (bounds the temporaries).
 _EMA_PIECE = 1 << 24
@@ -74,16 +74,6 @@ class _Bucket:
     segment: _Segment
 
 
-def _rank_shard(numel: int, group: dist.ProcessGroup) -> slice:
-    per_rank = numel // group.size()
-    return slice(group.rank() * per_rank, (group.rank() + 1) * per_rank)
-
-
-def _uses_distributed_optimizer(model: torch.nn.Module) -> bool:
-    ddp_config = getattr(model, "ddp_config", None)
-    return bool(ddp_config is not None and ddp_config.use_distributed_optimizer)
-
-
 class TwinParams:
     """The twin of `model`'s parameters on this rank, initialised to the current weights."""
 
@@ -99,19 +89,15 @@ class TwinParams:
             )
         self._params = dict(inner.named_parameters())
         names = {id(p): n for n, p in self._params.items()}
-        self.sliced = _uses_distributed_optimizer(model)
+        self.sliced = uses_distributed_optimizer(model)
         self._buckets: list[_Bucket] = []
         self._whole: dict[str, _Segment] = {}
         if self.sliced:
-            for buffer in model.buffers + model.expert_parallel_buffers:
-                for bucket in buffer.buckets:
-                    shard = _rank_shard(bucket.param_data.numel(), buffer.data_parallel_group)
-                    spans = []
-                    for param in bucket.params_list:
-                        start, end, _ = buffer.param_index_map[param]
-                        spans.append(_ParamSpan(names[id(param)], param, start - bucket.offset, end - bucket.offset))
-                    segment = self._new_segment(bucket.param_data[shard])
-                    self._buckets.append(_Bucket(bucket.param_data, buffer.data_parallel_group, shard, spans, segment))
+            for bucket in ddp_buckets(model):
+                shard = bucket.rank_shard()
+                spans = [_ParamSpan(names[id(p.param)], p.param, p.start, p.end) for p in bucket.params]
+                segment = self._new_segment(bucket.param_data[shard])
+                self._buckets.append(_Bucket(bucket.param_data, bucket.group, shard, spans, segment))
         else:
             for name, param in self._params.items():
                 self._whole[name] = self._new_segment(param.data.view(-1))
@@ -210,15 +196,6 @@ class TwinParams:
                 if start < end:
                     source = tensors[span.name].reshape(-1)[start - span.start : end - span.start]
                     bucket.segment.twin[start - lo : end - lo].copy_(source)
-
-    def sharded_state_dict(self) -> dict:
-        """The twin as Megatron ShardedTensors under `twin.`, keyed like the model's weights (see
-        popo_megatron.convert.checkpoint_dir); stored in the twin's dtype."""
-        from popo_megatron.convert.model_checkpoint import weights_sharded_state_dict, with_data
-
-        tensors = self.full_tensors()
-        layout = weights_sharded_state_dict(unwrap_model(self.model), "twin")
-        return {key: with_data(sh, tensors[key.removeprefix("twin.")]) for key, sh in layout.items()}
 
     # --- bookkeeping --------------------------------------------------------------------
     @property

@@ -14,6 +14,13 @@ from enum import Enum
 from typing import Optional
 
 
+def setting_value(setting: Enum | str) -> str:
+    """The text of an enum-typed setting, for a library that takes strings. OmegaConf gives the Enum member
+    (every enum here is a str Enum, so comparisons with strings and members work either way); a test or a
+    plain dict may give the string itself."""
+    return setting.value if isinstance(setting, Enum) else str(setting)
+
+
 class ParamsDtype(str, Enum):
     float32 = "float32"
     bfloat16 = "bfloat16"
@@ -123,10 +130,14 @@ class TwinDtype(str, Enum):
     bfloat16 = "bfloat16"
 
 
+# DAPO's clip-higher bound: POPO's IS clip and GRPO's upper clip use the same default.
+CLIP_HIGH = 0.28
+
+
 @dataclass
 class ISBoundConfig:
     mode: ISBoundMode = ISBoundMode.clip
-    eps_high: float = 0.28
+    eps_high: float = CLIP_HIGH
     truncate_c: float = 2.0
 
 
@@ -219,7 +230,7 @@ class GrpoConfig:
     The original GRPO is eps_high=0.2, kl_beta=0.04, advantage_std=sample (examples/tiny_cpu_grpo_vanilla.yaml)."""
 
     eps_low: float = 0.2
-    eps_high: float = 0.28  # DAPO's clip-higher, the same bound POPO's clip uses
+    eps_high: float = CLIP_HIGH  # DAPO's clip-higher, the same bound POPO's clip uses
     kl_beta: float = 0.0  # > 0: k3 KL to the frozen initial policy (a reference forward per step)
     advantage_std: AdvantageStd = AdvantageStd.population  # advantages (r - mean) / (std + eps)
 

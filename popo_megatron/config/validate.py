@@ -12,7 +12,7 @@ from popo_megatron.data.prompts import PLACEHOLDER
 from popo_megatron.data.synthetic import MAX_PROBLEMS, OPERATIONS, ArithmeticTask
 from popo_megatron.model.hf_config import HFModelArgs
 from popo_megatron.reward.extract import FALLBACKS
-from popo_megatron.trainer.rollouts import MAX_ROUNDS
+from popo_megatron.rollout.seeds import MAX_ROUNDS
 
 
 def validate_config(

@@ -16,25 +16,25 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from popo_megatron.convert.checkpoint_dir import (
+from popo_megatron.checkpoint.format import (
     HF_DIR,
     MEGATRON_DIR,
     WEIGHT_PREFIXES,
     CheckpointError,
     CheckpointInfo,
     atomic_directory,
+    checkpoint_directory,
     copy_hf_files,
     read_checkpoint,
-    write_info,
 )
 from popo_megatron.convert.dcp_stream import Chunk, StoredTensors, write_chunks
-from popo_megatron.convert.hf_checkpoint import HFCheckpoint, HFShardWriter
-from popo_megatron.convert.mapping import CheckpointParam, ShardContext, WeightMap
 from popo_megatron.logs import progress
 from popo_megatron.model.hf_config import HFModelArgs, read_hf_config
+from popo_megatron.platform import global_rank, world_size
+from popo_megatron.weights.hf_checkpoint import HFCheckpoint, HFShardWriter
+from popo_megatron.weights.mapping import CheckpointParam, ShardContext, WeightMap
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -48,7 +48,8 @@ def _torch_dtype(name: str | None) -> torch.dtype | None:
 
 
 def _check_layout(args: HFModelArgs, hf_dir: Path, tp: int, pp: int, divisible_by: int) -> None:
-    from popo_megatron.config import load_config, validate_config
+    from popo_megatron.config import load_config
+    from popo_megatron.config.validate import validate_config
 
     cfg = load_config(
         overrides=[
@@ -61,15 +62,9 @@ def _check_layout(args: HFModelArgs, hf_dir: Path, tp: int, pp: int, divisible_b
     validate_config(cfg, world_size=tp * pp, model=args)
 
 
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _split_among_ranks(chunks: list[Chunk]) -> list[Chunk]:
     """This rank's share: largest first to the least loaded rank (same answer on every rank)."""
-    rank, world = _rank_and_world()
+    rank, world = global_rank(), world_size()
     load = [0] * world
     mine = []
     for chunk in sorted(chunks, key=lambda c: (-c.nbytes, c.key, c.offsets)):
@@ -81,7 +76,7 @@ def _split_among_ranks(chunks: list[Chunk]) -> list[Chunk]:
 
 
 def _progress(total: int, desc: str, enabled: bool) -> tqdm:
-    rank, _ = _rank_and_world()
+    rank = global_rank()
     bytes_bar = dict(unit="B", unit_scale=True, unit_divisor=1024)
     return progress(total=total, desc=desc, disable=not enabled, rank=rank, **bytes_bar)
 
@@ -158,24 +153,16 @@ def hf_to_mcore(
         return full.to(cast) if cast is not None else full
 
     params = WeightMap(args).checkpoint_params()
-    with atomic_directory(out) as tmp:
+    dtype_name = str(cast or source.get(params[0].mapping.hf[0]).dtype).removeprefix("torch.")
+    info = CheckpointInfo.for_layout(args, tp, pp, make_vocab_size_divisible_by, dtype_name, "weights", ["model"])
+    with checkpoint_directory(out, hf_dir, info) as tmp:
         nbytes = _write_weights(tmp, {"model": params}, whole_param, args.num_layers, "hf-to-mcore", progress)
-        if _rank_and_world()[0] == 0:
-            copy_hf_files(hf_dir, tmp / HF_DIR)
-            dtype_name = str(cast or source.get(params[0].mapping.hf[0]).dtype).removeprefix("torch.")
-            info = CheckpointInfo.for_layout(
-                args, tp, pp, make_vocab_size_divisible_by, dtype_name, "weights", ["model"]
-            )
-            write_info(tmp, info)
     return dict(bytes=nbytes, seconds=time.perf_counter() - start)
 
 
 def _stored(ckpt: Path, info: CheckpointInfo, weight_sets: Sequence[str]) -> StoredTensors:
-    stored = StoredTensors(ckpt / MEGATRON_DIR)
-    for weight_set in weight_sets:
-        if weight_set not in info.weights:
-            raise CheckpointError(f"{ckpt}: has no {weight_set!r} weights (it holds: {', '.join(info.weights)})")
-    return stored
+    info.require(weight_sets, ckpt)
+    return StoredTensors(ckpt / MEGATRON_DIR)
 
 
 def _check_stored(stored: StoredTensors, key: str, ckpt: Path) -> None:
@@ -247,10 +234,8 @@ def mcore_reshard(ckpt: str | Path, out: str | Path, tp: int, pp: int, progress:
             full = stored.read(key, p.layer)
         return p.mapping.transform.to_checkpoint(p.mapping.transform.from_checkpoint(full, src), dst)
 
-    with atomic_directory(out) as tmp:
+    resharded = CheckpointInfo.for_layout(args, tp, pp, divisible_by, info.dtype, "weights", info.weights)
+    with checkpoint_directory(out, ckpt / HF_DIR, resharded) as tmp:
         weight_sets = {weight_set: params for weight_set in info.weights}
         nbytes = _write_weights(tmp, weight_sets, whole_param, args.num_layers, "mcore-reshard", progress)
-        if _rank_and_world()[0] == 0:
-            copy_hf_files(ckpt / HF_DIR, tmp / HF_DIR)
-            write_info(tmp, CheckpointInfo.for_layout(args, tp, pp, divisible_by, info.dtype, "weights", info.weights))
     return dict(bytes=nbytes, seconds=time.perf_counter() - start)

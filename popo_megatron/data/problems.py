@@ -9,9 +9,7 @@ loading with its file and line, or, with `on_malformed="skip"`, is counted and
 reported (never silently dropped).
 
 Bundled names: `math500` (evaluation), `math_train_slice` (a 500-problem
-slice of MATH train), `synthetic` (the arithmetic task, popo_megatron.data.synthetic)
-and `arithmetic_words:train` / `arithmetic_words:heldout` (generated word
-problems, popo_megatron.data.word_problems).
+slice of MATH train); data/datasets.py adds the generated sets.
 """
 
 from __future__ import annotations
@@ -174,17 +172,3 @@ def load_problems(source: str | Path, fields: Fields = Fields(), on_malformed: s
         skipped = f" (skipped: {dict(loaded.skipped)})" if loaded.skipped else ""
         raise DataError(f"{path}: no usable problems{skipped}", "empty")
     return loaded
-
-
-def load_dataset(data_cfg, name: str | None = None) -> ProblemSet:
-    """The problems of `name` (default: data.train): the synthetic task, a bundled set or a file."""
-    name = name or data_cfg.train
-    if name == "synthetic" or name.startswith("synthetic:"):
-        from popo_megatron.data.synthetic import ArithmeticTask
-
-        return ArithmeticTask.from_config(data_cfg.synthetic).problems(name.partition(":")[2] or "train")
-    if name.startswith("arithmetic_words:"):
-        from popo_megatron.data.word_problems import word_problems
-
-        return word_problems(name.partition(":")[2])
-    return load_problems(name, Fields.from_config(data_cfg), data_cfg.on_malformed)

@@ -20,6 +20,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from popo_megatron.config.schema import SyntheticConfig
 from popo_megatron.data.problems import DataError, Problem, ProblemSet, hash_split
 
 VOCAB = ["<pad>", "<eos>", *"0123456789", "+", "-", "*", "="]
@@ -30,26 +33,13 @@ HELDOUT_SHARE = 5  # one problem in five is held out
 MAX_PROBLEMS = 1_000_000  # the task is enumerated: the knobs may not ask for more
 
 
-@dataclass(frozen=True)
-class ArithmeticTask:
-    max_operand: int = 19  # operands are min_operand..max_operand
-    operands: int = 2
-    operations: str = "+"  # any of "+-*"
-    size: int = 0  # at most this many problems of a split (the first of its fixed shuffled order); 0: all
-    seed: int = 0  # that order
-    min_operand: int = 0
+@dataclass
+class ArithmeticTask(SyntheticConfig):
+    """The task of `data.synthetic` (its fields and defaults are the schema's): the problems it enumerates."""
 
     @classmethod
-    def from_config(cls, synthetic_cfg) -> "ArithmeticTask":
-        c = synthetic_cfg
-        return cls(
-            max_operand=c.max_operand,
-            operands=c.operands,
-            operations=c.operations,
-            size=c.size,
-            seed=c.seed,
-            min_operand=c.min_operand,
-        )
+    def from_config(cls, synthetic_cfg) -> ArithmeticTask:
+        return cls(**OmegaConf.to_container(synthetic_cfg))
 
     def count(self) -> int:
         """The number of distinct problems (both splits)."""
@@ -105,7 +95,7 @@ ARITHMETIC_QWEN2 = dict(
 
 def save_arithmetic_model(path: str | Path, seed: int = 0) -> Path:
     """A randomly initialised tiny Qwen2 with the task's tokenizer, as an HF model directory."""
-    from popo_megatron.model.tiny import save_random_hf_model
+    from popo_megatron.model.random_model import save_random_hf_model
 
     path = save_random_hf_model(path, "Qwen2Config", seed, **ARITHMETIC_QWEN2)
     arithmetic_tokenizer().save_pretrained(path)

@@ -11,15 +11,12 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from popo_megatron.config.schema import setting_value
 from popo_megatron.model.hf_config import HFModelArgs
 from popo_megatron.model.layout import megatron_query_groups, padded_vocab_size
 from popo_megatron.platform import resolve_layer_spec, transformer_config_device_kwargs
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _enum_value(value) -> str:
-    return value.value if hasattr(value, "value") else str(value)
 
 
 def make_transformer_config(args: HFModelArgs, model_cfg: DictConfig, parallel_cfg: DictConfig):
@@ -28,17 +25,17 @@ def make_transformer_config(args: HFModelArgs, model_cfg: DictConfig, parallel_c
 
     tp = parallel_cfg.tensor_model_parallel_size
     pp = parallel_cfg.pipeline_model_parallel_size
-    dtype = _DTYPES[_enum_value(model_cfg.params_dtype)]
+    dtype = _DTYPES[setting_value(model_cfg.params_dtype)]
     spec = resolve_layer_spec(model_cfg.spec)
     fp8 = model_cfg.fp8
     fp8_kwargs = {}
     if fp8.enabled:
         fp8_kwargs = dict(
-            fp8=_enum_value(fp8.format),
-            fp8_recipe=_enum_value(fp8.recipe),
+            fp8=setting_value(fp8.format),
+            fp8_recipe=setting_value(fp8.recipe),
             fp8_margin=fp8.margin,
             fp8_amax_history_len=fp8.amax_history_len,
-            fp8_amax_compute_algo=_enum_value(fp8.amax_compute_algo),
+            fp8_amax_compute_algo=setting_value(fp8.amax_compute_algo),
             fp8_param=fp8.fp8_weights,
         )
     return TransformerConfig(
@@ -84,7 +81,7 @@ def make_layer_spec(args: HFModelArgs, model_cfg: DictConfig):
 
 def build_gpt_model(args: HFModelArgs, cfg: DictConfig, parallel_output: bool = True):
     """Build this rank's GPTModel stage (uninitialised weights: load them with
-    popo_megatron.convert.load_hf_weights). Parallel state must be initialised."""
+    popo_megatron.weights.load_hf_weights). Parallel state must be initialised."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 

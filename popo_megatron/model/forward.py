@@ -21,7 +21,7 @@ def gather_vocab(logits: torch.Tensor) -> torch.Tensor:
     return tensor_parallel.gather_from_tensor_model_parallel_region(logits)
 
 
-def forward_backward(
+def forward_logits(
     model: torch.nn.Module,
     tokens: torch.Tensor,
     loss_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,

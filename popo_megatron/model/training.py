@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from omegaconf import DictConfig
 
+from popo_megatron.config.schema import setting_value
 from popo_megatron.model.hf_config import HFModelArgs
 from popo_megatron.model.kv_replication import make_finalize_grads_func
 from popo_megatron.model.layout import kv_replication_factor
@@ -74,7 +75,7 @@ def build_scheduler(optimizer, cfg: DictConfig, total_updates: int):
         min_lr=optim.min_lr,
         lr_warmup_steps=optim.lr_warmup_steps,
         lr_decay_steps=max(total_updates, optim.lr_warmup_steps + 1),
-        lr_decay_style=optim.lr_decay_style.value,
+        lr_decay_style=setting_value(optim.lr_decay_style),
         start_wd=optim.weight_decay,
         end_wd=optim.weight_decay,
         wd_incr_steps=max(total_updates, 1),

@@ -14,22 +14,27 @@ from popo_megatron.platform.device import (
 )
 from popo_megatron.platform.distributed import (
     RankInfo,
+    barrier,
     capture_rng_state,
+    global_rank,
     init_distributed,
     init_model_parallel,
     restore_rng_state,
     seed_everything,
     shutdown,
+    world_size,
 )
 
 __all__ = [
     "RankInfo",
     "apply_cpu_compat",
+    "barrier",
     "capture_rng_state",
     "collective_device",
     "cuda_available",
     "dist_backend",
     "engine_can_sleep",
+    "global_rank",
     "init_distributed",
     "init_model_parallel",
     "resolve_layer_spec",
@@ -39,4 +44,5 @@ __all__ = [
     "set_engine_threads",
     "transformer_config_device_kwargs",
     "vllm_engine_kwargs",
+    "world_size",
 ]

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from popo_megatron.config.schema import setting_value
+
 
 def cuda_available() -> bool:
     return torch.cuda.is_available()
@@ -30,7 +32,7 @@ def resolve_layer_spec(choice: str) -> str:
     the config's str Enum). Config validation rejects 'te' without CUDA."""
     if choice == "auto":
         return "te" if cuda_available() else "local"
-    return str(getattr(choice, "value", choice))
+    return setting_value(choice)
 
 
 def transformer_config_device_kwargs(layer_spec: str) -> dict[str, Any]:

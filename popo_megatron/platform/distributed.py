@@ -173,3 +173,19 @@ def shutdown() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def global_rank() -> int:
+    """This process's rank in the world (0 without torch.distributed)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of ranks (1 without torch.distributed)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    """Every rank waits for the others (nothing to wait for in a single process)."""
+    if world_size() > 1:
+        dist.barrier()

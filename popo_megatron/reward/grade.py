@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, Sequence
 
-from popo_megatron.algo.metrics import MetricAccumulator
+from popo_megatron.metrics import GRADE_REASONS, REWARD_MEAN, REWARD_REASONS, MetricAccumulator
 
-# Every grade carries exactly one reason.
-REASONS = ("correct", "mismatch", "no_answer", "parse_failure", "bad_gold", "timeout", "worker_crash")
+# Every grade carries exactly one reason (each is counted every step: popo_megatron.metrics).
+REASONS = GRADE_REASONS
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,6 @@ class Verifier(Protocol):
 
 def add_grade_metrics(grades: Sequence[Grade], metrics: MetricAccumulator) -> None:
     """The mean reward and how many grades had each reason (timeouts and crashes included), as step metrics."""
-    metrics.add_mean("reward/mean", sum(g.score for g in grades), len(grades))
-    for reason in REASONS:
-        metrics.add_total(f"reward/{reason}", sum(g.reason == reason for g in grades))
+    metrics.add_mean(REWARD_MEAN, sum(g.score for g in grades), len(grades))
+    for reason, metric in REWARD_REASONS.items():
+        metrics.add_total(metric, sum(g.reason == reason for g in grades))

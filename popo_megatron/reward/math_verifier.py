@@ -28,8 +28,8 @@ ANSWER_CHARS = 200
 
 @dataclass(frozen=True)
 class MathGradeSettings:
-    fallbacks: tuple[str, ...] = ()
-    timeout_s: float = 5.0  # math-verify's own limit on each parse and on the comparison
+    fallbacks: tuple[str, ...]  # reward.answer_fallbacks
+    timeout_s: float  # math-verify's own limit on each parse and on the comparison (reward.timeout_s)
 
 
 _INTEGER = re.compile(r"-?\d{1,100}")  # bounded: int() of a megabyte of digits is slow

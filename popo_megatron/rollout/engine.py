@@ -17,18 +17,19 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    n: int = 8  # responses per prompt (the group size G)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 1024  # the response length limit
-    top_k: int = 0  # 0: off
+    n: int  # responses per prompt (the group size G)
+    temperature: float
+    top_p: float
+    max_tokens: int  # the response length limit
+    top_k: int  # 0: off
 
     @classmethod
-    def from_config(cls, rollout_cfg) -> "SamplingSettings":
+    def from_config(cls, rollout_cfg) -> SamplingSettings:
+        """The rollout's sampling (`rollout.*`, whose defaults are the schema's)."""
         return cls(rollout_cfg.n, rollout_cfg.temperature, rollout_cfg.top_p, rollout_cfg.max_tokens, rollout_cfg.top_k)
 
-    def greedy(self, n: int = 1) -> "SamplingSettings":
-        return SamplingSettings(n=n, temperature=0.0, top_p=1.0, max_tokens=self.max_tokens)
+    def greedy(self, n: int = 1) -> SamplingSettings:
+        return SamplingSettings(n=n, temperature=0.0, top_p=1.0, max_tokens=self.max_tokens, top_k=0)
 
 
 @dataclass(frozen=True)

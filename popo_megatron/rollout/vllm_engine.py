@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from popo_megatron.config.schema import setting_value
 from popo_megatron.errors import UserError
 from popo_megatron.logs import progress as progress_bar
 from popo_megatron.platform import (
@@ -42,16 +43,9 @@ from popo_megatron.platform import (
     set_engine_threads,
     vllm_engine_kwargs,
 )
+from popo_megatron.platform.vllm_compat import keep_process_group_on_shutdown, shutdown_engine
 from popo_megatron.rollout.engine import Generation, Response, SamplingSettings
 from popo_megatron.rollout.vllm_weights import reload_vllm_weights
-
-
-def _keep_process_group_on_shutdown() -> None:
-    """vLLM's shutdown calls destroy_distributed_environment(), which destroys the default process group:
-    the trainer's. The trainer tears the world down itself."""
-    import vllm.distributed.parallel_state as vllm_parallel_state
-
-    vllm_parallel_state.destroy_distributed_environment = lambda: None
 
 
 class VLLMEngine:
@@ -68,7 +62,7 @@ class VLLMEngine:
         progress: bool = False,
     ) -> None:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        _keep_process_group_on_shutdown()
+        keep_process_group_on_shutdown()
         set_engine_threads(rollout_cfg.cpu_threads)
         distributed = dist.is_initialized()
         if distributed:  # external_launcher reads the rank from the environment (mp.spawn does not set it)
@@ -142,7 +136,7 @@ class VLLMEngine:
             self._asleep = False
 
     def shutdown(self) -> None:
-        self.llm.llm_engine.engine_core.shutdown()
+        shutdown_engine(self.llm)
 
 
 def stop_token_ids(model_dir: str | Path) -> list[int]:
@@ -164,11 +158,10 @@ def vllm_engine(cfg: DictConfig, model_dir: str | Path, progress: bool = False) 
     """The engine for the config's rollout settings over `model_dir` (collective: every rank calls it)."""
     from popo_megatron.model.hf_config import read_hf_config
 
-    dtype = cfg.model.params_dtype
     return VLLMEngine(
         model_dir,
         cfg.rollout,
-        dtype=str(getattr(dtype, "value", dtype)),
+        dtype=setting_value(cfg.model.params_dtype),
         stop_token_ids=stop_token_ids(model_dir),
         tie_word_embeddings=read_hf_config(model_dir).tie_word_embeddings,
         progress=progress,

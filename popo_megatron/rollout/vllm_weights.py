@@ -14,6 +14,8 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from popo_megatron.platform.vllm_compat import reload_weights
+
 EMBEDDING = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
 
@@ -30,7 +32,7 @@ def reload_vllm_weights(llm: Any, weights: Iterable[tuple[str, torch.Tensor]], t
     """Load `weights` (every tensor of the model, HF names) into the vLLM `LLM` and drop its stale caches."""
     if tie_word_embeddings:
         weights = with_tied_lm_head(weights)
-    llm.collective_rpc("reload_weights", kwargs=dict(weights_iterator=iter(weights), is_checkpoint_format=True))
+    reload_weights(llm, weights)
     # vLLM only logs a failed reset and goes on: its cached KV blocks, computed with the old weights, would
     # then be served to prompts sharing a prefix. It fails while requests hold blocks.
     if not llm.reset_prefix_cache():

@@ -39,7 +39,7 @@ def step_batch(groups: list[Group], cfg: DictConfig, pad_id: int) -> PolicyBatch
 def rank_rows(batch: PolicyBatch, cfg: DictConfig, dp: int, dp_rank: int) -> PolicyBatch:
     """This data-parallel rank's rows of the step: `train.mini_batches` equal consecutive slices, each
     holding an equal share of the rows (in order) and padded to a multiple of the micro-batch size."""
-    train = batch.positive if Algorithm(cfg.algorithm) == Algorithm.popo else torch.ones(batch.size, dtype=torch.bool)
+    train = batch.positive if cfg.algorithm == Algorithm.popo else torch.ones(batch.size, dtype=torch.bool)
     rows = train.nonzero().squeeze(-1)[dp_rank::dp]
     minis, micro = cfg.train.mini_batches, cfg.train.micro_batch_size
     most = math.ceil(math.ceil(int(train.sum()) / dp) / minis)  # rows of the busiest mini-batch of any rank

@@ -21,8 +21,8 @@ from popo_megatron.evaluate import EvalResult, evaluate, hf_model_dir
 def _config(checkpoint: Path, config: Path | None, overrides: list[str]):
     import tempfile
 
+    from popo_megatron.checkpoint.runs import TRAINER_STATE
     from popo_megatron.config import load_config
-    from popo_megatron.trainer.checkpoints import TRAINER_STATE
 
     stored = checkpoint / TRAINER_STATE
     overrides = [f"model.hf_path={checkpoint}", *overrides]
@@ -46,11 +46,11 @@ def evaluate_checkpoint(
     """Evaluate one checkpoint on each benchmark (one process, one engine); JSON per benchmark under `out`."""
     from transformers import AutoTokenizer
 
-    from popo_megatron.data.problems import load_dataset
+    from popo_megatron.checkpoint.runs import resolve_checkpoint
+    from popo_megatron.data.datasets import load_dataset
     from popo_megatron.reward.math_verifier import MathVerifier
     from popo_megatron.rollout.engine import SamplingSettings
     from popo_megatron.rollout.vllm_engine import vllm_engine
-    from popo_megatron.trainer.checkpoints import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(checkpoint)
     cfg = _config(checkpoint, config, list(overrides))

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 
 from omegaconf import DictConfig, OmegaConf
 
-from popo_megatron.data.problems import DataError, ProblemSet, load_dataset
+from popo_megatron.data.datasets import load_dataset
+from popo_megatron.data.problems import DataError, ProblemSet
 from popo_megatron.evaluate import pass_at_k
 from popo_megatron.trainer.rollouts import collect_groups
 

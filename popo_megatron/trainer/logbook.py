@@ -12,36 +12,20 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from popo_megatron.logs import get_logger, progress
+from popo_megatron.metrics import METRICS, STEP_VALUES, Reduce
 
 log = get_logger("trainer")
 
-# metrics.jsonl's names for the step metrics (popo_megatron.algo.step and reward.grade names on the right).
-JSONL_NAMES = {
-    "reward_mean": "reward/mean",
-    "positive_frac": "reward/positive_fraction",
-    "groups_without_positive": "reward/groups_without_positives",
-    "groups_all_positive": "reward/groups_all_positive",
-    "loss": "loss/total",
-    "pos_loss": "loss/policy",
-    "sim_penalty": "popo/similarity",
-    "clip_frac": "popo/clip_fraction",
-    "ratio_mean": "popo/ratio",
-    "ratio_max": "popo/ratio_max",
-    "entropy": "entropy",
-    "logprob_mismatch": "rollout/logprob_abs_diff",
-    "logprob_mismatch_max": "rollout/logprob_abs_diff_max",
-    "reward_timeouts": "reward/timeout",
-}
-GRPO_NAMES = {"clip_frac": "grpo/clip_fraction", "ratio_mean": "grpo/ratio", "ratio_max": "grpo/ratio_max"}
 
-
-def step_record(step: int, metrics: dict[str, float], extra: dict[str, float], grpo: bool) -> dict:
-    """The metrics.jsonl object of a step: the fixed names first, then everything measured."""
-    names = {**JSONL_NAMES, **(GRPO_NAMES if grpo else {})}
+def step_record(step: int, metrics: dict[str, float], values: dict[str, float], algorithm: str) -> dict:
+    """The metrics.jsonl object of a step: its columns (popo_megatron.metrics, NaN where not measured: the
+    other algorithm's, a loss without an update), the recipe's values of the step, then everything measured."""
     record = {"step": step}
-    for short, long in names.items():
-        record[short] = metrics.get(long, float("nan"))
-    record.update(extra)
+    for metric in METRICS.values():
+        if metric.jsonl is not None and metric.reduce != Reduce.none:
+            if algorithm in metric.algorithms or metric.jsonl not in record:
+                record[metric.jsonl] = metrics.get(metric.name, float("nan"))
+    record.update(values)
     record["all"] = metrics
     return record
 
@@ -83,10 +67,8 @@ class Logbook:
         step = record["step"]
         for name, value in record["all"].items():
             self.tensorboard.add_scalar(name, value, step)
-        extras = ("twin_momentum", "similarity_beta", "lr", "grad_norm", "tokens_per_s", "response_len_mean")
-        for name in (*extras, "time_step_s"):
-            if name in record:
-                self.tensorboard.add_scalar(f"train/{name}", record[name], step)
+        for column, metric in STEP_VALUES.items():
+            self.tensorboard.add_scalar(metric.name, record[column], step)
         log.info(log_line(record, self.total))
         self.bar.update(1)
 

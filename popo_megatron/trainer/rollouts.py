@@ -22,6 +22,7 @@ from popo_megatron.data.problems import Problem
 from popo_megatron.data.prompts import render_prompt
 from popo_megatron.reward.grade import Grade, Verifier
 from popo_megatron.rollout.engine import Response, RolloutEngine, SamplingSettings
+from popo_megatron.rollout.seeds import round_seed
 
 
 @dataclass
@@ -101,15 +102,10 @@ def collect_groups(
     return everything, times
 
 
-# Seeds of a dynamic-sampling round: round r of a step samples prompt j with step_seed + r * ROUND_SEED_STRIDE + j.
-ROUND_SEED_STRIDE = 100_003
-MAX_ROUNDS = 9  # rounds stay below the next step's seeds (loop.STEP_SEED_STRIDE)
-
-
 def has_signal(group: Group, algorithm: Algorithm | str) -> bool:
     """Whether a group can teach anything: POPO needs a positive, GRPO rewards that differ."""
     rewards = group.rewards
-    if Algorithm(algorithm) == Algorithm.popo:
+    if algorithm == Algorithm.popo:
         return any(r > 0 for r in rewards)
     return max(rewards) != min(rewards)
 
@@ -140,7 +136,7 @@ def collect_step(
     rounds = 0
     while True:
         problems = next_problems(want - len(kept))
-        new, t = collect_groups(engine, verifier, tokenizer, problems, cfg, step_seed + rounds * ROUND_SEED_STRIDE)
+        new, t = collect_groups(engine, verifier, tokenizer, problems, cfg, round_seed(step_seed, rounds))
         times = RolloutTimes(
             times.generate_s + t.generate_s, times.grade_s + t.grade_s, times.generated_tokens + t.generated_tokens
         )

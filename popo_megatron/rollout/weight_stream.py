@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from popo_megatron.convert.load_hf import layer_offset, shard_context, weight_map_for
 from popo_megatron.model.forward import unwrap_model
 from popo_megatron.model.hf_config import HFModelArgs
+from popo_megatron.weights.load_hf import layer_offset, shard_context, weight_map_for
 
 
 @dataclass(frozen=True)

@@ -24,14 +24,13 @@ import shutil
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
-import torch.distributed as dist
-
-from popo_megatron.convert.mapping import ShardContext
 from popo_megatron.errors import UserError
 from popo_megatron.model.hf_config import HFModelArgs, read_hf_config
 from popo_megatron.model.layout import megatron_query_groups, padded_vocab_size
+from popo_megatron.platform import barrier, global_rank
+from popo_megatron.weights.mapping import ShardContext
 
 INFO_FILE = "popo_checkpoint.json"
 HF_DIR = "hf"
@@ -75,18 +74,17 @@ class CheckpointInfo:
             weights=list(weights),
         )
 
+    def require(self, weight_sets: Iterable[str], ckpt_dir: Path) -> None:
+        """Raise CheckpointError unless the checkpoint holds every one of `weight_sets`."""
+        for weight_set in weight_sets:
+            if weight_set not in self.weights:
+                raise CheckpointError(
+                    f"{ckpt_dir}: has no {weight_set!r} weights (it holds: {', '.join(self.weights)})"
+                )
+
     def shard_context(self, args: HFModelArgs) -> ShardContext:
         """The context whose whole-parameter layout (`Transform.to_checkpoint`) the stored tensors have."""
         return ShardContext(args, 0, self.tensor_model_parallel_size, self.padded_vocab_size)
-
-
-def _is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def write_info(ckpt_dir: Path, info: CheckpointInfo) -> None:
@@ -141,18 +139,32 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
     if out.exists():
         raise CheckpointError(f"{out} already exists: remove it or choose another output directory")
     tmp = out.parent / f".{out.name}.incomplete"
-    if _is_rank0():
+    if global_rank() == 0:
         if tmp.exists():
             shutil.rmtree(tmp)  # left by an interrupted run
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     try:
         yield tmp
     except BaseException:
-        if _is_rank0():
+        if global_rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _barrier()
-    if _is_rank0():
+    barrier()
+    if global_rank() == 0:
         os.rename(tmp, out)
-    _barrier()
+    barrier()
+
+
+@contextmanager
+def checkpoint_directory(out: str | Path, hf_source: str | Path, info: CheckpointInfo) -> Iterator[Path]:
+    """A new popo checkpoint at `out`, written atomically (atomic_directory): yields the temporary directory
+    with its info file, the HF model's config and tokenizer files (from `hf_source`) and an empty
+    megatron/ in place, for the caller to fill. Collective under torch.distributed."""
+    with atomic_directory(out) as tmp:
+        if global_rank() == 0:
+            (tmp / MEGATRON_DIR).mkdir()
+            copy_hf_files(Path(hf_source), tmp / HF_DIR)
+            write_info(tmp, info)
+        barrier()
+        yield tmp

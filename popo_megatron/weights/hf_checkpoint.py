@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from popo_megatron.convert.mapping import MappingError, Sliceable
+from popo_megatron.weights.mapping import MappingError, Sliceable
 
 INDEX_FILE = "model.safetensors.index.json"
 _DTYPES = {

@@ -6,20 +6,22 @@ resumed run's config changes against the config the checkpoint was saved with.
 
 A resumed run continues the saved one: its weights, optimiser, twin, prompt sampler and schedules. Most
 settings may change on the way (a learning rate, a sampling temperature, more steps) and the change is
-reported; the keys in FIXED define what the saved state *is*, and changing them is refused. Writing
-checkpoints and loading them into a model is trainer/state.py's.
+reported; the keys in FIXED define what the saved state *is*, and changing them is refused. What a
+training checkpoint holds, and how it is written and read, is checkpoint/training.py's.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from popo_megatron.convert.checkpoint_dir import HF_DIR, CheckpointError
+from popo_megatron.checkpoint.format import HF_DIR, CheckpointError
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -74,6 +76,20 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     if not path.is_dir():
         raise CheckpointError(f"{marker} points to {path.name}, which does not exist")
     return path
+
+
+def point_latest(root: Path, name: str) -> None:
+    """Make `latest` name the checkpoint `name` (atomically: a crash leaves the old or the new name)."""
+    tmp = root / f".{LATEST}.tmp"
+    tmp.write_text(name + "\n")
+    os.replace(tmp, root / LATEST)
+
+
+def remove_old(root: Path, keep: int) -> None:
+    """Remove all but the newest `keep` checkpoints."""
+    steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+    for old in steps[: max(0, len(steps) - keep)]:
+        shutil.rmtree(old)
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -1,4 +1,4 @@
-"""Save and load a live (TP/PP-sharded) Megatron model's weights as a popo checkpoint.
+"""A live (TP/PP-sharded) Megatron model's weights in a popo checkpoint: what to save, what to load.
 
 Collective: every rank of the model-parallel world calls these together.
 Loading works at any TP/PP whose vocab padding and query-group count match
@@ -10,27 +10,21 @@ from __future__ import annotations
 
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig
 
-from popo_megatron.convert.checkpoint_dir import (
-    HF_DIR,
+from popo_megatron.algo.twin import TwinParams
+from popo_megatron.checkpoint.format import (
     MEGATRON_DIR,
     WEIGHT_PREFIXES,
     CheckpointError,
     CheckpointInfo,
-    atomic_directory,
-    copy_hf_files,
     read_checkpoint,
-    write_info,
 )
+from popo_megatron.config.schema import setting_value
+from popo_megatron.model.forward import unwrap_model
 from popo_megatron.model.hf_config import HFModelArgs
-
-if TYPE_CHECKING:
-    from popo_megatron.algo.twin import TwinParams
 
 
 def weights_sharded_state_dict(model: torch.nn.Module, weight_set: str = "model") -> dict:
@@ -52,43 +46,15 @@ def with_data(sharded, data: torch.Tensor):
 
 def layout_info(args: HFModelArgs, cfg: DictConfig, kind: str, weights: list[str]) -> CheckpointInfo:
     """The CheckpointInfo of a model built from `args` at `cfg`'s layout."""
-    dtype = cfg.model.params_dtype
     return CheckpointInfo.for_layout(
         args,
         tp=cfg.parallel.tensor_model_parallel_size,
         pp=cfg.parallel.pipeline_model_parallel_size,
         divisible_by=cfg.model.make_vocab_size_divisible_by,
-        dtype=getattr(dtype, "value", str(dtype)),
+        dtype=setting_value(cfg.model.params_dtype),
         kind=kind,
         weights=weights,
     )
-
-
-def save_model_weights(
-    model: torch.nn.Module,
-    out: str | Path,
-    args: HFModelArgs,
-    cfg: DictConfig,
-    hf_dir: str | Path,
-    twin: TwinParams | None = None,
-) -> None:
-    """Write the model's weights (and the twin's, if given) as a checkpoint at `out`
-    (config/tokenizer files taken from `hf_dir`)."""
-    from megatron.core import dist_checkpointing
-
-    sharded = weights_sharded_state_dict(model)
-    weights = ["model"]
-    if twin is not None:
-        sharded.update(twin.sharded_state_dict())
-        weights.append("twin")
-    with atomic_directory(out) as tmp:
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            (tmp / MEGATRON_DIR).mkdir()
-            copy_hf_files(Path(hf_dir), tmp / HF_DIR)
-            write_info(tmp, layout_info(args, cfg, kind="weights", weights=weights))
-        if dist.is_initialized():
-            dist.barrier()
-        dist_checkpointing.save(sharded, str(tmp / MEGATRON_DIR))
 
 
 def check_loadable(info: CheckpointInfo, ckpt_args: HFModelArgs, args: HFModelArgs, cfg: DictConfig, where: Path):
@@ -108,45 +74,41 @@ def check_loadable(info: CheckpointInfo, ckpt_args: HFModelArgs, args: HFModelAr
             )
 
 
-def read_weight_set(
-    model: torch.nn.Module,
-    ckpt: str | Path,
-    args: HFModelArgs,
-    cfg: DictConfig,
-    weight_set: str = "model",
-    dtype: torch.dtype | None = None,
-) -> dict[str, torch.Tensor]:
-    """A checkpoint's policy (or twin) weights as this rank's shards, keyed by the model's parameter names.
+def weights_request(model: torch.nn.Module, weight_set: str = "model", dtype: torch.dtype | None = None) -> dict:
+    """What to load for a weight set: the model's layout; without `dtype` it is read into the parameters
+    themselves, with it into new tensors of that dtype (the twin's, whatever the model's)."""
+    request = weights_sharded_state_dict(model, weight_set)
+    if dtype is not None:
+        request = {key: with_data(sh, torch.empty_like(sh.data, dtype=dtype)) for key, sh in request.items()}
+    return request
 
-    Without `dtype` they are read into the model's parameters themselves; with it, into new tensors of that dtype.
-    """
+
+def twin_sharded_state(twin: TwinParams) -> dict:
+    """The twin as ShardedTensors under `twin.`, keyed like the model's weights; stored in the twin's dtype.
+    Collective over data-parallel ranks when the twin is sliced."""
+    tensors = twin.full_tensors()
+    layout = weights_sharded_state_dict(unwrap_model(twin.model), "twin")
+    return {key: with_data(sh, tensors[key.removeprefix("twin.")]) for key, sh in layout.items()}
+
+
+def load_checkpoint_state(
+    ckpt: str | Path, request: dict, args: HFModelArgs, cfg: DictConfig, kind: str | None = None
+) -> tuple[dict, CheckpointInfo]:
+    """The one way a checkpoint is read into a live model (collective): check the directory, the model and
+    the layout, and that it holds the requested weight sets (top-level keys of `request` that name one),
+    then load `request` from megatron/."""
     from megatron.core import dist_checkpointing
 
     ckpt = Path(ckpt)
     info, ckpt_args = read_checkpoint(ckpt)
+    if kind is not None and info.kind != kind:
+        raise CheckpointError(f"{ckpt}: a {info.kind!r} checkpoint, not a {kind!r} one")
     check_loadable(info, ckpt_args, args, cfg, ckpt)
-    if weight_set not in info.weights:
-        raise CheckpointError(f"{ckpt}: has no {weight_set!r} weights (it holds: {', '.join(info.weights)})")
-    request = weights_sharded_state_dict(model, weight_set)
-    if dtype is not None:
-        request = {key: with_data(sh, torch.empty_like(sh.data, dtype=dtype)) for key, sh in request.items()}
-    loaded = dist_checkpointing.load(request, str(ckpt / MEGATRON_DIR))
+    info.require([weight_set for weight_set in WEIGHT_PREFIXES if weight_set in request], ckpt)
+    return dist_checkpointing.load(request, str(ckpt / MEGATRON_DIR)), info
+
+
+def unprefixed(loaded: dict, weight_set: str) -> dict[str, torch.Tensor]:
+    """A loaded weight set keyed by the model's parameter names."""
     prefix = WEIGHT_PREFIXES[weight_set]
     return {name.removeprefix(prefix): tensor for name, tensor in loaded.items()}
-
-
-@torch.no_grad()
-def load_model_weights(
-    model: torch.nn.Module, ckpt: str | Path, args: HFModelArgs, cfg: DictConfig, weight_set: str = "model"
-) -> None:
-    """Load a checkpoint's policy (or twin) weights into this rank's parameters."""
-    params = dict(model.named_parameters())
-    for name, tensor in read_weight_set(model, ckpt, args, cfg, weight_set).items():
-        params[name].copy_(tensor)  # a no-op where the loader filled the parameter in place
-
-
-def load_twin_weights(twin: TwinParams, ckpt: str | Path, args: HFModelArgs, cfg: DictConfig) -> None:
-    """Set the twin from a checkpoint's `twin` weights (saved at this or any other layout), in the twin's dtype."""
-    from popo_megatron.model.forward import unwrap_model
-
-    twin.load_full_tensors(read_weight_set(unwrap_model(twin.model), ckpt, args, cfg, "twin", dtype=twin.dtype))

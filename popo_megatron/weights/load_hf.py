@@ -11,10 +11,10 @@ from typing import Iterator, Mapping
 import torch
 from omegaconf import DictConfig
 
-from popo_megatron.convert.hf_checkpoint import HFCheckpoint
-from popo_megatron.convert.mapping import MappingError, ShardContext, Sliceable, WeightMap
 from popo_megatron.model.hf_config import HFModelArgs
 from popo_megatron.platform import resolve_layer_spec
+from popo_megatron.weights.hf_checkpoint import HFCheckpoint
+from popo_megatron.weights.mapping import MappingError, ShardContext, Sliceable, WeightMap
 
 
 def layer_offset(model: torch.nn.Module) -> int:

@@ -1,0 +1,136 @@
+"""A training checkpoint: everything a run needs to continue exactly, written and read collectively.
+
+A training checkpoint is a popo checkpoint directory (checkpoint/format.py) of kind "train":
+
+    OUTPUT_DIR/checkpoints/step_000010/
+      popo_checkpoint.json  layout, weight sets (model, twin)
+      hf/                   the model's config and tokenizer files
+      megatron/             distributed checkpoint: model., twin., optimizer (canonical per-parameter form,
+                            so it reloads at another TP / PP / DP), predictor.
+      trainer_state.json    step, prompt sampler, twin momentum, LR schedule, the run's config
+      predictor_optimizer.pt, rng/rank_N.pt
+    OUTPUT_DIR/checkpoints/latest   the name of the newest complete checkpoint
+
+A checkpoint is written under a temporary name and renamed when complete; `latest` is replaced
+(atomically) only after that, so a crash while writing leaves the previous checkpoint as `latest`. The
+oldest are removed beyond `train.keep_last`. Weights, exported by `popo convert mcore-to-hf`, work from
+any of them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from popo_megatron.algo.predictor import SimilarityPredictor
+from popo_megatron.algo.twin import TwinParams
+from popo_megatron.checkpoint.format import MEGATRON_DIR, checkpoint_directory
+from popo_megatron.checkpoint.runs import CHECKPOINTS, TRAINER_STATE, point_latest, read_trainer_state, remove_old
+from popo_megatron.checkpoint.weights import (
+    layout_info,
+    load_checkpoint_state,
+    twin_sharded_state,
+    unprefixed,
+    weights_request,
+    weights_sharded_state_dict,
+)
+from popo_megatron.model.hf_config import HFModelArgs
+from popo_megatron.platform import barrier, capture_rng_state, global_rank, restore_rng_state
+from popo_megatron.platform.optimizer_state import materialise_optimizer_state
+from popo_megatron.platform.signals import stop_signals_held
+
+# The distributed optimiser's state in canonical per-parameter form: a checkpoint reloads at any layout.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+RNG_DIR = "rng"
+PREDICTOR_OPTIMIZER = "predictor_optimizer.pt"
+
+
+@dataclass
+class Trained:
+    """What a training checkpoint holds the weights and optimiser state of."""
+
+    model: torch.nn.Module  # this rank's GPTModel stage (unwrapped)
+    optimizer: object  # megatron.core.optimizer.MegatronOptimizer
+    twin: TwinParams | None
+    predictor: SimilarityPredictor | None
+    predictor_optimizer: torch.optim.Optimizer | None
+
+
+def _sharded_state(trained: Trained, loading: bool) -> dict:
+    model = weights_sharded_state_dict(trained.model)
+    optimizer = trained.optimizer.sharded_state_dict(model, is_loading=loading, metadata=OPTIMIZER_METADATA)
+    state = {"model": model, "optimizer": optimizer}
+    if trained.twin is not None:
+        # loading: read the twin in its own dtype, whatever the model's
+        twin = trained.twin
+        state["twin"] = weights_request(trained.model, "twin", twin.dtype) if loading else twin_sharded_state(twin)
+    if trained.predictor is not None:
+        state["predictor"] = trained.predictor.sharded_state_dict()
+    return state
+
+
+def save_training_checkpoint(trained: Trained, trainer_state: dict, args: HFModelArgs, cfg: DictConfig) -> Path:
+    """Write OUTPUT_DIR/checkpoints/step_N (N = trainer_state["step"]) and point `latest` at it (collective)."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(cfg.train.output_dir) / CHECKPOINTS
+    name = f"step_{trainer_state['step']:06d}"
+    materialise_optimizer_state(trained.optimizer)
+    sharded = _sharded_state(trained, loading=False)
+    weights = ["model"] + (["twin"] if trained.twin is not None else [])
+    info = layout_info(args, cfg, kind="train", weights=weights)
+    # A stop signal during the save must not kill the processes the checkpoint writer starts.
+    with stop_signals_held(), checkpoint_directory(root / name, cfg.model.hf_path, info) as tmp:
+        if global_rank() == 0:
+            (tmp / RNG_DIR).mkdir()
+            (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1) + "\n")
+        barrier()
+        dist_checkpointing.save(sharded, str(tmp / MEGATRON_DIR))
+        torch.save(capture_rng_state(), tmp / RNG_DIR / f"rank_{global_rank()}.pt")
+        if trained.predictor is not None and trained.predictor.is_main_replica():
+            torch.save(trained.predictor_optimizer.state_dict(), tmp / PREDICTOR_OPTIMIZER)
+    if global_rank() == 0:
+        point_latest(root, name)
+        remove_old(root, cfg.train.keep_last)
+    barrier()
+    return root / name
+
+
+def load_training_checkpoint(ckpt: Path, trained: Trained, args: HFModelArgs, cfg: DictConfig) -> dict:
+    """Restore the weights, optimiser, twin, predictor and RNG of `ckpt`, saved at this or another layout
+    (collective); returns its trainer state (step, sampler, schedules) for the caller to restore."""
+    from popo_megatron.checkpoint.format import CheckpointError, read_checkpoint
+
+    info, _ = read_checkpoint(ckpt)
+    if (trained.twin is not None) != ("twin" in info.weights):
+        enabled = trained.twin is not None
+        raise CheckpointError(f"{ckpt}: {'has no' if enabled else 'has a'} twin, but popo.twin.enabled={enabled} here")
+    materialise_optimizer_state(trained.optimizer)
+    loaded, _ = load_checkpoint_state(ckpt, _sharded_state(trained, loading=True), args, cfg, kind="train")
+    params = dict(trained.model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in unprefixed(loaded["model"], "model").items():
+            params[name].copy_(tensor)
+    optimizer = trained.optimizer
+    configured = [(group.get("max_lr"), group.get("min_lr")) for group in optimizer.param_groups]
+    optimizer.load_state_dict(loaded["optimizer"])
+    # The loaded groups carry the saved run's max_lr / min_lr, which the LR schedule reads before its
+    # own: the config's win, as for the schedule itself (model/training.py, build_scheduler).
+    for group, (max_lr, min_lr) in zip(optimizer.param_groups, configured, strict=True):
+        if max_lr is not None:
+            group["max_lr"], group["min_lr"] = max_lr, min_lr
+    if trained.twin is not None:
+        trained.twin.load_full_tensors(unprefixed(loaded["twin"], "twin"))
+    if trained.predictor is not None:
+        with torch.no_grad():
+            for name, param in trained.predictor.named_parameters():
+                param.copy_(loaded["predictor"][f"predictor.{name}"])
+        trained.predictor_optimizer.load_state_dict(torch.load(ckpt / PREDICTOR_OPTIMIZER, weights_only=True))
+    rng = ckpt / RNG_DIR / f"rank_{global_rank()}.pt"
+    if rng.is_file():  # another layout may have more ranks than the one that saved
+        restore_rng_state(torch.load(rng, weights_only=True))
+    return read_trainer_state(ckpt)
