@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from popo_megatron.platform.torch_compat import narrow_tensor_by_index
+from popo_megatron.platform.torch_compat import narrow_tensor_by_index, saved_tensor_data
 
 # Megatron's format marker (megatron.core.dist_checkpointing.core.CheckpointingConfig).
 MEGATRON_FORMAT = {
@@ -176,7 +176,30 @@ class StoredTensors:
         sizes = shape if index is None else shape[1:]
         dest = torch.empty(sizes, dtype=self.dtype(key))
         block = dest if index is None else dest.unsqueeze(0)
+        if self._read_stored_chunk(key, offsets, block):
+            return dest
         planner = _ChunkLoadPlanner({key: (offsets, block)})
         with _single_process_is_intended():
             dcp.load({}, storage_reader=dcp.FileSystemReader(self.path), planner=planner, no_dist=True)
         return dest
+
+    def _read_stored_chunk(self, key: str, offsets: tuple[int, ...], block: torch.Tensor) -> bool:
+        """Read a block that is exactly one stored chunk straight from its file into `block`: what the
+        offline converters write (one chunk per layer) reads without DCP's planning, unpickling and copy.
+        False (nothing read) for any other block, e.g. one a training checkpoint stores in TP shards."""
+        md = self._tensors[key]
+        for index, chunk in enumerate(md.chunks):
+            if tuple(chunk.offsets) == tuple(offsets) and tuple(chunk.sizes) == tuple(block.shape):
+                info = self._metadata.storage_data[MetadataIndex(key, torch.Size(offsets), index)]
+                break
+        else:
+            return False
+        if getattr(info, "transform_descriptors", None):
+            return False
+        target = block.reshape(-1).view(torch.uint8).numpy()
+        with open(self.path / info.relative_path, "rb") as f:
+            start = saved_tensor_data(f, info.offset, info.length, target.nbytes)
+            if start is None:
+                return False
+            f.seek(start)
+            return f.readinto(target.data) == target.nbytes

@@ -33,7 +33,7 @@ from popo_megatron.convert.dcp_stream import Chunk, StoredTensors, write_chunks
 from popo_megatron.logs import progress
 from popo_megatron.model.hf_config import HFModelArgs, read_hf_config
 from popo_megatron.platform import global_rank, world_size
-from popo_megatron.weights.hf_checkpoint import HFCheckpoint, HFShardWriter
+from popo_megatron.weights.hf_checkpoint import HFCheckpoint, HFShardWriter, TensorSpec
 from popo_megatron.weights.mapping import CheckpointParam, ShardContext, WeightMap
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -81,41 +81,42 @@ def _progress(total: int, desc: str, enabled: bool) -> tqdm:
     return progress(total=total, desc=desc, disable=not enabled, rank=rank, **bytes_bar)
 
 
-def _planning() -> bool:
-    """True while _write_weights plans chunks on the meta device: produce shapes and dtypes, read nothing."""
-    return torch.get_default_device().type == "meta"
+def _load_meta_kernels() -> None:
+    """torch loads its meta-device kernels (Python) at the first meta operation, ~0.8 s: start-up, which the
+    plans on meta tensors need, done before a converter starts its clock (its `seconds` are the work's)."""
+    torch.cat([torch.empty(1, device="meta")] * 2)
 
 
 def _write_weights(
     tmp: Path,
     weight_sets: dict[str, Sequence[CheckpointParam]],
-    whole_param: Callable[[str, CheckpointParam], torch.Tensor],
+    whole_param: Callable[[str, CheckpointParam, bool], torch.Tensor],
     num_layers: int,
     desc: str,
     progress: bool,
 ) -> int:
-    """Plan every chunk from meta tensors (which validates the whole source), then write
-    this rank's chunks, each computed by `whole_param(weight_set, param)`. Returns bytes written."""
+    """Plan every chunk from meta tensors (which validates the whole source), then write this rank's
+    chunks, each computed by `whole_param(weight_set, param, planning)`: with `planning`, from meta tensors
+    of the sources' shapes and dtypes (nothing is read). Returns bytes written."""
     planned: dict[tuple[str, tuple[int, ...]], tuple[str, CheckpointParam]] = {}
     chunks = []
-    with torch.device("meta"):
-        for weight_set, params in weight_sets.items():
-            for p in params:
-                meta = whole_param(weight_set, p)
-                shape, dtype = tuple(meta.shape), meta.dtype
-                key = WEIGHT_PREFIXES[weight_set] + p.key
-                if p.layer is None:
-                    chunk = Chunk(key, shape, (0,) * len(shape), shape, dtype)
-                else:
-                    chunk = Chunk(key, (num_layers, *shape), (p.layer,) + (0,) * len(shape), (1, *shape), dtype)
-                planned[(key, chunk.offsets)] = (weight_set, p)
-                chunks.append(chunk)
+    for weight_set, params in weight_sets.items():
+        for p in params:
+            meta = whole_param(weight_set, p, True)
+            shape, dtype = tuple(meta.shape), meta.dtype
+            key = WEIGHT_PREFIXES[weight_set] + p.key
+            if p.layer is None:
+                chunk = Chunk(key, shape, (0,) * len(shape), shape, dtype)
+            else:
+                chunk = Chunk(key, (num_layers, *shape), (p.layer,) + (0,) * len(shape), (1, *shape), dtype)
+            planned[(key, chunk.offsets)] = (weight_set, p)
+            chunks.append(chunk)
     mine = _split_among_ranks(chunks)
     bar = _progress(sum(c.nbytes for c in mine), desc, progress)
 
     def produce(chunk: Chunk) -> torch.Tensor:
         weight_set, p = planned[(chunk.key, chunk.offsets)]
-        data = whole_param(weight_set, p)
+        data = whole_param(weight_set, p, False)
         bar.update(chunk.nbytes)
         return data if p.layer is None else data.unsqueeze(0)
 
@@ -137,6 +138,7 @@ def hf_to_mcore(
 
     Runs as one process or, under torch.distributed, with the work split among ranks.
     """
+    _load_meta_kernels()
     start = time.perf_counter()
     hf_dir = Path(hf_dir)
     args = read_hf_config(hf_dir)
@@ -145,10 +147,10 @@ def hf_to_mcore(
     cast = _torch_dtype(dtype)
     ctx = ShardContext.create(args, 0, tp, make_vocab_size_divisible_by)
 
-    def whole_param(_: str, p: CheckpointParam) -> torch.Tensor:
+    def whole_param(_: str, p: CheckpointParam, planning: bool) -> torch.Tensor:
         sources = [source.get(name) for name in p.mapping.hf]
-        if _planning():
-            sources = [torch.empty(s.shape, dtype=s.dtype) for s in sources]
+        if planning:
+            sources = [torch.empty(s.shape, dtype=s.dtype, device="meta") for s in sources]
         full = p.mapping.transform.to_checkpoint(sources, ctx)
         return full.to(cast) if cast is not None else full
 
@@ -165,6 +167,11 @@ def _stored(ckpt: Path, info: CheckpointInfo, weight_sets: Sequence[str]) -> Sto
     return StoredTensors(ckpt / MEGATRON_DIR)
 
 
+def _stored_meta(stored: StoredTensors, key: str, p: CheckpointParam) -> torch.Tensor:
+    """A meta tensor of what `stored.read(key, p.layer)` would return."""
+    return torch.empty(stored.shape(key)[0 if p.layer is None else 1 :], dtype=stored.dtype(key), device="meta")
+
+
 def _check_stored(stored: StoredTensors, key: str, ckpt: Path) -> None:
     if key not in stored:
         raise CheckpointError(f"{ckpt}: tensor {key!r} is missing from the Megatron checkpoint")
@@ -179,6 +186,7 @@ def mcore_to_hf(
     progress: bool = True,
 ) -> dict:
     """Export a checkpoint's policy (`weights="model"`) or twin weights as an HF safetensors model."""
+    _load_meta_kernels()
     start = time.perf_counter()
     ckpt = Path(ckpt)
     info, args = read_checkpoint(ckpt)
@@ -190,9 +198,14 @@ def mcore_to_hf(
     for p in params:
         _check_stored(stored, prefix + p.key, ckpt)
     keys = {prefix + p.key for p in params}
+    specs = []
+    for p in params:  # every output tensor's name, dtype and shape, from the stored metadata alone
+        full = _stored_meta(stored, prefix + p.key, p)
+        for name, tensor in zip(p.mapping.hf, p.mapping.transform.from_checkpoint(full, ctx), strict=True):
+            specs.append(TensorSpec(name, cast or tensor.dtype, tuple(tensor.shape)))
     bar = _progress(sum(stored.nbytes(key) for key in keys), "mcore-to-hf", progress)
     with atomic_directory(out) as tmp:
-        writer = HFShardWriter(tmp, max_shard_bytes)
+        writer = HFShardWriter(tmp, specs, max_shard_bytes)
         for p in params:
             full = stored.read(prefix + p.key, p.layer)
             bar.update(full.numel() * full.element_size())
@@ -212,6 +225,7 @@ def mcore_reshard(ckpt: str | Path, out: str | Path, tp: int, pp: int, progress:
     this handles those cases too. Training checkpoints keep only their weights
     (optimizer state reshards when the trainer resumes).
     """
+    _load_meta_kernels()
     start = time.perf_counter()
     ckpt = Path(ckpt)
     info, args = read_checkpoint(ckpt)
@@ -225,13 +239,9 @@ def mcore_reshard(ckpt: str | Path, out: str | Path, tp: int, pp: int, progress:
         for p in params:
             _check_stored(stored, WEIGHT_PREFIXES[weight_set] + p.key, ckpt)
 
-    def whole_param(weight_set: str, p: CheckpointParam) -> torch.Tensor:
+    def whole_param(weight_set: str, p: CheckpointParam, planning: bool) -> torch.Tensor:
         key = WEIGHT_PREFIXES[weight_set] + p.key
-        if _planning():
-            shape = stored.shape(key)[0 if p.layer is None else 1 :]
-            full = torch.empty(shape, dtype=stored.dtype(key))
-        else:
-            full = stored.read(key, p.layer)
+        full = _stored_meta(stored, key, p) if planning else stored.read(key, p.layer)
         return p.mapping.transform.to_checkpoint(p.mapping.transform.from_checkpoint(full, src), dst)
 
     resharded = CheckpointInfo.for_layout(args, tp, pp, divisible_by, info.dtype, "weights", info.weights)

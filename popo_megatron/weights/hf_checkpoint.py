@@ -2,17 +2,18 @@
 
 Only the bytes of the slices asked for are read (safetensors memory-maps the
 files), so a rank that owns 1/TP of a layer reads about 1/TP of it. The writer
-holds at most one shard in memory.
+streams: headers first, then each tensor's bytes as it comes.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from popo_megatron.weights.mapping import MappingError, Sliceable
 
@@ -28,6 +29,7 @@ _DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+_SAFETENSORS_DTYPES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 class _SafetensorsSlice:
@@ -77,42 +79,88 @@ class HFCheckpoint:
         return _SafetensorsSlice(safe_open(str(self._file_of[name]), framework="pt"), name)
 
 
-class HFShardWriter:
-    """Write named tensors into `model-XXXXX-of-YYYYY.safetensors` shards of at most
-    `max_shard_bytes` (one `model.safetensors` when they fit), plus the index."""
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to write: its name, dtype and shape, known before its data."""
 
-    def __init__(self, out_dir: Path, max_shard_bytes: int) -> None:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return torch.Size(self.shape).numel() * self.dtype.itemsize
+
+
+class HFShardWriter:
+    """Write tensors into `model-XXXXX-of-YYYYY.safetensors` shards of at most `max_shard_bytes` (one
+    `model.safetensors` when they fit), plus the index, streaming.
+
+    Every tensor's name, dtype and shape are declared up front (`specs`, in the order they will be written),
+    so each shard's safetensors header is written before its data, and each tensor's bytes go to the file
+    as it is produced: memory holds the tensor being written, never a shard.
+    """
+
+    def __init__(self, out_dir: Path, specs: Sequence[TensorSpec], max_shard_bytes: int) -> None:
         self.out_dir = Path(out_dir)
-        self.max_shard_bytes = max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[list[str]] = []
-        self.total_bytes = 0
+        self._shards: list[list[TensorSpec]] = [[]]
+        size = 0
+        for spec in specs:
+            if self._shards[-1] and size + spec.nbytes > max_shard_bytes:
+                self._shards.append([])
+                size = 0
+            self._shards[-1].append(spec)
+            size += spec.nbytes
+        self._queue = [(i, spec) for i, shard in enumerate(self._shards) for spec in shard]
+        self._next = 0
+        self._file = None
+        self.total_bytes = sum(spec.nbytes for spec in specs)
+
+    def _file_name(self, shard: int) -> str:
+        if len(self._shards) == 1:
+            return "model.safetensors"
+        return f"model-{shard + 1:05d}-of-{len(self._shards):05d}.safetensors"
+
+    def _open(self, shard: int) -> None:
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for spec in self._shards[shard]:
+            header[spec.name] = {
+                "dtype": _SAFETENSORS_DTYPES[spec.dtype],
+                "shape": list(spec.shape),
+                "data_offsets": [offset, offset + spec.nbytes],
+            }
+            offset += spec.nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        self._file = open(self.out_dir / self._file_name(shard), "wb")
+        self._file.write(len(encoded).to_bytes(8, "little"))
+        self._file.write(encoded)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        # A private contiguous copy: safetensors refuses tensors that share storage.
-        self._pending[name] = tensor.detach().clone(memory_format=torch.contiguous_format)
-        self._pending_bytes += nbytes
-        self.total_bytes += nbytes
-
-    def _flush(self) -> None:
-        save_file(self._pending, str(self.out_dir / f"shard-{len(self._shards)}.tmp"), metadata={"format": "pt"})
-        self._shards.append(list(self._pending))
-        self._pending, self._pending_bytes = {}, 0
+        """Write the next declared tensor."""
+        if self._next >= len(self._queue):
+            raise ValueError(f"{name}: more tensors than declared")
+        shard, spec = self._queue[self._next]
+        if (name, tensor.dtype, tuple(tensor.shape)) != (spec.name, spec.dtype, spec.shape):
+            raise ValueError(
+                f"{name} {tensor.dtype} {tuple(tensor.shape)} written where {spec.name} {spec.dtype} {spec.shape} "
+                "was declared"
+            )
+        if self._file is None:
+            self._open(shard)
+        self._file.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self._next += 1
+        if self._next == len(self._queue) or self._queue[self._next][0] != shard:
+            self._file.close()
+            self._file = None
 
     def finish(self) -> None:
-        if self._pending or not self._shards:
-            self._flush()
+        """Check every declared tensor was written and write the index (several shards)."""
+        if self._next != len(self._queue):
+            raise ValueError(f"{len(self._queue) - self._next} declared tensor(s) were not written")
         if len(self._shards) == 1:
-            (self.out_dir / "shard-0.tmp").rename(self.out_dir / "model.safetensors")
             return
-        weight_map = {}
-        for i, names in enumerate(self._shards):
-            fname = f"model-{i + 1:05d}-of-{len(self._shards):05d}.safetensors"
-            (self.out_dir / f"shard-{i}.tmp").rename(self.out_dir / fname)
-            weight_map.update({name: fname for name in names})
+        weight_map = {spec.name: self._file_name(i) for i, shard in enumerate(self._shards) for spec in shard}
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

@@ -114,6 +114,13 @@ class RowSplit(Transform):
     def to_hf(self, shards: Sequence[torch.Tensor], ctx: ShardContext) -> list[torch.Tensor]:
         return [torch.cat(list(shards), dim=1)]
 
+    # The TP slices side by side are the HF tensor itself: no slicing and joining for the whole parameter.
+    def to_checkpoint(self, hf: Sequence[Sliceable], ctx: ShardContext) -> torch.Tensor:
+        return hf[0][:]
+
+    def from_checkpoint(self, full: torch.Tensor, ctx: ShardContext) -> list[torch.Tensor]:
+        return [full]
+
 
 class VocabSplit(Transform):
     """Vocab-parallel rows, padded with zeros from vocab_size to the padded vocab."""
@@ -131,6 +138,13 @@ class VocabSplit(Transform):
     def to_hf(self, shards: Sequence[torch.Tensor], ctx: ShardContext) -> list[torch.Tensor]:
         return [torch.cat(list(shards))[: ctx.args.vocab_size]]
 
+    # The whole parameter is every row, padded once: one read instead of one per TP rank.
+    def to_checkpoint(self, hf: Sequence[Sliceable], ctx: ShardContext) -> torch.Tensor:
+        return self.read_shard(hf, replace(ctx, tp_rank=0, tp_size=1))
+
+    def from_checkpoint(self, full: torch.Tensor, ctx: ShardContext) -> list[torch.Tensor]:
+        return [full[: ctx.args.vocab_size]]
+
 
 class QKV(Transform):
     """q, k, v (weights [heads*head_dim, hidden] or biases [heads*head_dim]) <-> linear_qkv.
@@ -145,6 +159,14 @@ class QKV(Transform):
     split_axis = 0
 
     def read_shard(self, hf: Sequence[Sliceable], ctx: ShardContext) -> torch.Tensor:
+        return self._read_groups(hf, ctx, ctx.span(megatron_query_groups(ctx.args.num_kv_heads, ctx.tp_size)))
+
+    def to_checkpoint(self, hf: Sequence[Sliceable], ctx: ShardContext) -> torch.Tensor:
+        # Every rank's groups in order: one read of all of them.
+        return self._read_groups(hf, ctx, slice(0, megatron_query_groups(ctx.args.num_kv_heads, ctx.tp_size)))
+
+    def _read_groups(self, hf: Sequence[Sliceable], ctx: ShardContext, local: slice) -> torch.Tensor:
+        """Megatron's rows of the query groups `local` (with their KV heads replicated as TP needs)."""
         a = ctx.args
         q, k, v = hf
         d = a.head_dim
@@ -154,8 +176,7 @@ class QKV(Transform):
         groups = megatron_query_groups(a.num_kv_heads, ctx.tp_size)
         rep = kv_replication_factor(a.num_kv_heads, ctx.tp_size)
         heads_per_group = a.num_attention_heads // groups
-        local = ctx.span(groups)
-        q_local = q[ctx.span(a.num_attention_heads * d)]
+        q_local = q[slice(local.start * heads_per_group * d, local.stop * heads_per_group * d)]
         trailing = q_local.shape[1:]
         q_local = q_local.reshape(local.stop - local.start, heads_per_group * d, *trailing)
         kv_first, kv_last = local.start // rep, (local.stop - 1) // rep
@@ -166,12 +187,18 @@ class QKV(Transform):
         return torch.cat([q_local, k_local, v_local], dim=1).reshape(-1, *trailing)
 
     def to_hf(self, shards: Sequence[torch.Tensor], ctx: ShardContext) -> list[torch.Tensor]:
+        return self._split(torch.cat(list(shards)), ctx)
+
+    def from_checkpoint(self, full: torch.Tensor, ctx: ShardContext) -> list[torch.Tensor]:
+        return self._split(full, ctx)  # the stored form is the TP shards joined: no need to cut and rejoin
+
+    def _split(self, full: torch.Tensor, ctx: ShardContext) -> list[torch.Tensor]:
+        """q, k and v of Megatron's rows of every query group."""
         a = ctx.args
         d = a.head_dim
         groups = megatron_query_groups(a.num_kv_heads, ctx.tp_size)
         rep = kv_replication_factor(a.num_kv_heads, ctx.tp_size)
         heads_per_group = a.num_attention_heads // groups
-        full = torch.cat(list(shards))
         trailing = full.shape[1:]
         grouped = full.reshape(groups, (heads_per_group + 2) * d, *trailing)
         q, k, v = grouped.split([heads_per_group * d, d, d], dim=1)
