@@ -165,11 +165,23 @@ def _convert_worker(hf: str, out: str) -> None:
     hf_to_mcore(hf, out, tp=2, pp=2, progress=False)
 
 
+def _export_worker(ckpt: str, out: str) -> None:
+    mcore_to_hf(ckpt, out, max_shard_bytes=200_000, progress=False)
+
+
 def test_conversion_split_among_ranks_equals_single_process(tiny_models, tmp_path):
-    """`torchrun ... hf-to-mcore`: two ranks write disjoint chunks of one checkpoint."""
+    """`torchrun ... hf-to-mcore` and `... mcore-to-hf`: two ranks write disjoint chunks of one checkpoint,
+    then disjoint shards of one export, which equals a single process's file for file."""
     hf = tiny_models["qwen2.5_gqa1"]
     run_local(_convert_worker, 2, str(hf), str(tmp_path / "two_ranks"))
     files = {p.name.split("_")[2] for p in (tmp_path / "two_ranks" / "megatron").glob("__*.distcp")}
     assert files == {"0", "1"}, "both ranks wrote chunks"
-    mcore_to_hf(tmp_path / "two_ranks", tmp_path / "hf", progress=False)
+    mcore_to_hf(tmp_path / "two_ranks", tmp_path / "hf", max_shard_bytes=200_000, progress=False)
     assert_bit_exact(hf_tensors(tmp_path / "hf"), hf_tensors(hf), "conversion on two ranks")
+    run_local(_export_worker, 2, str(tmp_path / "two_ranks"), str(tmp_path / "hf_two_ranks"))
+    single = sorted(p.name for p in (tmp_path / "hf").iterdir())
+    assert len([n for n in single if n.endswith(".safetensors")]) >= 3, "the export has several shards to share"
+    assert sorted(p.name for p in (tmp_path / "hf_two_ranks").iterdir()) == single
+    for name in single:
+        same = (tmp_path / "hf" / name).read_bytes() == (tmp_path / "hf_two_ranks" / name).read_bytes()
+        assert same, f"{name} differs between one and two exporting ranks"

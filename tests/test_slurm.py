@@ -248,7 +248,7 @@ def test_convert_sbatch_round_trips_a_model_through_megatron(slurm, job_model, t
     from safetensors.torch import load_file
 
     mcore, export = tmp_path / "mcore", tmp_path / "export"
-    # hf-to-mcore runs under torchrun (NPROC_PER_NODE processes); mcore-to-hf as one process.
+    # Both run under torchrun (NPROC_PER_NODE=2 processes), each sharing its work between them.
     _run_job(slurm, tmp_path, "convert.sbatch", "hf-to-mcore", "--hf", str(job_model), "--out", str(mcore))
     _run_job(slurm, tmp_path, "convert.sbatch", "mcore-to-hf", "--ckpt", str(mcore), "--out", str(export))
     original = load_file(job_model / "model.safetensors")

@@ -203,16 +203,21 @@ def mcore_to_hf(
         full = _stored_meta(stored, prefix + p.key, p)
         for name, tensor in zip(p.mapping.hf, p.mapping.transform.from_checkpoint(full, ctx), strict=True):
             specs.append(TensorSpec(name, cast or tensor.dtype, tuple(tensor.shape)))
-    bar = _progress(sum(stored.nbytes(key) for key in keys), "mcore-to-hf", progress)
+    bar = _progress(sum(stored.nbytes(key) for key in keys) // world_size(), "mcore-to-hf", progress)
     with atomic_directory(out) as tmp:
-        writer = HFShardWriter(tmp, specs, max_shard_bytes)
+        # Under torchrun the ranks share the shards: each reads the parameters its tensors come from.
+        writer = HFShardWriter(tmp, specs, max_shard_bytes, global_rank(), world_size())
         for p in params:
+            if not any(writer.owns(name) for name in p.mapping.hf):
+                continue
             full = stored.read(prefix + p.key, p.layer)
             bar.update(full.numel() * full.element_size())
             for name, tensor in zip(p.mapping.hf, p.mapping.transform.from_checkpoint(full, ctx), strict=True):
-                writer.add(name, tensor.to(cast) if cast is not None else tensor)
+                if writer.owns(name):
+                    writer.add(name, tensor.to(cast) if cast is not None else tensor)
         writer.finish()
-        copy_hf_files(ckpt / HF_DIR, tmp)
+        if global_rank() == 0:
+            copy_hf_files(ckpt / HF_DIR, tmp)
     bar.close()
     return dict(bytes=writer.total_bytes, seconds=time.perf_counter() - start)
 

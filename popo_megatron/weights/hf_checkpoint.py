@@ -98,10 +98,14 @@ class HFShardWriter:
 
     Every tensor's name, dtype and shape are declared up front (`specs`, in the order they will be written),
     so each shard's safetensors header is written before its data, and each tensor's bytes go to the file
-    as it is produced: memory holds the tensor being written, never a shard.
+    as it is produced: memory holds the tensor being written, never a shard. Several processes share the
+    work by shard: process `rank` of `world` writes shards rank, rank + world, ... (`owns` says which tensors
+    are its own) and rank 0 the index.
     """
 
-    def __init__(self, out_dir: Path, specs: Sequence[TensorSpec], max_shard_bytes: int) -> None:
+    def __init__(
+        self, out_dir: Path, specs: Sequence[TensorSpec], max_shard_bytes: int, rank: int = 0, world: int = 1
+    ) -> None:
         self.out_dir = Path(out_dir)
         self._shards: list[list[TensorSpec]] = [[]]
         size = 0
@@ -111,7 +115,10 @@ class HFShardWriter:
                 size = 0
             self._shards[-1].append(spec)
             size += spec.nbytes
-        self._queue = [(i, spec) for i, shard in enumerate(self._shards) for spec in shard]
+        mine = range(rank, len(self._shards), world)
+        self._queue = [(i, spec) for i in mine for spec in self._shards[i]]
+        self._owned = {spec.name for _, spec in self._queue}
+        self._rank = rank
         self._next = 0
         self._file = None
         self.total_bytes = sum(spec.nbytes for spec in specs)
@@ -137,8 +144,12 @@ class HFShardWriter:
         self._file.write(len(encoded).to_bytes(8, "little"))
         self._file.write(encoded)
 
+    def owns(self, name: str) -> bool:
+        """Whether this process writes tensor `name`."""
+        return name in self._owned
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Write the next declared tensor."""
+        """Write the next of this process's declared tensors."""
         if self._next >= len(self._queue):
             raise ValueError(f"{name}: more tensors than declared")
         shard, spec = self._queue[self._next]
@@ -156,10 +167,10 @@ class HFShardWriter:
             self._file = None
 
     def finish(self) -> None:
-        """Check every declared tensor was written and write the index (several shards)."""
+        """Check every tensor of this process was written; rank 0 writes the index (several shards)."""
         if self._next != len(self._queue):
             raise ValueError(f"{len(self._queue) - self._next} declared tensor(s) were not written")
-        if len(self._shards) == 1:
+        if len(self._shards) == 1 or self._rank != 0:
             return
         weight_map = {spec.name: self._file_name(i) for i, shard in enumerate(self._shards) for spec in shard}
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
