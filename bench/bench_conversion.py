@@ -1,19 +1,29 @@
-"""Benchmark: checkpoint conversion and the weight stream, against their physical floors.
+"""Benchmark: checkpoint conversion and the weight stream, each against its floor measured in the same run.
 
-1. `hf-to-mcore` and `mcore-to-hf` of a synthetic >= 2 GB checkpoint (each in
-   its own process, timed by the converter, peak RSS from VmHWM), side by side
-   with copying the same files in the same run (warm page cache for all).
-2. The weight stream at TP=2 (GB/s of full HF tensors produced on each rank)
-   per bucket size, side by side with a plain memcpy of the same bytes.
+1. Conversion: `hf-to-mcore --tp 2` and `mcore-to-hf` of a synthetic >= 2 GB fp32 checkpoint, on one
+   process and on two (torchrun: the ranks share the work). The floor is a warm copy of the conversion's
+   own source (`shutil.copytree`: read once before, so the page cache is warm for both) into the same file
+   system, flushed to it (`os.sync()`), as the converters flush what they write (fsync before the output
+   is renamed into place). Every measurement starts after `os.sync()`, so none pays for the previous one's
+   writeback; floor and conversion alternate `--repeats` times; the table shows medians and the floor's
+   own GB/s.
+   The conversion's time is its own (`seconds`: the work); the process start-up (imports, torch's meta
+   kernels) is the rest of the wall time, shown apart. Peak RSS is the largest rank's (VmHWM), against the
+   bound 600 MiB + 10% of the checkpoint.
+2. The weight stream at TP=2 (GB/s of full HF tensors produced on each rank) per bucket size, against the
+   raw transport of the same bytes (gloo all-gathers of flat buffers of the bucket size over the TP group,
+   timed in the same process) and a memcpy of the same bytes.
 
-    python bench/bench_conversion.py [--size-gb 2.1] [--out bench/results]
+    python bench/bench_conversion.py [--size-gb 2.1] [--dir /dev/shm] [--repeats 3] [--out bench/results]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,36 +33,110 @@ from pathlib import Path
 import torch
 from synthetic_checkpoint import save_synthetic_hf_checkpoint
 
-BUCKETS_MB = (16, 64, 256, 1024)
+BUCKETS_MB = (16, 64, 256)
 
 _CONVERT = """
-import json, sys
+import json, sys, time
 from popo_megatron.convert import offline
+from popo_megatron.platform import global_rank, init_distributed
 from popo_megatron.platform.memory import peak_rss_mib
-stats = getattr(offline, sys.argv[1])(*sys.argv[2:4], progress=False, **json.loads(sys.argv[4]))
-print("RESULT", json.dumps(dict(stats, peak_rss_mib=peak_rss_mib())))
+if len(sys.argv) > 5:
+    init_distributed()
+stats = getattr(offline, sys.argv[1])(sys.argv[2], sys.argv[3], progress=False, **json.loads(sys.argv[4]))
+print("RESULT", global_rank(), json.dumps(dict(stats, peak_rss_mib=peak_rss_mib())), flush=True)
 """
 
 
-def _convert(function: str, src: Path, out: Path, **kwargs) -> dict:
-    result = subprocess.run(
-        [sys.executable, "-c", _CONVERT, function, str(src), str(out), json.dumps(kwargs)],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return json.loads(result.stdout.split("RESULT", 1)[1])
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _copy_seconds(src: Path, dst: Path) -> float:
-    """The floor: copy every file of `src` (recursively) once."""
+def _warm(path: Path) -> None:
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                while fh.read(64 << 20):
+                    pass
+
+
+def _copy_s(src: Path, dst: Path) -> float:
+    """The floor: copy every file of `src` once and flush it to the file system (after the previous step's
+    writes reached it)."""
+    os.sync()
     start = time.perf_counter()
     shutil.copytree(src, dst)
-    return time.perf_counter() - start
+    os.sync()
+    seconds = time.perf_counter() - start
+    shutil.rmtree(dst)
+    return seconds
+
+
+def _convert(script: Path, function: str, src: Path, out: Path, nproc: int, **kwargs) -> dict:
+    """One conversion in fresh processes: its own seconds, the process wall time, the largest peak RSS."""
+    shutil.rmtree(out, ignore_errors=True)
+    args = [function, str(src), str(out), json.dumps(kwargs)]
+    if nproc > 1:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+        command += [str(script), *args, "distributed"]
+    else:
+        command = [sys.executable, str(script), *args]
+    os.sync()
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    wall = time.perf_counter() - start
+    ranks = [json.loads(line.split(" ", 2)[2]) for line in result.stdout.splitlines() if line.startswith("RESULT")]
+    assert len(ranks) == nproc, result.stdout + result.stderr
+    return dict(
+        seconds=max(r["seconds"] for r in ranks),
+        wall_s=wall,
+        bytes=ranks[0]["bytes"],
+        peak_rss_mib=max(r["peak_rss_mib"] for r in ranks),
+    )
+
+
+def measure_conversions(work: Path, total: int, repeats: int) -> list[dict]:
+    script = work / "convert.py"
+    script.write_text(_CONVERT)
+    hf, mcore = work / "hf", work / "mcore"
+    _convert(script, "hf_to_mcore", hf, mcore, 1, tp=2)  # the source of mcore-to-hf
+    _warm(hf)
+    _warm(mcore)
+    rows = []
+    for name, function, src, kwargs in (
+        ("hf-to-mcore --tp 2", "hf_to_mcore", hf, dict(tp=2)),
+        ("mcore-to-hf", "mcore_to_hf", mcore, {}),
+    ):
+        for nproc in (1, 2):
+            copies, runs = [], []
+            for _ in range(repeats):
+                copies.append(_copy_s(src, work / "floor"))
+                runs.append(_convert(script, function, src, work / "out", nproc, **kwargs))
+            copy_s = statistics.median(copies)
+            seconds = statistics.median(r["seconds"] for r in runs)
+            rows.append(
+                dict(
+                    name=name,
+                    processes=nproc,
+                    bytes=runs[0]["bytes"],
+                    copy_s=copy_s,
+                    copy_gb_s=_size(src) / 1e9 / copy_s,
+                    seconds=seconds,
+                    gb_s=runs[0]["bytes"] / 1e9 / seconds,
+                    x_copy=seconds / copy_s,
+                    startup_s=statistics.median(r["wall_s"] - r["seconds"] for r in runs),
+                    peak_rss_mib=max(r["peak_rss_mib"] for r in runs),
+                    rss_bound_mib=600 + 0.1 * total / 2**20,
+                    runs=runs,
+                    copies_s=copies,
+                )
+            )
+    shutil.rmtree(work / "out", ignore_errors=True)
+    return rows
 
 
 def _stream_worker(hf_path: str, out_file: str) -> None:
     import torch.distributed as dist
+    from megatron.core import parallel_state
 
     from popo_megatron.config import load_config
     from popo_megatron.model.builder import build_gpt_model
@@ -67,20 +151,36 @@ def _stream_worker(hf_path: str, out_file: str) -> None:
     args = read_hf_config(hf_path)
     model = build_gpt_model(args, cfg)
     load_hf_weights(model, hf_path, args, cfg)
+    group = parallel_state.get_tensor_model_parallel_group()
     rows = []
     for bucket_mb in BUCKETS_MB:
+        bucket = bucket_mb * 2**20
+        for _ in iter_hf_weights(model, args, cfg, bucket):  # warm: the first pass allocates
+            pass
         dist.barrier()
         start = time.perf_counter()
-        nbytes = sum(t.numel() * t.element_size() for _, t in iter_hf_weights(model, args, cfg, bucket_mb * 2**20))
+        nbytes = sum(t.numel() * t.element_size() for _, t in iter_hf_weights(model, args, cfg, bucket))
         stream_s = time.perf_counter() - start
-        # The floor: one memcpy of the same number of bytes, in 256 MB pieces.
+        # Transport floor: all-gathers of the same bytes in flat buckets of the same size, reused buffers.
+        shard = torch.empty(bucket // 2 // 4)
+        gathered = torch.empty(2 * shard.numel())
+        count = max(1, round(nbytes / gathered.nbytes))
+        dist.all_gather_into_tensor(gathered, shard, group=group)  # warm
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(count):
+            dist.all_gather_into_tensor(gathered, shard, group=group)
+        gather_s = (time.perf_counter() - start) * nbytes / (count * gathered.nbytes)
+        # Memory floor: one memcpy of the same bytes, in 256 MB pieces.
         src = torch.empty(64 * 2**20)
         dst = torch.empty_like(src)
+        dst.copy_(src)
+        pieces = max(1, nbytes // src.nbytes)
         start = time.perf_counter()
-        for _ in range(max(1, nbytes // src.nbytes)):
+        for _ in range(pieces):
             dst.copy_(src)
-        memcpy_s = (time.perf_counter() - start) * nbytes / (max(1, nbytes // src.nbytes) * src.nbytes)
-        rows.append(dict(bucket_mb=bucket_mb, bytes=nbytes, stream_s=stream_s, memcpy_s=memcpy_s))
+        memcpy_s = (time.perf_counter() - start) * nbytes / (pieces * src.nbytes)
+        rows.append(dict(bucket_mb=bucket_mb, bytes=nbytes, stream_s=stream_s, gather_s=gather_s, memcpy_s=memcpy_s))
     if dist.get_rank() == 0:
         Path(out_file).write_text(json.dumps(rows))
 
@@ -88,48 +188,50 @@ def _stream_worker(hf_path: str, out_file: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-gb", type=float, default=2.1)
+    parser.add_argument("--dir", type=Path, default=None, help="where the checkpoints are written (a file system)")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     ns = parser.parse_args()
 
     from popo_megatron.launch import run_local
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        print(f"writing a synthetic {ns.size_gb:.1f} GB checkpoint ...", flush=True)
-        total = save_synthetic_hf_checkpoint(tmp / "hf", ns.size_gb)
-        _copy_seconds(tmp / "hf", tmp / "warm")  # warm the page cache for every measurement
-        conversions = []
-        copy_hf = _copy_seconds(tmp / "hf", tmp / "hf_copy")
-        to_mcore = _convert("hf_to_mcore", tmp / "hf", tmp / "mcore", tp=2)
-        conversions.append(dict(name="hf-to-mcore (TP=2)", copy_s=copy_hf, **to_mcore))
-        copy_mcore = _copy_seconds(tmp / "mcore", tmp / "mcore_copy")
-        to_hf = _convert("mcore_to_hf", tmp / "mcore", tmp / "export")
-        conversions.append(dict(name="mcore-to-hf", copy_s=copy_mcore, **to_hf))
-        shutil.rmtree(tmp / "hf_copy")
-        shutil.rmtree(tmp / "mcore_copy")
+    with tempfile.TemporaryDirectory(dir=ns.dir) as tmp:
+        work = Path(tmp)
+        print(f"writing a synthetic {ns.size_gb:.1f} GB checkpoint under {work} ...", flush=True)
+        total = save_synthetic_hf_checkpoint(work / "hf", ns.size_gb)
+        conversions = measure_conversions(work, total, ns.repeats)
         print("weight stream at TP=2 ...", flush=True)
-        run_local(_stream_worker, 2, str(tmp / "hf"), str(tmp / "stream.json"))
-        stream = json.loads((tmp / "stream.json").read_text())
+        run_local(_stream_worker, 2, str(work / "hf"), str(work / "stream.json"))
+        stream = json.loads((work / "stream.json").read_text())
+        where = str(ns.dir or tempfile.gettempdir())
 
-    gb = total / 1e9
-    print(f"\ncheckpoint: {gb:.2f} GB fp32")
-    print(f"{'conversion':22s} {'s':>7s} {'GB/s':>6s} {'copy s':>7s} {'x copy':>7s} {'peak RSS MiB':>12s}")
+    print(f"\ncheckpoint: {total / 1e9:.2f} GB fp32 under {where}; medians of {ns.repeats}")
+    print(
+        f"{'conversion':20s} {'procs':>5s} {'s':>6s} {'GB/s':>6s} {'copy s':>6s} {'copy GB/s':>9s} {'x copy':>6s} "
+        f"{'start-up s':>10s} {'peak RSS MiB':>12s} {'bound':>6s}"
+    )
     for c in conversions:
-        c["x_copy"] = c["seconds"] / c["copy_s"]
         print(
-            f"{c['name']:22s} {c['seconds']:7.2f} {c['bytes'] / 1e9 / c['seconds']:6.2f} {c['copy_s']:7.2f} "
-            f"{c['x_copy']:7.2f} {c['peak_rss_mib']:12.0f}"
+            f"{c['name']:20s} {c['processes']:5d} {c['seconds']:6.2f} {c['gb_s']:6.2f} {c['copy_s']:6.2f} "
+            f"{c['copy_gb_s']:9.2f} {c['x_copy']:6.2f} {c['startup_s']:10.1f} {c['peak_rss_mib']:12.0f} "
+            f"{c['rss_bound_mib']:6.0f}"
         )
-    print(f"\n{'stream bucket MB':>16s} {'GB/s':>6s} {'memcpy GB/s':>11s} {'x memcpy':>8s}")
+    print(
+        f"\n{'stream bucket MB':>16s} {'GB/s':>6s} {'all-gather GB/s':>15s} {'x all-gather':>12s} "
+        f"{'memcpy GB/s':>11s} {'x memcpy':>8s}"
+    )
     for s in stream:
+        s["x_gather"] = s["stream_s"] / s["gather_s"]
         s["x_memcpy"] = s["stream_s"] / s["memcpy_s"]
+        gb = s["bytes"] / 1e9
         print(
-            f"{s['bucket_mb']:16d} {s['bytes'] / 1e9 / s['stream_s']:6.2f} {s['bytes'] / 1e9 / s['memcpy_s']:11.2f} "
-            f"{s['x_memcpy']:8.2f}"
+            f"{s['bucket_mb']:16d} {gb / s['stream_s']:6.2f} {gb / s['gather_s']:15.2f} {s['x_gather']:12.2f} "
+            f"{gb / s['memcpy_s']:11.2f} {s['x_memcpy']:8.2f}"
         )
     ns.out.mkdir(parents=True, exist_ok=True)
     out = ns.out / "conversion.json"
-    out.write_text(json.dumps(dict(checkpoint_bytes=total, conversions=conversions, stream_tp2=stream), indent=2))
+    result = dict(checkpoint_bytes=total, directory=where, conversions=conversions, stream_tp2=stream)
+    out.write_text(json.dumps(result, indent=2))
     print(f"\nwritten: {out}")
     return 0
 

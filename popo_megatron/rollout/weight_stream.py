@@ -79,8 +79,8 @@ def iter_hf_weight_buckets(
     """Yield lists of (HF name, full tensor) covering every weight of the model once.
 
     Collective over the model-parallel groups: every rank must consume the
-    iterator to the end. Tensors of a bucket may share one buffer; copy them
-    if they must outlive the next bucket.
+    iterator to the end. Tensors of a bucket may share one buffer, which the
+    next bucket reuses: copy them if they must outlive it.
     """
     from megatron.core import parallel_state
 
@@ -92,16 +92,25 @@ def iter_hf_weight_buckets(
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     params = dict(model.named_parameters())
     device = next(iter(params.values())).device
-    for bucket in _buckets(_plan(model, args, cfg), tp, bucket_bytes):
+    buckets = _buckets(_plan(model, args, cfg), tp, bucket_bytes)
+    # One gathered and one local buffer per dtype, of the largest bucket, reused by every bucket: fresh
+    # buffers would pay their page faults (CPU) or allocations again for each bucket.
+    largest: dict[torch.dtype, int] = {}
+    for bucket in buckets:
+        largest[bucket[0].dtype] = max(largest.get(bucket[0].dtype, 0), sum(e.numel for e in bucket))
+    gathered_buffers = {dtype: torch.empty(tp * n, dtype=dtype, device=device) for dtype, n in largest.items()}
+    local_buffers = {dtype: torch.empty(n, dtype=dtype, device=device) for dtype, n in largest.items() if tp > 1}
+    for bucket in buckets:
         stage, dtype = bucket[0].stage, bucket[0].dtype
         local_numel = sum(e.numel for e in bucket)
-        gathered = torch.empty(tp * local_numel, dtype=dtype, device=device)
+        gathered = gathered_buffers[dtype][: tp * local_numel]
         if stage == my_stage:
-            flat = torch.cat([params[e.local_name].detach().reshape(-1) for e in bucket])
+            local = [params[e.local_name].detach().reshape(-1) for e in bucket]
             if tp > 1:
+                flat = torch.cat(local, out=local_buffers[dtype][:local_numel])
                 dist.all_gather_into_tensor(gathered, flat, group=parallel_state.get_tensor_model_parallel_group())
             else:
-                gathered.copy_(flat)
+                torch.cat(local, out=gathered)
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(gathered, src=dist.get_global_rank(pp_group, stage), group=pp_group)
         per_rank = gathered.view(tp, local_numel)

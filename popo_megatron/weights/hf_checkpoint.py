@@ -8,6 +8,7 @@ streams: headers first, then each tensor's bytes as it comes.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -163,6 +164,8 @@ class HFShardWriter:
         self._file.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
         self._next += 1
         if self._next == len(self._queue) or self._queue[self._next][0] != shard:
+            self._file.flush()
+            os.fsync(self._file.fileno())  # on disk before the export is renamed into place
             self._file.close()
             self._file = None
 
