@@ -96,7 +96,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     to_hf = directions.add_parser("mcore-to-hf", help="Megatron checkpoint (any TP/PP) -> HF safetensors model")
     to_hf.add_argument("--weights", choices=["model", "twin"], default="model", help="policy or twin weights")
     to_hf.add_argument(
-        "--max-shard-size-gb", type=float, default=1.0, help="size of each safetensors shard (held in memory once)"
+        "--max-shard-size-gb", type=float, default=1.0, help="the largest safetensors shard (written as it streams)"
     )
     reshard = directions.add_parser("mcore-reshard", help="Megatron checkpoint -> the same at another TP/PP")
     reshard.add_argument("--tp", type=int, required=True)
