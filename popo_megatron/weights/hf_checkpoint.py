@@ -1,14 +1,17 @@
 """Hugging Face safetensors checkpoints: read tensor by tensor and slice by slice; write in shards.
 
-Only the bytes of the slices asked for are read (safetensors memory-maps the
-files), so a rank that owns 1/TP of a layer reads about 1/TP of it. The writer
+Tensors are views of the files mapped into memory: only the bytes of the slices
+used are read, once, so a rank that owns 1/TP of a layer reads about 1/TP of it
+and copies it once, into its parameter. The writer
 streams: headers first, then each tensor's bytes as it comes.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -33,15 +36,30 @@ _DTYPES = {
 _SAFETENSORS_DTYPES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
-class _SafetensorsSlice:
-    def __init__(self, handle, name: str) -> None:
-        self._handle = handle  # keeps the file mapped while this slice is in use
-        self._slice = handle.get_slice(name)
-        self.shape = tuple(self._slice.get_shape())
-        self.dtype = _DTYPES[self._slice.get_dtype()]
+def _read_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header (name -> dtype, shape, data_offsets) and where its data starts."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
 
-    def __getitem__(self, index):
-        return self._slice[index]
+
+def _mapped(path: Path, entry: dict, data_start: int) -> torch.Tensor:
+    """One tensor of a safetensors file as a view of the file mapped into memory: slicing it reads nothing,
+    copying from it reads the pages it needs (from the page cache, once), and the mapping goes with the
+    last view, so pages a rank touched do not stay in its RSS for the whole load."""
+    dtype = _DTYPES[entry["dtype"]]
+    shape = tuple(entry["shape"])
+    begin, end = entry["data_offsets"]
+    if begin == end:
+        return torch.empty(shape, dtype=dtype)
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    with warnings.catch_warnings():  # read-only on purpose: the checkpoint is never written through it
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        flat = torch.frombuffer(mapping, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=data_start + begin)
+    return flat.view(shape)
 
 
 class HFCheckpoint:
@@ -64,6 +82,7 @@ class HFCheckpoint:
             for f in files:
                 with safe_open(str(f), framework="pt") as h:
                     self._file_of.update({name: f for name in h.keys()})
+        self._headers: dict[Path, tuple[dict, int]] = {}
         missing_files = sorted({str(f) for f in self._file_of.values() if not f.is_file()})
         if missing_files:
             raise MappingError(f"{self.path}: shard file(s) listed in the index are missing: {missing_files}")
@@ -72,12 +91,16 @@ class HFCheckpoint:
         return sorted(self._file_of)
 
     def get(self, name: str) -> Sliceable:
+        """The tensor as a zero-copy view of its file (see `_mapped`): a slice of it is read when used."""
         if name not in self._file_of:
             raise MappingError(f"{self.path}: tensor {name!r} not found in the checkpoint")
-        # A fresh handle per tensor: the file's pages are unmapped when the slice is
-        # dropped, so the checkpoint pages a rank touched do not accumulate in its
-        # RSS over the whole load (opening costs a header parse, microseconds).
-        return _SafetensorsSlice(safe_open(str(self._file_of[name]), framework="pt"), name)
+        path = self._file_of[name]
+        if path not in self._headers:
+            self._headers[path] = _read_header(path)
+        header, data_start = self._headers[path]
+        if name not in header:
+            raise MappingError(f"{path}: tensor {name!r} is listed in the index but not in the file")
+        return _mapped(path, header[name], data_start)
 
 
 @dataclass(frozen=True)
