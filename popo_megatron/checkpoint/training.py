@@ -28,7 +28,7 @@ from omegaconf import DictConfig
 
 from popo_megatron.algo.predictor import SimilarityPredictor
 from popo_megatron.algo.twin import TwinParams
-from popo_megatron.checkpoint.format import MEGATRON_DIR, checkpoint_directory
+from popo_megatron.checkpoint.format import MEGATRON_DIR, CheckpointError, checkpoint_directory, read_checkpoint
 from popo_megatron.checkpoint.runs import CHECKPOINTS, TRAINER_STATE, point_latest, read_trainer_state, remove_old
 from popo_megatron.checkpoint.weights import (
     layout_info,
@@ -103,8 +103,6 @@ def save_training_checkpoint(trained: Trained, trainer_state: dict, args: HFMode
 def load_training_checkpoint(ckpt: Path, trained: Trained, args: HFModelArgs, cfg: DictConfig) -> dict:
     """Restore the weights, optimiser, twin, predictor and RNG of `ckpt`, saved at this or another layout
     (collective); returns its trainer state (step, sampler, schedules) for the caller to restore."""
-    from popo_megatron.checkpoint.format import CheckpointError, read_checkpoint
-
     info, _ = read_checkpoint(ckpt)
     if (trained.twin is not None) != ("twin" in info.weights):
         enabled = trained.twin is not None
