@@ -115,3 +115,24 @@ def test_loading_a_checkpoint_of_another_model_names_the_difference(tiny_models,
     cfg = load_config(overrides=[f"model.hf_path={tiny_models['llama']}"])
     with pytest.raises(CheckpointError, match="another model.*architecture: checkpoint 'Qwen3ForCausalLM'"):
         check_loadable(info, ckpt_args, llama, cfg, ckpt)
+
+
+def test_a_damaged_safetensors_file_is_named(tiny_models, tmp_path):
+    """A truncated shard (an interrupted download) and a file that is not safetensors at all are reported with
+    the file, before any weight is read."""
+    import shutil
+
+    from popo_megatron.weights import HFCheckpoint
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_models["qwen3"], damaged)
+    weight_map = json.loads((damaged / "model.safetensors.index.json").read_text())["weight_map"]
+    name, shard_name = max(weight_map.items(), key=lambda item: (damaged / item[1]).stat().st_size)
+    shard = damaged / shard_name
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(MappingError, match=f"{shard.name}.*truncated or damaged"):
+        HFCheckpoint(damaged).get(name)
+    shard.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(MappingError, match=f"{shard.name}: not a readable safetensors file"):
+        HFCheckpoint(damaged).get(name)

@@ -37,11 +37,25 @@ _SAFETENSORS_DTYPES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 def _read_header(path: Path) -> tuple[dict, int]:
-    """A safetensors file's header (name -> dtype, shape, data_offsets) and where its data starts."""
+    """A safetensors file's header (name -> dtype, shape, data_offsets) and where its data starts, checked
+    against the file's size: a damaged or truncated file is named here, not met as a crash while loading."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
         length = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(length))
+        try:
+            if not 0 < length <= size - 8:
+                raise ValueError(f"header length {length} in a file of {size} bytes")
+            header = json.loads(f.read(length))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise MappingError(f"{path}: not a readable safetensors file ({exc}): re-download or re-export it") from exc
     header.pop("__metadata__", None)
+    data = size - 8 - length
+    for name, entry in header.items():
+        if entry.get("dtype") not in _DTYPES or max(entry.get("data_offsets", [data + 1])) > data:
+            raise MappingError(
+                f"{path}: tensor {name!r} is cut off or of an unknown type ({entry}): the file is truncated or "
+                "damaged; re-download or re-export it"
+            )
     return header, 8 + length
 
 
