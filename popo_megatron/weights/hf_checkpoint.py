@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import safe_open
 
 from popo_megatron.weights.mapping import MappingError, Sliceable
 
@@ -82,6 +81,7 @@ class HFCheckpoint:
     def __init__(self, hf_path: str | Path) -> None:
         self.path = Path(hf_path)
         index = self.path / INDEX_FILE
+        self._headers: dict[Path, tuple[dict, int]] = {}  # read on first use, per file
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
@@ -92,11 +92,8 @@ class HFCheckpoint:
             files = sorted(self.path.glob("*.safetensors"))
             if not files:
                 raise MappingError(f"{self.path}: no *.safetensors files and no {INDEX_FILE}")
-            self._file_of = {}
-            for f in files:
-                with safe_open(str(f), framework="pt") as h:
-                    self._file_of.update({name: f for name in h.keys()})
-        self._headers: dict[Path, tuple[dict, int]] = {}
+            self._headers = {f: _read_header(f) for f in files}
+            self._file_of = {name: f for f in files for name in self._headers[f][0]}
         missing_files = sorted({str(f) for f in self._file_of.values() if not f.is_file()})
         if missing_files:
             raise MappingError(f"{self.path}: shard file(s) listed in the index are missing: {missing_files}")
