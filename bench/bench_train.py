@@ -57,9 +57,11 @@ VARIANTS = {
 COLORS = ["tab:blue", "tab:orange", "tab:red", "tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
 
 
-def run(example: Path, variant: str, seed: int, steps: int, out: Path) -> tuple[list[dict], list[dict], float]:
-    """(metrics records, held-out evaluations, wall seconds) of one run."""
-    command = [sys.executable, "-m", "popo_megatron", "train", str(example), *VARIANTS[variant]]
+def run(
+    example: Path, variant: str, seed: int, steps: int, out: Path, extra: tuple[str, ...] = ()
+) -> tuple[list[dict], list[dict], float]:
+    """(metrics records, held-out evaluations, wall seconds) of one run (`extra`: more overrides)."""
+    command = [sys.executable, "-m", "popo_megatron", "train", str(example), *VARIANTS[variant], *extra]
     command += [f"seed={seed}", f"train.steps={steps}", f"train.output_dir={out}", "train.checkpoint_every=0"]
     start = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True)
@@ -69,19 +71,23 @@ def run(example: Path, variant: str, seed: int, steps: int, out: Path) -> tuple[
     return read_metrics(out / "metrics.jsonl"), read_metrics(out / EVAL_JSONL), seconds
 
 
+def step_phases(record: dict) -> dict[str, float]:
+    """One step's seconds per part; `update` is the train time less its extra forward passes."""
+    return dict(
+        rollout=record["time_rollout_s"],
+        reward=record["time_reward_s"],
+        old_logprobs=record["time_old_logprobs_s"],
+        twin_forward=record["time_twin_forward_s"],
+        update=record["time_train_s"] - record["time_old_logprobs_s"] - record["time_twin_forward_s"],
+        sync=record["time_sync_s"],
+    )
+
+
 def breakdown(records: list[dict]) -> dict[str, float]:
     """Median share of each part of a step (steps after the first: no start-up costs)."""
     shares = {part: [] for part in PARTS}
     for r in records[1:]:
-        parts = dict(
-            rollout=r["time_rollout_s"],
-            reward=r["time_reward_s"],
-            old_logprobs=r["time_old_logprobs_s"],
-            twin_forward=r["time_twin_forward_s"],
-            update=r["time_train_s"] - r["time_old_logprobs_s"] - r["time_twin_forward_s"],
-            sync=r["time_sync_s"],
-        )
-        for part, seconds in parts.items():
+        for part, seconds in step_phases(r).items():
             shares[part].append(seconds / r["time_step_s"])
     result = {part: statistics.median(values) for part, values in shares.items()}
     result["step_s"] = statistics.median(r["time_step_s"] for r in records[1:])

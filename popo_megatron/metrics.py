@@ -90,6 +90,7 @@ RESPONSE_LENGTH = _declare(Metric("response/length", Reduce.mean, _EVERY, "respo
 RESPONSE_TRUNCATED = _declare(Metric("response/truncated", Reduce.mean, _EVERY))
 ROUNDS = _declare(Metric("data/rounds", Reduce.mean, _EVERY))
 GROUPS_TRAINED = _declare(Metric("data/groups_trained", Reduce.mean, _EVERY))
+TRAINED_TOKENS = _declare(Metric("data/trained_tokens", Reduce.total, _EVERY, "trained_tokens"))
 
 # --- the loss side (last pipeline stage) --------------------------------------------------------------------
 LOSS_TOTAL = _declare(Metric("loss/total", Reduce.mean, _LAST, "loss", when="an update"))

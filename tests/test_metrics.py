@@ -133,6 +133,27 @@ def test_grpo_steps_through_the_loop_at_tp2(tmp_path):
     )
     _check_produced(history, "grpo")
     assert len(history) == 2
+    for record in history:  # the KL term covers every rollout: all of them train
+        assert record["trained_tokens"] == pytest.approx(record["response_len_mean"] * 8 * 4)
     kl = [r["all"]["grpo/kl"] for r in history if "grpo/kl" in r["all"]]
     assert all(k >= 0 for k in kl) and max(kl) > 0, f"the KL to the frozen reference: {kl}"
     assert all(math.isnan(r["sim_penalty"]) and math.isnan(r["twin_momentum"]) for r in history), "GRPO has no twin"
+
+
+@pytest.mark.slow
+def test_dapo_grpo_leaves_out_flat_groups_at_dp2(tmp_path):
+    """DAPO-style GRPO (no KL) through the loop at DP=2 trains on the groups whose rewards differ: a step with
+    a flat group (all rewards equal, zero advantages) trains on fewer tokens than it generated, one without
+    trains on all of them. (That the gradient is unchanged is tests/test_popo_step.py's.)"""
+    history = _train(tmp_path / "grpo", EXAMPLES / "tiny_cpu_grpo.yaml", *SMALL, "train.mini_batches=2", nproc=2)
+    assert len(history) == 2
+    for record in history:
+        generated = record["response_len_mean"] * 8 * 4
+        flat = record["groups_without_positive"] + record["groups_all_positive"]
+        if flat == 0:
+            assert record["trained_tokens"] == pytest.approx(generated), record
+        else:
+            assert record["trained_tokens"] < generated, record
+        if flat < 8:
+            assert record["trained_tokens"] > 0 and math.isfinite(record["loss"]), record
+    assert any(r["groups_without_positive"] + r["groups_all_positive"] > 0 for r in history), "no flat group"

@@ -267,6 +267,82 @@ def test_all_tokens_grpo_matched_gives_grpos_gradient_on_the_positives(tiny_mode
     run_local(_all_tokens_worker, tp, str(tiny_models["qwen2_tied"]), tp)
 
 
+# Three mini-batches of two groups: a flat group (all rewards equal, zero advantages) next to a learning one,
+# twice, and a mini-batch of flat groups only.
+FLAT_REWARDS = torch.tensor(
+    [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0, 0, 0, 0], [1, 1, 1, 1]]
+)
+
+
+def _grpo_left_out_worker(hf: str) -> None:
+    """GRPO without KL leaves its zero-advantage rows out of the batch (trainer.batching.rank_rows), and each
+    mini-batch's gradient is still that of GRPO's token-mean over every rollout dealt to it, flat ones counted:
+    checked against the transformers reference on the mini-batch's full rows, at DP=1 or DP=2."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from popo_megatron.algo.batch import make_policy_batch
+    from popo_megatron.algo.step import LossSettings, forward_backward, forward_only, loss_normalizers
+    from popo_megatron.algo.twin import TwinParams
+    from popo_megatron.model.training import wrap_ddp
+    from popo_megatron.trainer.batching import rank_rows
+    from popo_megatron.weights import iter_megatron_shards, load_hf_weights
+
+    minis = 3
+    overrides = (
+        "algorithm=grpo",
+        "grpo.kl_beta=0.0",
+        f"train.mini_batches={minis}",
+        "train.micro_batch_size=2",
+        "optim.use_distributed_optimizer=false",
+    )
+    model, args, cfg = build_model(Path(hf), 1, 1, False, overrides)
+    load_hf_weights(model, hf, args, cfg)
+    ddp = wrap_ddp(model, args, cfg)
+    old_policy = TwinParams(ddp)
+    perturb(model)
+    gen = torch.Generator().manual_seed(11)
+    prompts = [
+        torch.randint(1, 1000, (int(n),), generator=gen).tolist() for n in torch.randint(2, 6, (24,), generator=gen)
+    ]
+    responses = [
+        torch.randint(1, 1000, (int(n),), generator=gen).tolist() for n in torch.randint(1, 7, (24,), generator=gen)
+    ]
+    full = make_policy_batch(cfg, prompts, responses, FLAT_REWARDS)
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    rows = rank_rows(full, cfg, dp, dp_rank)
+    # Per rank, the busiest mini-batch holds the 4 learning rows of its 8 dealt (DP=1) or 2 of 4 (DP=2).
+    assert rows.batch.size == minis * 4 // dp, f"{rows.batch.size} rows: the flat ones were not left out"
+    settings = LossSettings.from_config(cfg, args.vocab_size, temperature=TEMPERATURE)
+    batch = rows.batch
+    with old_policy.swapped_in():
+        old = forward_only(ddp, batch.micro_batches(batch.size // 2), settings)
+    batch = batch.with_fields(old_logprobs=torch.cat([o.logprobs for o in old]))
+
+    grpo_cfg = config_for(Path(hf), 1, 1, overrides=("algorithm=grpo", "grpo.kl_beta=0.0"))
+    advantages = _grpo_advantages_closed_form(FLAT_REWARDS)
+    for k, (mini, tokens) in enumerate(zip(batch.micro_batches(minis), rows.tokens, strict=True)):
+        dealt = torch.arange(8 * k, 8 * (k + 1))  # every rank's share of mini-batch k: two whole groups
+        assert tokens == float(full.loss_mask[dealt].sum()), f"mini-batch {k}: normaliser {tokens}"
+        ddp.zero_grad_buffer()
+        normalizers = loss_normalizers(mini, settings, tokens)
+        forward_backward(ddp, mini.micro_batches(mini.size // 2), settings, normalizers)
+        reference = _hf_reference(
+            Path(hf), "grpo", grpo_cfg, full.tokens[dealt], full.loss_mask[dealt], None, None, advantages[dealt]
+        )
+        for pname, param, expected in iter_megatron_shards(model, reference["grads"], args, cfg):
+            diff = (param.main_grad - expected).abs().max().item()
+            assert diff < GRAD_TOL, f"dp{dp} mini-batch {k}: gradient of {pname} differs by {diff}"
+        learning = any(p.main_grad.abs().max() > 0 for p in model.parameters())
+        assert learning == (k < 2), f"mini-batch {k}: a gradient where there is {'no' if k < 2 else 'a'} signal"
+    dist.barrier()
+
+
+@pytest.mark.parametrize("dp", [1, 2], ids=["dp1", "dp2"])
+def test_grpo_leaves_out_zero_advantage_rows_with_the_same_gradient(tiny_models, dp):
+    run_local(_grpo_left_out_worker, dp, str(tiny_models["qwen2_tied"]))
+
+
 def _joint_clip_worker(hf: str) -> None:
     """The linear predictor is inside gradient clipping: the policy's and the predictor's gradients are
     scaled by one coefficient, clip / joint norm, with the joint norm computed here from the raw gradients."""

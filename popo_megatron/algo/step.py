@@ -19,8 +19,10 @@ every data-parallel rank, computed before the pass. POPO's policy loss is
 normalised (`popo.loss_normalizer`) either by sum_i w_i |o_i| over the
 positives (`positive_tokens`: the weights' overall scale cancels) or by the
 response tokens of every rollout, negatives included (`all_tokens`, GRPO's
-token mean: the weights act in absolute terms). Negatives are not in a POPO
-batch (they carry no gradient), so the caller passes that count.
+token mean: the weights act in absolute terms). GRPO's is the number of
+response tokens (token mean). Rows without a gradient are left out of a batch
+(POPO's negatives; GRPO's zero-advantage rows when there is no KL term), so
+the caller passes the count of every rollout's tokens.
 """
 
 from __future__ import annotations
@@ -118,8 +120,9 @@ def loss_normalizers(
 ) -> Normalizers:
     """The global normalisers: this rank's sums, all-reduced over `group` (default: the data-parallel group).
 
-    all_response_tokens: POPO with `all_tokens`, the global number of response tokens of every rollout
-    (negatives included) that this batch stands for.
+    all_response_tokens: the global number of response tokens of every rollout this batch stands for, rows
+    left out of it included (negatives, GRPO's zero-advantage rows). POPO's `all_tokens` needs it; GRPO's
+    token-mean uses it when given (default: this batch's tokens).
     """
     lengths = batch.response_lengths().double()
     popo = settings.algorithm == Algorithm.popo
@@ -140,6 +143,9 @@ def loss_normalizers(
             raise ValueError("popo.loss_normalizer=all_tokens needs the response tokens of every rollout")
         # A batch without a positive still has no gradient: keep 0 so the caller can skip the update.
         policy = float(all_response_tokens) if policy > 0 else 0.0
+    elif not popo and all_response_tokens is not None:
+        # Zero-advantage rows left out still count; a step on zero gradients is kept (Adam's moments move).
+        policy = float(all_response_tokens)
     return Normalizers(policy=policy, similarity=similarity)
 
 

@@ -38,7 +38,7 @@ from popo_megatron.model.hf_config import HFModelArgs
 from popo_megatron.reward.grade import Verifier, add_grade_metrics
 from popo_megatron.rollout.engine import RolloutEngine
 from popo_megatron.rollout.seeds import step_seed
-from popo_megatron.trainer.batching import rank_rows, step_batch
+from popo_megatron.trainer.batching import RankRows, rank_rows, step_batch
 from popo_megatron.trainer.logbook import step_record
 from popo_megatron.trainer.rollouts import StepRollouts, collect_step
 
@@ -206,17 +206,19 @@ class Recipe:
         mini-batch the twin's hidden states, one optimiser step and the twin's EMA. Returns the last gradient
         norm and the time of the extra forward passes."""
         cfg = self.cfg
-        batch, all_tokens = self._rank_batch(rollouts)
+        rows = self._rank_rows(rollouts)
+        metrics.add_total(m.TRAINED_TOKENS, int(rows.batch.loss_mask.sum()))
         old_start = time.perf_counter()
-        batch = self._with_old_logprobs(batch)  # collective (when computed): a pipeline forward
+        batch = self._with_old_logprobs(rows.batch)  # collective (when computed): a pipeline forward
         old_s = time.perf_counter() - old_start
         twin_s = 0.0
         grad_norm = float("nan")
-        for mini in batch.micro_batches(cfg.train.mini_batches):  # equal consecutive slices: the mini-batches
+        minis = batch.micro_batches(cfg.train.mini_batches)  # equal consecutive slices: the mini-batches
+        for mini, tokens in zip(minis, rows.tokens, strict=True):
             settings = self.settings
             if self.twin is not None:  # beta as the adaptive controller (if on) has it now
                 settings = replace(settings, similarity_beta=self.beta.value)
-            normalizers = loss_normalizers(mini, settings, all_tokens)  # collective: data-parallel all-reduce
+            normalizers = loss_normalizers(mini, settings, tokens)  # collective: data-parallel all-reduce
             twin_hidden = None
             if settings.uses_twin_hidden:
                 twin_start = time.perf_counter()
@@ -243,18 +245,15 @@ class Recipe:
         self.engine.update_weights(iter_hf_weights(self.ddp, self.args, self.cfg, bucket_bytes=bucket))
 
     # --- the parts of update ----------------------------------------------------------------------------
-    def _rank_batch(self, rollouts: StepRollouts) -> tuple[PolicyBatch, float]:
-        """This data-parallel rank's rows of the step, and POPO's all_tokens normaliser (every rollout's
-        response tokens, negatives too, a share per mini-batch)."""
+    def _rank_rows(self, rollouts: StepRollouts) -> RankRows:
+        """This data-parallel rank's rows of the step, and the rollouts each mini-batch stands for."""
         from megatron.core import parallel_state
 
-        cfg = self.cfg
         # No group with a signal (dynamic sampling gave up): the generated ones, which teach nothing, keep the
         # schedule (POPO: no positive, nothing trains; GRPO: zero advantages).
-        step_rows = step_batch(rollouts.trained or rollouts.generated, cfg, self.pad_id)
-        all_tokens = float(step_rows.response_lengths().sum()) / cfg.train.mini_batches
+        step_rows = step_batch(rollouts.trained or rollouts.generated, self.cfg, self.pad_id)
         dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-        return rank_rows(step_rows, cfg, dp, dp_rank), all_tokens
+        return rank_rows(step_rows, self.cfg, dp, dp_rank)
 
     def _micro_batches(self, mini: PolicyBatch) -> list[PolicyBatch]:
         """The micro-batches of a mini-batch, for every forward of it: the old log-probs, the twin, the update.
