@@ -28,8 +28,9 @@ lint: setup
 bench: setup
 	$(PY) bench/bench_weight_loading.py
 	$(PY) bench/bench_conversion.py
+	$(PY) bench/scale_32b.py
 	$(PY) bench/bench_logprobs.py
 	$(PY) bench/bench_twin_memory.py
 	$(PY) bench/bench_reward.py
-	$(PY) bench/bench_rollout.py
+	$(PY) bench/bench_rollout.py --smollm2
 	$(PY) bench/bench_train.py

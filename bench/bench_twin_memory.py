@@ -70,13 +70,13 @@ def measure(shape: str, tp: int, dp: int) -> dict:
                 twin = TwinParams(ddp, dtype=dtype)
                 key = f"twin_{'sliced' if sliced else 'whole'}_{str(dtype).removeprefix('torch.')}_gib"
                 result[key] = twin.nbytes / 2**30
-        total = _total_params(args)
+        total = total_params(args)
         result["model_params"] = total
         result["ideal_fp32_gib"] = total * 4 / (tp * dp) / 2**30
     return result
 
 
-def _total_params(args) -> int:
+def total_params(args) -> int:
     """P of the whole (unsharded) HF model, for the ideal column."""
     h, kv = args.hidden_size, args.num_kv_heads * args.head_dim
     attention = h * args.num_attention_heads * args.head_dim * 2 + 2 * h * kv + (h + 2 * kv) * args.qkv_bias

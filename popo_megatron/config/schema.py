@@ -341,7 +341,7 @@ class TrainConfig:
     steps: int = 50  # rollout steps
     prompts_per_step: int = 16  # prompts per step over all ranks; each gets rollout.n responses
     mini_batches: int = 1  # optimiser steps per rollout step
-    micro_batch_size: int = 8  # rows per micro-batch on each data-parallel rank
+    micro_batch_size: int = 8  # rows per micro-batch on each data-parallel rank (fewer when fewer rows train)
     checkpoint_every: int = 0  # steps; 0: only at the end and on SIGTERM / SIGUSR1
     keep_last: int = 2  # checkpoints kept in output_dir
     resume: bool = True  # continue from output_dir/latest when there is one

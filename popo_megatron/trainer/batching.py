@@ -11,8 +11,10 @@ is exactly that of the whole batch (tested in tests/test_popo_step.py).
 
 The rows are dealt to the data-parallel ranks in turn, each rank's share is
 split into `train.mini_batches` consecutive slices, and every slice is padded
-with empty rows (no loss token) to the same whole number of micro-batches,
-so every rank runs the same schedule even in a step with nothing to train.
+with empty rows (no loss token) to the same whole number of micro-batches
+(or to one micro-batch of the busiest slice's rows when that is fewer than
+`train.micro_batch_size`), so every rank runs the same schedule even in a
+step with nothing to train.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def _carries_gradient(batch: PolicyBatch, cfg: DictConfig) -> torch.Tensor:
 def rank_rows(batch: PolicyBatch, cfg: DictConfig, dp: int, dp_rank: int) -> RankRows:
     """This data-parallel rank's rows of the step: `train.mini_batches` equal consecutive slices, each
     holding its share of the rows (in order) that carry a gradient, padded to a multiple of the micro-batch
-    size."""
+    size (or, with fewer rows, to the busiest slice's: one micro-batch)."""
     popo = cfg.algorithm == Algorithm.popo
     minis, micro = cfg.train.mini_batches, cfg.train.micro_batch_size
     # POPO deals its positives (its normaliser does not depend on the deal); GRPO deals every rollout, so that
@@ -80,7 +82,9 @@ def rank_rows(batch: PolicyBatch, cfg: DictConfig, dp: int, dp_rank: int) -> Ran
     keep = _carries_gradient(batch, cfg)
     kept = [[rows[keep[rows]] for rows in deal] for deal in deals]
     most = max(len(rows) for deal in kept for rows in deal)  # rows of the busiest mini-batch of any rank
-    per_mini = max(1, math.ceil(most / micro)) * micro
+    # A whole number of micro-batches, or one smaller micro-batch when fewer rows than `micro` train: a step
+    # with 2 positives forwards 2 rows, not 2 and 6 of padding.
+    per_mini = math.ceil(most / micro) * micro if most > micro else max(1, most)
     # Each mini-batch gets its share of the rows first, then padding: with few positives every optimiser step
     # still has some to learn from.
     shares = kept[dp_rank]

@@ -219,13 +219,14 @@ class Recipe:
             if self.twin is not None:  # beta as the adaptive controller (if on) has it now
                 settings = replace(settings, similarity_beta=self.beta.value)
             normalizers = loss_normalizers(mini, settings, tokens)  # collective: data-parallel all-reduce
+            learns = normalizers.policy > 0 or normalizers.similarity > 0  # global sums: every rank agrees
             twin_hidden = None
-            if settings.uses_twin_hidden:
+            if settings.uses_twin_hidden and learns:
                 twin_start = time.perf_counter()
                 twin_hidden = self._twin_hidden(mini, settings)  # collective: a pipeline forward
                 twin_s += time.perf_counter() - twin_start
             mini_metrics = MetricAccumulator()
-            if normalizers.policy > 0 or normalizers.similarity > 0:  # global sums: every rank agrees
+            if learns:
                 # collective: pipeline forward-backward, gradient all-reduce, optimiser step
                 grad_norm = self._optimizer_step(mini, settings, normalizers, twin_hidden, mini_metrics)
             else:  # nothing to learn from: no gradient, and no Adam step that would move the weights anyway
@@ -258,7 +259,7 @@ class Recipe:
     def _micro_batches(self, mini: PolicyBatch) -> list[PolicyBatch]:
         """The micro-batches of a mini-batch, for every forward of it: the old log-probs, the twin, the update.
         The same shapes everywhere, so that on-policy ratios are exactly 1, not 1 up to kernel noise."""
-        return mini.micro_batches(mini.size // self.cfg.train.micro_batch_size)
+        return mini.micro_batches(max(1, mini.size // self.cfg.train.micro_batch_size))  # rank_rows' sizes
 
     def _forward_logprobs(self, batch: PolicyBatch) -> torch.Tensor | None:
         minis = batch.micro_batches(self.cfg.train.mini_batches)

@@ -1,0 +1,62 @@
+"""How a step's rollouts become each data-parallel rank's training rows (trainer/batching.py): which rows
+train, how they are dealt and padded, and the token counts each mini-batch's normaliser stands for. Plain
+tensors; the gradients these rows give are checked against transformers in test_popo_step.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from popo_megatron.algo.batch import make_policy_batch
+from popo_megatron.config import load_config
+from popo_megatron.trainer.batching import rank_rows
+
+
+def _batch(rewards: list[list[float]], *overrides: str):
+    cfg = load_config(overrides=["model.hf_path=/unused", *overrides])
+    groups, n = len(rewards), len(rewards[0])
+    prompts = [[1, 2]] * (groups * n)
+    responses = [[3] * (1 + i % 5) for i in range(groups * n)]  # 1-5 tokens
+    return make_policy_batch(cfg, prompts, responses, torch.tensor(rewards)), cfg
+
+
+def _real_rows(rows) -> int:
+    return int(rows.batch.loss_mask.any(-1).sum())
+
+
+def test_few_positives_train_in_one_small_micro_batch():
+    """3 positives over DP=2 with micro-batches of 8: each rank forwards 2 rows (one of them padding on the
+    second rank), not 8."""
+    batch, cfg = _batch([[1, 0, 0, 0], [0, 1, 1, 0]], "train.micro_batch_size=8")
+    sizes = [rank_rows(batch, cfg, 2, rank).batch.size for rank in range(2)]
+    assert sizes == [2, 2]
+    assert [_real_rows(rank_rows(batch, cfg, 2, rank)) for rank in range(2)] == [2, 1]
+
+
+def test_many_positives_fill_whole_micro_batches():
+    """20 positives, two mini-batches, micro-batches of 8: 10 rows a mini-batch, padded to 16 (2 micro-batches)."""
+    batch, cfg = _batch([[1, 1, 1, 1, 1]] * 4 + [[0] * 5], "train.micro_batch_size=8", "train.mini_batches=2")
+    rows = rank_rows(batch, cfg, 1, 0)
+    assert rows.batch.size == 32 and _real_rows(rows) == 20
+
+
+def test_a_step_without_positives_keeps_one_empty_row_per_mini_batch():
+    batch, cfg = _batch([[0, 0, 0, 0]] * 2, "train.mini_batches=2")
+    rows = rank_rows(batch, cfg, 2, 1)
+    assert rows.batch.size == 2 and _real_rows(rows) == 0
+
+
+@pytest.mark.parametrize("kl_beta, trained", [(0.0, 4), (0.04, 12)])
+def test_grpo_trains_rows_with_an_advantage_unless_a_kl_term_covers_every_row(kl_beta, trained):
+    """Groups: one with a signal, one all wrong, one all right. Without KL only the first group's 4 rows
+    train; the mini-batch still stands for every rollout's tokens (its token-mean's normaliser)."""
+    batch, cfg = _batch([[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 1, 1]], "algorithm=grpo", f"grpo.kl_beta={kl_beta}")
+    rows = rank_rows(batch, cfg, 1, 0)
+    assert _real_rows(rows) == trained
+    assert rows.tokens == [float(batch.loss_mask.sum())]
+
+
+def test_popo_mini_batches_stand_for_an_equal_share_of_every_rollout():
+    batch, cfg = _batch([[1, 0, 0, 1], [0, 0, 0, 0]], "train.mini_batches=2")
+    rows = rank_rows(batch, cfg, 1, 0)
+    assert rows.tokens == [float(batch.loss_mask.sum()) / 2] * 2
