@@ -103,17 +103,14 @@ THREADS = (1, 2)
 
 
 def _smollm2_prompts(model: str) -> list[list[int]]:
+    """Chat-formatted arithmetic questions, rendered as the trainer renders them."""
     from transformers import AutoTokenizer
 
+    from popo_megatron.data.prompts import render_prompt
+
     tokenizer = AutoTokenizer.from_pretrained(model)
-    questions = [
-        f"What is {a} + {b}? Put the final answer within \\boxed{{}}."
-        for a, b in zip(range(11, 19), range(47, 55), strict=True)
-    ]
-    return [
-        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
-        for q in questions
-    ]
+    questions = [f"What is {a} + {b}?" for a, b in zip(range(11, 19), range(47, 55), strict=True)]
+    return [render_prompt(q, tokenizer, None, "Put the final answer within \\boxed{}.") for q in questions]
 
 
 def _smollm2_worker(model: str, engine: str, threads: int, out: str) -> None:

@@ -90,7 +90,7 @@ def _parity_worker(hf_path: str, layout: Layout, result_file: str) -> None:
         reference = AutoModelForCausalLM.from_pretrained(hf_path, dtype=torch.float32)
         with torch.no_grad():
             ref = reference(tokens).logits
-        diff = (logits[0][..., : args.vocab_size] - ref).abs().max().item()
+        diff = (logits[0][..., : args.vocab_size].cpu() - ref).abs().max().item()  # the reference runs on CPU
         scale = ref.abs().max().item()
         Path(result_file).write_text(json.dumps(dict(max_abs_diff=diff, max_abs_logit=scale, load_s=load_s)))
 

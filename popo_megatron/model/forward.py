@@ -33,15 +33,16 @@ def forward_logits(
     `loss_fn` maps this TP rank's vocab-parallel logits [mb, seq, V/TP] of one
     micro-batch to a scalar loss (averaged over micro-batches by the caller's
     choice of loss; Megatron divides by num_microbatches). Returns, on the last
-    pipeline stage, the full-vocab logits of each micro-batch (empty elsewhere).
+    pipeline stage, the full-vocab logits of each micro-batch on the model's device (empty elsewhere).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     batch, seq = tokens.shape
     if batch % num_microbatches:
         raise ValueError(f"batch {batch} is not divisible into {num_microbatches} micro-batches")
-    micro = list(tokens.chunk(num_microbatches))
-    positions = torch.arange(seq).unsqueeze(0)
+    device = next(model.parameters()).device  # the tokens may come from the CPU (a data loader, a test)
+    micro = list(tokens.to(device).chunk(num_microbatches))
+    positions = torch.arange(seq, device=device).unsqueeze(0)
 
     def forward_step(data_iterator, chunk):
         mb = next(data_iterator)
