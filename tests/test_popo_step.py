@@ -185,7 +185,7 @@ def _step_case(hf: Path, case: str, tp: int, pp: int, sp: bool, microbatches: in
         assert math.isclose(reported["rollout/logprob_abs_diff_max"], reference["mismatch_max"], abs_tol=1e-5)
     checked = 0
     for pname, param, expected in iter_megatron_shards(model, reference["grads"], args, cfg):
-        diff = (param.main_grad - expected).abs().max().item()
+        diff = (param.main_grad - expected.to(param.main_grad.device)).abs().max().item()
         assert diff < GRAD_TOL, f"{where} {case}: gradient of {pname} differs from the reference by {diff}"
         checked += 1
     assert checked == len(list(model.parameters()))
@@ -193,7 +193,7 @@ def _step_case(hf: Path, case: str, tp: int, pp: int, sp: bool, microbatches: in
     if predictor is not None:
         predictor.finish_grad_sync()
         for pname, param in predictor.linear.named_parameters():
-            diff = (param.grad - reference["grads"][f"predictor.{pname}"]).abs().max().item()
+            diff = (param.grad - reference["grads"][f"predictor.{pname}"].to(param.grad.device)).abs().max().item()
             assert diff < GRAD_TOL, f"{where} {case}: predictor {pname} gradient differs by {diff}"
     dist.barrier()
 
@@ -252,7 +252,7 @@ def _all_tokens_case(hf: Path, tp: int, where: str) -> None:
     advantages = torch.where(positive, _grpo_advantages_closed_form(REWARDS), 0.0)  # the positives' terms
     reference = _hf_reference(hf, "grpo", grpo_cfg, tokens, mask, None, positive, advantages)
     for pname, param, expected in iter_megatron_shards(model, reference["grads"], args, cfg):
-        diff = (param.main_grad - expected).abs().max().item()
+        diff = (param.main_grad - expected.to(param.main_grad.device)).abs().max().item()
         assert diff < GRAD_TOL, f"{where}: gradient of {pname} differs from GRPO's on the positives by {diff}"
     assert any(p.main_grad.abs().max() > 0 for p in model.parameters())
     dist.barrier()
@@ -331,7 +331,7 @@ def _grpo_left_out_worker(hf: str) -> None:
             Path(hf), "grpo", grpo_cfg, full.tokens[dealt], full.loss_mask[dealt], None, None, advantages[dealt]
         )
         for pname, param, expected in iter_megatron_shards(model, reference["grads"], args, cfg):
-            diff = (param.main_grad - expected).abs().max().item()
+            diff = (param.main_grad - expected.to(param.main_grad.device)).abs().max().item()
             assert diff < GRAD_TOL, f"dp{dp} mini-batch {k}: gradient of {pname} differs by {diff}"
         learning = any(p.main_grad.abs().max() > 0 for p in model.parameters())
         assert learning == (k < 2), f"mini-batch {k}: a gradient where there is {'no' if k < 2 else 'a'} signal"

@@ -28,7 +28,7 @@ class ParamsDtype(str, Enum):
 
 
 class LayerSpec(str, Enum):
-    auto = "auto"  # Transformer Engine spec on CUDA, local (torch) spec otherwise
+    auto = "auto"  # Transformer Engine spec on CUDA when it is installed, local (torch) spec otherwise
     te = "te"
     local = "local"
 

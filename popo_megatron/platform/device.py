@@ -6,6 +6,7 @@ CUDA themselves.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any
 
@@ -27,11 +28,17 @@ def collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")
 
 
+def transformer_engine_installed() -> bool:
+    """Transformer Engine is importable (looked up, not imported: importing it is slow, and on a machine
+    without CUDA a partial install breaks `import megatron.core`)."""
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
 def resolve_layer_spec(choice: str) -> str:
-    """'auto' -> 'te' with CUDA, 'local' (torch modules) without (`choice` may be
-    the config's str Enum). Config validation rejects 'te' without CUDA."""
+    """'auto' -> 'te' with CUDA and Transformer Engine, else 'local' (torch modules); `choice` may be the
+    config's str Enum. Config validation rejects 'te' without CUDA."""
     if choice == "auto":
-        return "te" if cuda_available() else "local"
+        return "te" if cuda_available() and transformer_engine_installed() else "local"
     return setting_value(choice)
 
 
