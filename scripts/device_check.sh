@@ -4,6 +4,9 @@
 #   scripts/device_check.sh OUT_DIR          # on the GPU machine, after scripts/device_wheels.sh here
 #   scripts/device_check.sh --dry OUT_DIR    # anywhere (CI): this project's .venv, the CUDA-only tests skipped
 #
+# POPO_DEVICE_PYTHON picks another interpreter than python3 (e.g. a Python 3.12 venv with torch on a machine
+# without a GPU: the same run then checks megatron-core 0.19 on its CPUs, the gpu tests skipped).
+#
 # 1. installs the carried wheels (.device_wheels/, or $POPO_DEVICE_WHEELS) into a scratch directory on
 #    PYTHONPATH, next to the repository itself (nothing is installed into the machine's Python);
 # 2. records the versions (Python, torch, CUDA, the GPU, megatron-core, transformers);
@@ -32,8 +35,13 @@ CPU_TESTS=(
   tests/test_popo_step.py
   tests/test_twin.py
   tests/test_cpu_compat.py
-  tests/test_convert.py
   tests/test_optimizer_state.py
+  tests/test_logprobs.py
+  tests/test_convert.py
+  tests/test_convert_errors.py
+  tests/test_hf_loading.py
+  tests/test_mapping.py
+  tests/test_builder.py
 )
 
 if [[ "$dry" == 1 ]]; then
@@ -41,7 +49,7 @@ if [[ "$dry" == 1 ]]; then
   export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
   collect=(--collect-only -q)
 else
-  python="$(command -v python3)"
+  python="${POPO_DEVICE_PYTHON:-$(command -v python3)}"
   wheels="${POPO_DEVICE_WHEELS:-$root/.device_wheels}"
   site="$(mktemp -d)/site"
   if ! compgen -G "$wheels/*.whl" >/dev/null; then
@@ -84,7 +92,7 @@ timeout 300 "$python" -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider --j
   >"$out/gpu.log" 2>&1 || status=1
 tail -3 "$out/gpu.log"
 # 4. on the CPUs, the GPU hidden (our platform layer picks gloo and the CPU when CUDA is absent)
-CUDA_VISIBLE_DEVICES="" timeout 300 "$python" -m pytest "${CPU_TESTS[@]}" -m "not gpu" -p no:cacheprovider \
+CUDA_VISIBLE_DEVICES="" timeout 600 "$python" -m pytest "${CPU_TESTS[@]}" -m "not gpu" -p no:cacheprovider \
   "${collect[@]}" --junitxml="$out/cpu.xml" >"$out/cpu.log" 2>&1 || status=1
 tail -3 "$out/cpu.log"
 

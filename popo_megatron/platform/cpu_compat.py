@@ -1,7 +1,8 @@
 """Make megatron-core run on a machine without CUDA (CPU tensors, gloo).
 
 megatron-core assumes CUDA in a handful of well-defined ways (measured on
-0.16.1, see the project's cpu-platform notes). Each is one named patch below;
+0.16.1 under Python 3.11 and on 0.19.2 under Python 3.12, see the project's
+cpu-platform notes). Each is one named patch below;
 `apply_cpu_compat()` applies them all, once, and only when CUDA is absent.
 Every patch only changes behaviour that would otherwise raise ("Torch not
 compiled with CUDA enabled", an assertion, a type check): nothing that works
@@ -44,12 +45,33 @@ def _to_cpu_device(device):
     return device
 
 
+class _HostStream:
+    """The stream of host code: everything on it is already ordered, so waiting is a no-op."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+_HOST_STREAM = _HostStream()
+
+
 class _CpuCudaNamespace(types.ModuleType):
-    """`torch.cuda` as seen through the proxy: the CUDA RNG calls act on the CPU generator."""
+    """`torch.cuda` as seen through the proxy: the CUDA RNG calls act on the CPU generator, and the current
+    stream (megatron-core 0.19's DDP waits on it before every gradient reduction) is the host's."""
 
     get_rng_state = staticmethod(torch.get_rng_state)
     set_rng_state = staticmethod(torch.set_rng_state)
     manual_seed = staticmethod(torch.manual_seed)
+
+    @staticmethod
+    def current_stream(device=None) -> _HostStream:
+        return _HOST_STREAM
 
     def __init__(self) -> None:
         super().__init__("torch.cuda")
