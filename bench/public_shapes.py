@@ -32,6 +32,18 @@ PUBLIC_SHAPES: dict[str, dict] = {
         max_position_embeddings=4096,
         tie_word_embeddings=False,
     ),
+    # the GPU check's throughput model (bench/bench_gpu_step.py)
+    "qwen2.5-0.5b": dict(
+        architectures=QWEN2,
+        vocab_size=151936,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+    ),
     "qwen2.5-7b": dict(
         architectures=QWEN2,
         vocab_size=152064,

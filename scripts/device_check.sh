@@ -10,7 +10,8 @@
 # 1. installs the carried wheels (.device_wheels/, or $POPO_DEVICE_WHEELS) into a scratch directory on
 #    PYTHONPATH, next to the repository itself (nothing is installed into the machine's Python);
 # 2. records the versions (Python, torch, CUDA, the GPU, megatron-core, transformers);
-# 3. runs the tests marked `gpu` (tests/test_gpu.py) on CUDA;
+# 3. runs the tests marked `gpu` (tests/test_gpu.py) on CUDA, and bench/bench_gpu_step.py (training
+#    throughput and MFU of a Qwen2.5-0.5B-shaped model in bf16; the twin's EMA and swap against a copy);
 # 4. runs the megatron-dependent CPU tests with the GPU hidden: on the GPU machine the only place where
 #    megatron-core 0.19 meets Python 3.12 and our code (in --dry mode they are only collected: the CPU
 #    suite runs them);
@@ -91,6 +92,11 @@ status=0
 timeout 300 "$python" -m pytest -m gpu tests/test_gpu.py -p no:cacheprovider --junitxml="$out/gpu.xml" \
   >"$out/gpu.log" 2>&1 || status=1
 tail -3 "$out/gpu.log"
+# 3b. throughput and MFU of a 0.5B model, the twin's EMA and swap against a device copy (a tiny shape without CUDA)
+tiny=()
+"$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" || tiny=(--tiny)
+timeout 240 "$python" bench/bench_gpu_step.py "${tiny[@]}" --out "$out" >"$out/gpu_step.log" 2>&1 || status=1
+grep -E "tokens/s|twin" "$out/gpu_step.log"
 # 4. on the CPUs, the GPU hidden (our platform layer picks gloo and the CPU when CUDA is absent)
 CUDA_VISIBLE_DEVICES="" timeout 600 "$python" -m pytest "${CPU_TESTS[@]}" -m "not gpu" -p no:cacheprovider \
   "${collect[@]}" --junitxml="$out/cpu.xml" >"$out/cpu.log" 2>&1 || status=1
@@ -125,12 +131,22 @@ for part in ("gpu", "cpu"):
                  seconds=float(case.get("time") or 0), message=message)
         )
 versions = json.loads((out / "versions.json").read_text())
-result = dict(dry=dry, versions=versions, tests=rows)
+step_file = out / "gpu_step.json"
+step = json.loads(step_file.read_text()) if step_file.exists() else None
+result = dict(dry=dry, versions=versions, gpu_step=step, tests=rows)
 (out / "device_check.json").write_text(json.dumps(result, indent=1) + "\n")
 lines = [
     f"# Device check{' (dry: CUDA tests skipped, CPU tests collected only)' if dry else ''}",
     "",
     " | ".join(f"{k} {v}" for k, v in versions.items()),
+    "",
+    (
+        f"Training ({step['device']}, {step['params'] / 1e6:.0f}M parameters, sequence {step['seq']}): "
+        f"{step['train_tokens_per_s']:,.0f} tokens/s, MFU {100 * step['mfu']:.1f}%. Twin EMA "
+        f"{step['ema_gb_s']:.1f} GB/s, swap {step['swap_gb_s']:.1f} GB/s, device copy {step['copy_gb_s']:.1f} GB/s."
+        if step
+        else "bench/bench_gpu_step.py wrote no result (see gpu_step.log)."
+    ),
     "",
     "| part | test | outcome | s | message |",
     "| --- | --- | --- | --- | --- |",

@@ -18,6 +18,8 @@ def test_dry_run_reports_every_check(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr + (tmp_path / "gpu.log").read_text()
     report = json.loads((tmp_path / "device_check.json").read_text())
     assert report["dry"] and report["versions"]["megatron-core"] and report["versions"]["torch"]
+    step = report["gpu_step"]  # the throughput bench ran on its tiny shape
+    assert step["device"] == "cpu" and step["train_tokens_per_s"] > 0 and step["ema_gb_s"] > 0, step
     gpu = [r for r in report["tests"] if r["part"] == "gpu"]
     cpu = [r for r in report["tests"] if r["part"] == "cpu"]
     assert len(gpu) == 4 and all(r["outcome"] == "skipped" for r in gpu), gpu  # no CUDA here
