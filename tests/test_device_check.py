@@ -22,8 +22,8 @@ def test_dry_run_reports_every_check(tmp_path):
     assert step["device"] == "cpu" and step["train_tokens_per_s"] > 0 and step["ema_gb_s"] > 0, step
     gpu = [r for r in report["tests"] if r["part"] == "gpu"]
     cpu = [r for r in report["tests"] if r["part"] == "cpu"]
-    assert len(gpu) == 4 and all(r["outcome"] == "skipped" for r in gpu), gpu  # no CUDA here
+    assert len(gpu) == 6 and all(r["outcome"] == "skipped" for r in gpu), gpu  # no CUDA here
     assert len(cpu) > 20 and all(r["outcome"] == "collected" for r in cpu)
     assert any("test_popo_step.py" in r["test"] for r in cpu)
     table = (tmp_path / "device_check.md").read_text()
-    assert table.count("\n| gpu |") == 4 and "megatron-core" in table
+    assert table.count("\n| gpu |") == 6 and "megatron-core" in table
