@@ -24,17 +24,10 @@ from pathlib import Path
 
 from public_shapes import PUBLIC_SHAPES
 
-TINY = dict(
-    architectures=["Qwen2ForCausalLM"],
-    vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    tie_word_embeddings=True,
-)
+from popo_megatron.model.random_model import TINY_QWEN2
+
+# --tiny: the random model `popo parity` uses, for a run that needs no GPU
+TINY = dict(architectures=["Qwen2ForCausalLM"], **TINY_QWEN2)
 
 
 def _sync() -> None:
@@ -57,7 +50,7 @@ def _timed(fn, repeats: int) -> float:
     return best
 
 
-def _worker(shape: dict, seq: int, micro_batch: int, steps: int, peak_tflops: float, out: str) -> None:
+def _worker(shape: dict, seq: int, micro_batch: int, micro_batches: int, peak_tflops: float, out: str) -> None:
     import torch
 
     from popo_megatron.algo.twin import TwinParams
@@ -81,11 +74,13 @@ def _worker(shape: dict, seq: int, micro_batch: int, steps: int, peak_tflops: fl
     ddp = wrap_ddp(model, args, cfg)
     device = next(model.parameters()).device
     params = sum(p.numel() for p in model.parameters())
-    tokens = torch.randint(0, args.vocab_size, (micro_batch * steps, seq), generator=torch.Generator().manual_seed(0))
+    tokens = torch.randint(
+        0, args.vocab_size, (micro_batch * micro_batches, seq), generator=torch.Generator().manual_seed(0)
+    )
 
     def train_pass() -> None:
         ddp.zero_grad_buffer()
-        forward_logits(ddp, tokens, loss_fn=lambda logits: logits.float().mean(), num_microbatches=steps)
+        forward_logits(ddp, tokens, loss_fn=lambda logits: logits.float().mean(), num_microbatches=micro_batches)
 
     seconds = _timed(train_pass, repeats=3)
     tokens_per_s = tokens.numel() / seconds
@@ -109,7 +104,7 @@ def _worker(shape: dict, seq: int, micro_batch: int, steps: int, peak_tflops: fl
         params=params,
         seq=seq,
         micro_batch=micro_batch,
-        micro_batches=steps,
+        micro_batches=micro_batches,
         train_tokens_per_s=tokens_per_s,
         train_tflops=achieved_tflops,
         peak_tflops=peak_tflops,
