@@ -102,3 +102,29 @@ def test_weight_map_names():
     )
     with pytest.raises(MappingError, match="no HF mapping for Megatron parameter 'decoder.layers.0.foo'"):
         wm.resolve("decoder.layers.0.foo")
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+@pytest.mark.parametrize("kv", [1, 2, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_read_shard_into_writes_what_read_shard_returns(tp, kv, dtype):
+    """Loading writes each piece straight into the parameter (any dtype): the same values as the joined
+    shard of read_shard (whose layout the tests above check), for every rank, KV replication included."""
+    args = _args(kv=kv)
+    d, h = args.head_dim, args.hidden_size
+    cases = [
+        (QKV(), [torch.randn(args.num_attention_heads * d, h), torch.randn(kv * d, h), torch.randn(kv * d, h)]),
+        (QKV(), [torch.randn(args.num_attention_heads * d), torch.randn(kv * d), torch.randn(kv * d)]),  # biases
+        (GatedFC1(), [torch.randn(args.intermediate_size, h), torch.randn(args.intermediate_size, h)]),
+        (VocabSplit(), [torch.randn(args.vocab_size, h)]),
+        (RowSplit(), [torch.randn(h, args.intermediate_size)]),
+    ]
+    for transform, hf in cases:
+        for rank in range(tp):
+            ctx = ShardContext.create(args, rank, tp, vocab_divisible_by=8)
+            expected = transform.read_shard(hf, ctx).to(dtype)
+            out = torch.full_like(expected, float("nan"))
+            transform.read_shard_into(hf, ctx, out)
+            assert torch.equal(out, expected), (type(transform).__name__, rank)
+            with pytest.raises(MappingError, match=r"checkpoint gives shape .* but the model expects"):
+                transform.read_shard_into(hf, ctx, torch.empty(expected.shape[0] + 1, *expected.shape[1:]))

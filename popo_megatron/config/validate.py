@@ -118,6 +118,12 @@ def _algorithm_problems(cfg: DictConfig) -> list[str]:
         ("rollout.top_p", 0 < cfg.rollout.top_p <= 1, "must be in (0, 1]"),
         ("rollout.max_tokens", cfg.rollout.max_tokens >= 1, "must be >= 1"),
         ("rollout.tensor_parallel_size", cfg.rollout.tensor_parallel_size >= 1, "must be >= 1"),
+        ("rollout.max_num_seqs", cfg.rollout.max_num_seqs is None or cfg.rollout.max_num_seqs >= 1, "must be >= 1"),
+        (
+            "rollout.max_num_batched_tokens",
+            cfg.rollout.max_num_batched_tokens is None or cfg.rollout.max_num_batched_tokens >= 1,
+            "must be >= 1",
+        ),
         ("train.steps", cfg.train.steps >= 1, "must be >= 1"),
         ("train.prompts_per_step", cfg.train.prompts_per_step >= 1, "must be >= 1"),
         ("train.mini_batches", cfg.train.mini_batches >= 1, "must be >= 1"),

@@ -80,6 +80,8 @@ class VLLMEngine:
             tensor_parallel_size=rollout_cfg.tensor_parallel_size,
             distributed_executor_backend="external_launcher" if distributed else None,
             logprobs_mode="processed_logprobs",  # log-probs after temperature, like the trainer's
+            max_num_seqs=rollout_cfg.max_num_seqs,
+            max_num_batched_tokens=rollout_cfg.max_num_batched_tokens,
             **vllm_engine_kwargs(rollout_cfg),
         )
         restore_rng_state(rng)

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from popo_megatron.model.hf_config import HFModelArgs
 from popo_megatron.platform import resolve_layer_spec
 from popo_megatron.weights.hf_checkpoint import HFCheckpoint
-from popo_megatron.weights.mapping import MappingError, ShardContext, Sliceable, WeightMap
+from popo_megatron.weights.mapping import MappingError, ResolvedMapping, ShardContext, Sliceable, WeightMap, check_fits
 
 
 def layer_offset(model: torch.nn.Module) -> int:
@@ -50,31 +50,52 @@ class _InMemory:
         return self._tensors[name]
 
 
-def iter_megatron_shards(
-    model: torch.nn.Module, source: HFCheckpoint | Mapping[str, torch.Tensor], args: HFModelArgs, cfg: DictConfig
-) -> Iterator[tuple[str, torch.nn.Parameter, torch.Tensor]]:
-    """(name, parameter, this rank's shard built from the HF tensors) for every
-    parameter of `model`, one at a time so memory stays bounded by one tensor."""
-    reader = _InMemory(source) if isinstance(source, Mapping) else source
+def _parameter_sources(
+    model: torch.nn.Module, source: str | HFCheckpoint | Mapping[str, torch.Tensor], args: HFModelArgs, cfg: DictConfig
+) -> Iterator[tuple[str, torch.nn.Parameter, ResolvedMapping, list[Sliceable], ShardContext]]:
+    """(name, parameter, its mapping, the HF tensors it is made of, this rank's context) for every parameter
+    of `model`; the HF tensors are views of the checkpoint (nothing is read yet)."""
+    if isinstance(source, Mapping):
+        reader = _InMemory(source)
+    else:
+        reader = source if isinstance(source, HFCheckpoint) else HFCheckpoint(source)
     weight_map = weight_map_for(args, cfg)
     ctx = shard_context(args, cfg)
     offset = layer_offset(model)
     for name, param in model.named_parameters():
         mapping = weight_map.resolve(name, offset)
-        shard = mapping.transform.read_shard([reader.get(h) for h in mapping.hf], ctx)
-        if tuple(shard.shape) != tuple(param.shape):
-            raise MappingError(
-                f"{name} (from {', '.join(mapping.hf)}): checkpoint gives shape {tuple(shard.shape)} "
-                f"but the model expects {tuple(param.shape)}: is the checkpoint from another model?"
-            )
+        yield name, param, mapping, [reader.get(h) for h in mapping.hf], ctx
+
+
+def _wrong_model(name: str, mapping: ResolvedMapping, exc: MappingError) -> MappingError:
+    return MappingError(f"{name} (from {', '.join(mapping.hf)}): {exc}: is the checkpoint from another model?")
+
+
+def iter_megatron_shards(
+    model: torch.nn.Module, source: HFCheckpoint | Mapping[str, torch.Tensor], args: HFModelArgs, cfg: DictConfig
+) -> Iterator[tuple[str, torch.nn.Parameter, torch.Tensor]]:
+    """(name, parameter, this rank's shard built from the HF tensors) for every
+    parameter of `model`, one at a time so memory stays bounded by one tensor."""
+    for name, param, mapping, hf, ctx in _parameter_sources(model, source, args, cfg):
+        shard = mapping.transform.read_shard(hf, ctx)
+        try:
+            check_fits(shard.shape, param)
+        except MappingError as exc:
+            raise _wrong_model(name, mapping, exc) from None
         yield name, param, shard
 
 
 @torch.no_grad()
-def load_hf_weights(model: torch.nn.Module, hf_path: str, args: HFModelArgs, cfg: DictConfig) -> None:
-    """Copy the HF checkpoint at `hf_path` into this rank's parameters (cast to their dtype)."""
-    for _, param, shard in iter_megatron_shards(model, HFCheckpoint(hf_path), args, cfg):
-        param.copy_(shard.to(param.dtype))
+def load_hf_weights(
+    model: torch.nn.Module, source: str | Mapping[str, torch.Tensor], args: HFModelArgs, cfg: DictConfig
+) -> None:
+    """Copy the HF tensors of `source` (a checkpoint directory, or full tensors by name) into this rank's
+    parameters (cast to their dtype): each rank reads its slices of them only, straight into the parameter."""
+    for name, param, mapping, hf, ctx in _parameter_sources(model, source, args, cfg):
+        try:
+            mapping.transform.read_shard_into(hf, ctx, param.data)
+        except MappingError as exc:
+            raise _wrong_model(name, mapping, exc) from None
 
 
 def load_hf_model(cfg: DictConfig, parallel_output: bool = True) -> tuple[torch.nn.Module, HFModelArgs]:

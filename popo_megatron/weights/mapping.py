@@ -72,6 +72,12 @@ def _expect(hf: Sliceable, dim: int, size: int, what: str) -> None:
         raise MappingError(f"{what}: expected size {size} along dim {dim}, checkpoint has shape {tuple(hf.shape)}")
 
 
+def check_fits(shape: Sequence[int], out: torch.Tensor) -> None:
+    """A MappingError naming both shapes unless a shard of `shape` is what `out` holds."""
+    if tuple(shape) != tuple(out.shape):
+        raise MappingError(f"checkpoint gives shape {tuple(shape)} but the model expects {tuple(out.shape)}")
+
+
 class Transform:
     """Base: the checkpoint form of a parameter is its TP shards joined along `split_axis`."""
 
@@ -79,6 +85,13 @@ class Transform:
 
     def read_shard(self, hf: Sequence[Sliceable], ctx: ShardContext) -> torch.Tensor:
         raise NotImplementedError
+
+    def read_shard_into(self, hf: Sequence[Sliceable], ctx: ShardContext, out: torch.Tensor) -> None:
+        """read_shard written into `out` (this rank's parameter, any dtype). Transforms that join pieces
+        override it to copy each piece into its place: no joined temporary, one copy from the file."""
+        shard = self.read_shard(hf, ctx)
+        check_fits(shard.shape, out)
+        out.copy_(shard)
 
     def to_hf(self, shards: Sequence[torch.Tensor], ctx: ShardContext) -> list[torch.Tensor]:
         raise NotImplementedError
@@ -159,14 +172,36 @@ class QKV(Transform):
     split_axis = 0
 
     def read_shard(self, hf: Sequence[Sliceable], ctx: ShardContext) -> torch.Tensor:
-        return self._read_groups(hf, ctx, ctx.span(megatron_query_groups(ctx.args.num_kv_heads, ctx.tp_size)))
+        return self._read_groups(hf, ctx, self._local_groups(ctx))
+
+    def read_shard_into(self, hf: Sequence[Sliceable], ctx: ShardContext, out: torch.Tensor) -> None:
+        parts = self._group_parts(hf, ctx, self._local_groups(ctx))
+        groups, trailing = parts[0].shape[0], parts[0].shape[2:]
+        check_fits((groups * sum(p.shape[1] for p in parts), *trailing), out)
+        grouped = out.view(groups, -1, *trailing)  # [groups, q + k + v rows, ...]
+        start = 0
+        for part in parts:
+            grouped[:, start : start + part.shape[1]].copy_(part)
+            start += part.shape[1]
 
     def to_checkpoint(self, hf: Sequence[Sliceable], ctx: ShardContext) -> torch.Tensor:
         # Every rank's groups in order: one read of all of them.
         return self._read_groups(hf, ctx, slice(0, megatron_query_groups(ctx.args.num_kv_heads, ctx.tp_size)))
 
+    @staticmethod
+    def _local_groups(ctx: ShardContext) -> slice:
+        return ctx.span(megatron_query_groups(ctx.args.num_kv_heads, ctx.tp_size))
+
     def _read_groups(self, hf: Sequence[Sliceable], ctx: ShardContext, local: slice) -> torch.Tensor:
         """Megatron's rows of the query groups `local` (with their KV heads replicated as TP needs)."""
+        q_local, k_local, v_local = self._group_parts(hf, ctx, local)
+        return torch.cat([q_local, k_local, v_local], dim=1).reshape(-1, *q_local.shape[2:])
+
+    def _group_parts(
+        self, hf: Sequence[Sliceable], ctx: ShardContext, local: slice
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k and v rows of the query groups `local`, each [groups, rows, ...]: views of the checkpoint
+        unless KV heads are replicated."""
         a = ctx.args
         q, k, v = hf
         d = a.head_dim
@@ -181,10 +216,12 @@ class QKV(Transform):
         q_local = q_local.reshape(local.stop - local.start, heads_per_group * d, *trailing)
         kv_first, kv_last = local.start // rep, (local.stop - 1) // rep
         kv_rows = slice(kv_first * d, (kv_last + 1) * d)
-        kv_index = torch.tensor([g // rep - kv_first for g in range(local.start, local.stop)])
-        k_local = k[kv_rows].reshape(-1, d, *trailing)[kv_index]
-        v_local = v[kv_rows].reshape(-1, d, *trailing)[kv_index]
-        return torch.cat([q_local, k_local, v_local], dim=1).reshape(-1, *trailing)
+        k_local = k[kv_rows].reshape(-1, d, *trailing)
+        v_local = v[kv_rows].reshape(-1, d, *trailing)
+        if rep > 1:  # each KV head serves `rep` consecutive groups
+            kv_index = torch.tensor([g // rep - kv_first for g in range(local.start, local.stop)])
+            k_local, v_local = k_local[kv_index], v_local[kv_index]
+        return q_local, k_local, v_local
 
     def to_hf(self, shards: Sequence[torch.Tensor], ctx: ShardContext) -> list[torch.Tensor]:
         return self._split(torch.cat(list(shards)), ctx)
@@ -214,11 +251,21 @@ class GatedFC1(Transform):
     """
 
     def read_shard(self, hf: Sequence[Sliceable], ctx: ShardContext) -> torch.Tensor:
+        return torch.cat(self._local_rows(hf, ctx))
+
+    def read_shard_into(self, hf: Sequence[Sliceable], ctx: ShardContext, out: torch.Tensor) -> None:
+        gate, up = self._local_rows(hf, ctx)
+        check_fits((gate.shape[0] + up.shape[0], *gate.shape[1:]), out)
+        out[: gate.shape[0]].copy_(gate)
+        out[gate.shape[0] :].copy_(up)
+
+    @staticmethod
+    def _local_rows(hf: Sequence[Sliceable], ctx: ShardContext) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up = hf
         _expect(gate, 0, ctx.args.intermediate_size, "gate_proj rows")
         _expect(up, 0, ctx.args.intermediate_size, "up_proj rows")
         rows = ctx.span(ctx.args.intermediate_size)
-        return torch.cat([gate[rows], up[rows]])
+        return gate[rows], up[rows]
 
     def to_hf(self, shards: Sequence[torch.Tensor], ctx: ShardContext) -> list[torch.Tensor]:
         halves = [s.chunk(2) for s in shards]
