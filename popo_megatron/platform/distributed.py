@@ -69,12 +69,8 @@ def slurm_environment(env: dict[str, str]) -> dict[str, str]:
 
 
 def init_distributed(timeout_minutes: float = 30.0) -> RankInfo:
-    """Initialise torch.distributed from the launcher's environment (idempotent).
-
-    Also applies the CPU compatibility layer when there is no CUDA, so every
-    entry point that goes through here gets it exactly once.
-    """
-    apply_cpu_compat()
+    """Initialise torch.distributed from the launcher's environment (idempotent). Megatron-Core is not
+    imported here (a second and a half per process): init_model_parallel sets it up."""
     # Upstream deprecation notices every rank would print: megatron-core calls
     # collectives and DCP functions that torch >= 2.13 renamed or deprecated, and
     # warns about its own default cuda_graph_scope in every TransformerConfig.
@@ -107,7 +103,9 @@ def init_distributed(timeout_minutes: float = 30.0) -> RankInfo:
 
 def init_model_parallel(parallel: DictConfig) -> None:
     """Create Megatron's TP/PP/DP groups for the config's `parallel` section
-    (idempotent for the same layout). Validate the config first."""
+    (idempotent for the same layout). Validate the config first. Applies the CPU compatibility layer
+    when there is no CUDA: every use of Megatron-Core goes through here first."""
+    apply_cpu_compat()
     from megatron.core import parallel_state
 
     tensor_parallel = parallel.tensor_model_parallel_size
