@@ -323,8 +323,8 @@ class RolloutConfig:
     kv_cache_memory_mb: int = 256  # CPU: the KV cache (vLLM would otherwise size it from all RAM)
     cpu_threads: Optional[int] = None  # CPU: OpenMP threads of the engine (set before it starts)
     # The scheduler's limits per engine step (None: vLLM's defaults; on CPU 256 sequences and 4096 tokens).
-    # Every engine step costs a fixed scheduling overhead: a step's rollouts in fewer, fuller engine steps
-    # are faster when the model is small (the KV cache must hold max_num_seqs sequences).
+    # Higher limits run a step's rollouts in fewer engine steps; the KV cache must hold max_num_seqs
+    # sequences for the limit to take effect.
     max_num_seqs: Optional[int] = None
     max_num_batched_tokens: Optional[int] = None
     enforce_eager: bool = False  # GPU: no CUDA graphs (CPU engines are always eager)
