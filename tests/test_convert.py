@@ -185,3 +185,27 @@ def test_conversion_split_among_ranks_equals_single_process(tiny_models, tmp_pat
     for name in single:
         same = (tmp_path / "hf" / name).read_bytes() == (tmp_path / "hf_two_ranks" / name).read_bytes()
         assert same, f"{name} differs between one and two exporting ranks"
+
+
+def _gather_in_place_worker() -> None:
+    from unittest import mock
+
+    import torch.distributed as dist
+
+    from popo_megatron.rollout.weight_stream import gather_in_place
+
+    rank, size = dist.get_rank(), dist.get_world_size()
+    expected = torch.arange(size * 5.0).view(size, 5)
+    # gloo runs broadcasts; any other backend the in-place all-gather (NCCL's path, run here over gloo).
+    for backend in ("gloo", "nccl"):
+        per_rank = torch.full((size, 5), -1.0)
+        per_rank[rank] = expected[rank]
+        with mock.patch("torch.distributed.get_backend", return_value=backend):
+            gather_in_place(per_rank, rank, dist.group.WORLD)
+        assert torch.equal(per_rank, expected), f"{backend}: rank {rank} got {per_rank}"
+
+
+def test_gather_in_place_fills_every_row_on_both_paths():
+    """The stream's TP gather: each rank's row reaches every rank, through gloo's broadcasts and through
+    the in-place all-gather that NCCL runs (this path is otherwise only run on a GPU)."""
+    run_local(_gather_in_place_worker, 2)

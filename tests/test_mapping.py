@@ -7,7 +7,16 @@ import pytest
 import torch
 
 from popo_megatron.model.hf_config import parse_hf_config
-from popo_megatron.weights.mapping import QKV, GatedFC1, MappingError, RowSplit, ShardContext, VocabSplit, WeightMap
+from popo_megatron.weights.mapping import (
+    QKV,
+    GatedFC1,
+    MappingError,
+    RowSplit,
+    ShardContext,
+    VocabSplit,
+    WeightMap,
+    join_rows,
+)
 
 
 def _args(heads=8, kv=2, head_dim=4, hidden=16, inter=24, vocab=50, **extra):
@@ -77,6 +86,39 @@ def test_vocab_padding_and_row_split(tp):
     w = torch.randn(16, 32)
     _, (w2,) = _roundtrip(RowSplit(), [w], args, tp)
     assert torch.equal(w, w2)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_to_hf_of_shards_end_to_end_in_one_buffer(tp):
+    """The weight stream hands a parameter that travelled alone as its shards in consecutive rows of one
+    buffer: to_hf must give what it gives for separate shards, and the joins must not copy."""
+    args = _args(vocab=50, kv=2)
+    d = args.head_dim
+    hf_sets = {
+        VocabSplit(): [torch.randn(50, 16)],
+        QKV(): [torch.randn(args.num_attention_heads * d, 16), torch.randn(2 * d, 16), torch.randn(2 * d, 16)],
+    }
+    for transform, hf in hf_sets.items():
+        shards, expected = _roundtrip(transform, hf, args, tp)
+        buffer = torch.cat([s.reshape(-1) for s in shards]).view(tp, -1)  # the stream's gathered rows
+        in_buffer = [buffer[r].view(shards[r].shape) for r in range(tp)]
+        got = transform.to_hf(in_buffer, ShardContext.create(args, 0, tp, vocab_divisible_by=8))
+        for e, g in zip(expected, got, strict=True):
+            assert torch.equal(e, g), type(transform).__name__
+        if isinstance(transform, VocabSplit):
+            assert got[0].data_ptr() == buffer.data_ptr()  # a view of the buffer: no copy
+
+
+def test_join_rows_copies_only_what_is_not_end_to_end():
+    buffer = torch.arange(24.0).view(4, 3, 2)
+    adjacent = join_rows([buffer[0], buffer[1], buffer[2]])
+    assert torch.equal(adjacent, buffer[:3].reshape(9, 2)) and adjacent.data_ptr() == buffer.data_ptr()
+    # Each case below is contiguous memory with the wrong order or a gap: a view would be wrong.
+    for parts in ([buffer[1], buffer[0]], [buffer[0], buffer[2]], [buffer[0, :2], buffer[1]]):
+        joined = join_rows(parts)
+        assert torch.equal(joined, torch.cat(parts)) and joined.data_ptr() != buffer.data_ptr()
+    separate = [torch.randn(2, 2), torch.randn(3, 2)]
+    assert torch.equal(join_rows(separate), torch.cat(separate))
 
 
 def test_checkpoint_with_wrong_shapes_is_rejected():

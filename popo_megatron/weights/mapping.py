@@ -22,6 +22,7 @@ this table; nothing else may hard-code either layout.
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass, replace
 from typing import Protocol, Sequence
@@ -76,6 +77,24 @@ def check_fits(shape: Sequence[int], out: torch.Tensor) -> None:
     """A MappingError naming both shapes unless a shard of `shape` is what `out` holds."""
     if tuple(shape) != tuple(out.shape):
         raise MappingError(f"checkpoint gives shape {tuple(shape)} but the model expects {tuple(out.shape)}")
+
+
+def join_rows(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """torch.cat(parts) along dim 0, as a view when the parts already lie end to end in one buffer.
+
+    A parameter alone in a weight-stream bucket arrives as its TP shards in consecutive rows of the
+    gathered buffer: joining them is free, where a copy would cost a fresh tensor of its size (on CPU a
+    page fault for every 4 KiB of it: the largest tensors, embeddings and output layers, are alone).
+    """
+    first = parts[0]
+    adjacent = all(p.is_contiguous() and p.shape[1:] == first.shape[1:] for p in parts) and all(
+        b.untyped_storage().data_ptr() == a.untyped_storage().data_ptr() and b.data_ptr() == a.data_ptr() + a.nbytes
+        for a, b in itertools.pairwise(parts)
+    )
+    if not adjacent:
+        return torch.cat(list(parts))
+    rows = sum(p.shape[0] for p in parts)
+    return first.as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
 
 
 class Transform:
@@ -149,7 +168,7 @@ class VocabSplit(Transform):
         return torch.cat([real, real.new_zeros((pad, *real.shape[1:]))]) if pad else real
 
     def to_hf(self, shards: Sequence[torch.Tensor], ctx: ShardContext) -> list[torch.Tensor]:
-        return [torch.cat(list(shards))[: ctx.args.vocab_size]]
+        return [join_rows(shards)[: ctx.args.vocab_size]]
 
     # The whole parameter is every row, padded once: one read instead of one per TP rank.
     def to_checkpoint(self, hf: Sequence[Sliceable], ctx: ShardContext) -> torch.Tensor:
@@ -224,7 +243,7 @@ class QKV(Transform):
         return q_local, k_local, v_local
 
     def to_hf(self, shards: Sequence[torch.Tensor], ctx: ShardContext) -> list[torch.Tensor]:
-        return self._split(torch.cat(list(shards)), ctx)
+        return self._split(join_rows(shards), ctx)
 
     def from_checkpoint(self, full: torch.Tensor, ctx: ShardContext) -> list[torch.Tensor]:
         return self._split(full, ctx)  # the stored form is the TP shards joined: no need to cut and rejoin
