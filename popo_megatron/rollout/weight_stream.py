@@ -76,6 +76,10 @@ def _buckets(entries: list[_Entry], tp: int, bucket_bytes: int) -> list[list[_En
     return buckets
 
 
+def _shares_memory(tensor: torch.Tensor, buffer: torch.Tensor) -> bool:
+    return tensor.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+
+
 def gather_in_place(per_rank: torch.Tensor, rank: int, group: dist.ProcessGroup) -> None:
     """Fill every row of `per_rank` ([group size, n], row `rank` already this rank's) with each rank's row.
 
@@ -97,9 +101,8 @@ def iter_hf_weight_buckets(
     """Yield lists of (HF name, full tensor) covering every weight of the model once.
 
     Collective over the model-parallel groups: every rank must consume the
-    iterator to the end. Tensors of a bucket of several parameters may share
-    one buffer, which the next such bucket reuses: copy them if they must
-    outlive it.
+    iterator to the end. The tensors may be kept: none is a view of memory
+    that a later bucket reuses.
     """
     from megatron.core import parallel_state
 
@@ -114,10 +117,10 @@ def iter_hf_weight_buckets(
     buckets = _buckets(_plan(model, args, cfg), tp, bucket_bytes)
     # One gathered buffer per dtype, of the largest bucket of several parameters, reused by each of them:
     # fresh buffers would pay their page faults (CPU) or allocations again for each bucket. This rank's
-    # shards are packed straight into its row, and the other ranks' rows are filled in place. A parameter
-    # that travels alone gets memory of its own instead, which its HF tensor may then be a view of
-    # (mapping.join_rows): consumers may hold it past the next bucket (vLLM's reload defers a layer
-    # until all of its weights have arrived).
+    # shards are packed straight into its row, and the other ranks' rows are filled in place. What comes
+    # out of it is copied (a consumer may keep a tensor past the next bucket: vLLM's reload defers a layer
+    # until all of its weights have arrived). A parameter that travels alone gets memory of its own
+    # instead, which its HF tensors may be views of (mapping.join_rows): no copy at all.
     largest: dict[torch.dtype, int] = {}
     for bucket in buckets:
         if len(bucket) > 1:
@@ -142,7 +145,10 @@ def iter_hf_weight_buckets(
             shards = [per_rank[r, start : start + e.numel].view(e.shape) for r in range(tp)]
             start += e.numel
             mapping = weight_map.resolve(e.global_name)
-            out += zip(mapping.hf, mapping.transform.to_hf(shards, ctx), strict=True)
+            tensors = mapping.transform.to_hf(shards, ctx)
+            if len(bucket) > 1:  # a view of the reused buffer would change under a consumer that keeps it
+                tensors = [t.clone() if _shares_memory(t, per_rank) else t for t in tensors]
+            out += zip(mapping.hf, tensors, strict=True)
         yield out
 
 
