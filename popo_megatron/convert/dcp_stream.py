@@ -98,6 +98,19 @@ def _single_process_is_intended() -> Iterator[None]:
         yield
 
 
+@contextmanager
+def _without_crc32() -> Iterator[None]:
+    """torch.save writes each chunk as a zip record with a CRC32 of its bytes, which torch.load does not check
+    (a corrupted byte loads silently, tried with torch 2.13): computing it only costs time. Measured on a
+    2.1 GB conversion, one process on 2 cores: 2.7 s with it, 1.6 s without."""
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(before)
+
+
 def _collective() -> bool:
     return dist.is_initialized() and dist.get_world_size() > 1
 
@@ -109,9 +122,11 @@ def write_chunks(path: Path, chunks: Sequence[Chunk], produce: Callable[[Chunk],
     with its own chunks (together they must cover each tensor exactly once).
     """
     path.mkdir(parents=True, exist_ok=True)
+    # One thread, though 2 were 1.2x faster: DCP's writer threads beyond the first drop their exceptions (with
+    # torch 2.13, the simulated disk-full error of tests/test_convert_errors.py was then not raised).
     writer = dcp.FileSystemWriter(path, single_file_per_rank=False)
     try:
-        with _single_process_is_intended():
+        with _single_process_is_intended(), _without_crc32():
             dcp.save({}, storage_writer=writer, planner=_ChunkSavePlanner(chunks, produce), no_dist=not _collective())
     except CheckpointException as exc:
         # DCP wraps every rank's failure; surface a single one as itself (e.g. OSError: disk full).
