@@ -17,6 +17,7 @@
    `--repeats` times; each is the best of its repeats.
 
     python bench/bench_conversion.py [--size-gb 2.1] [--dir /dev/shm] [--repeats 3] [--out bench/results]
+        [--parts conversion stream]
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def _measure_stream(model, args, cfg, bucket_mb: int, repeats: int) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from popo_megatron.rollout.weight_stream import iter_hf_weights
+    from popo_megatron.rollout.weight_stream import gather_in_place, iter_hf_weights
 
     group = parallel_state.get_tensor_model_parallel_group()
     bucket = bucket_mb * 2**20
@@ -183,10 +184,9 @@ def _measure_stream(model, args, cfg, bucket_mb: int, repeats: int) -> dict:
         for _ in range(count):
             dist.all_gather_into_tensor(gathered, shard, group=group)
 
-    def broadcasts():  # one from each rank, in place: what the stream runs on gloo
+    def broadcasts():  # the stream's own transport call: on gloo, an in-place broadcast from each rank
         for _ in range(count):
-            for src in range(2):
-                dist.broadcast(rows_of[src], src=dist.get_global_rank(group, src), group=group)
+            gather_in_place(rows_of, dist.get_rank(group), group)
 
     # Memory floor: one memcpy of the same bytes, in 256 MB pieces.
     source = torch.empty(64 * 2**20)
