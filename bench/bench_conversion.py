@@ -10,11 +10,12 @@
    The conversion's time is its own (`seconds`: the work); the process start-up (imports, torch's meta
    kernels) is the rest of the wall time, shown apart. Peak RSS is the largest rank's (VmHWM), against the
    bound 600 MiB + 10% of the checkpoint.
-2. The weight stream at TP=2 (GB/s of full HF tensors produced on each rank) per bucket size, against the
-   raw transport of the same bytes over the TP group, timed in the same processes: gloo all-gathers of
-   flat buffers of the bucket size, and in-place broadcasts from each rank of the same buffers (the
-   floor is the faster of the two); and against a memcpy of the same bytes. Stream and floors alternate
-   `--repeats` times; each is the best of its repeats.
+2. The weight stream at TP=2 (GB/s of full HF tensors produced on each rank) per bucket size, through
+   each of its TP transports: memory the two local ranks share (the default on CPU) and gloo (what ranks
+   on different hosts use). Against the raw gloo transport of the same bytes over the TP group, timed in
+   the same processes: gloo all-gathers of flat buffers of the bucket size, and in-place broadcasts from
+   each rank of the same buffers (the floor is the faster of the two); and against a memcpy of the same
+   bytes. Streams and floors alternate `--repeats` times; each is the best of its repeats.
 
     python bench/bench_conversion.py [--size-gb 2.1] [--dir /dev/shm] [--repeats 3] [--out bench/results]
         [--parts conversion stream]
@@ -163,11 +164,14 @@ def _measure_stream(model, args, cfg, bucket_mb: int, repeats: int) -> dict:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
+    from popo_megatron.platform.shared_rows import shared_rows
     from popo_megatron.rollout.weight_stream import gather_in_place, iter_hf_weights
 
     group = parallel_state.get_tensor_model_parallel_group()
     bucket = bucket_mb * 2**20
     nbytes = sum(t.numel() * t.element_size() for _, t in iter_hf_weights(model, args, cfg, bucket))  # warm
+    # What the default stream used (no collective: the slots it mapped are held, or known to be impossible).
+    transport = "shared memory" if shared_rows(group, 1) is not None else "gloo"
     # Transport floors: the same bytes in flat buffers of the bucket size, reused, over the TP group.
     shard = torch.empty(bucket // 2 // 4)
     gathered = torch.empty(2 * shard.numel())
@@ -178,6 +182,10 @@ def _measure_stream(model, args, cfg, bucket_mb: int, repeats: int) -> dict:
 
     def stream():
         for _ in iter_hf_weights(model, args, cfg, bucket):
+            pass
+
+    def stream_gloo():
+        for _ in iter_hf_weights(model, args, cfg, bucket, shared_memory=False):
             pass
 
     def all_gather():
@@ -200,16 +208,18 @@ def _measure_stream(model, args, cfg, bucket_mb: int, repeats: int) -> dict:
 
     # Interleaved, best of `repeats` for each: two ranks and gloo's threads on 2 cores make any single
     # pass noisy, and noise only ever adds time.
-    runs: dict[str, list[float]] = {"stream": [], "all_gather": [], "broadcasts": [], "memcpy": []}
+    stream_gloo()  # warm
+    runs: dict[str, list[float]] = {"stream": [], "stream_gloo": [], "all_gather": [], "broadcasts": [], "memcpy": []}
     for _ in range(repeats):
         runs["stream"].append(_timed(stream))
+        runs["stream_gloo"].append(_timed(stream_gloo))
         runs["all_gather"].append(_timed(all_gather) * nbytes / (count * gathered.nbytes))
         runs["broadcasts"].append(_timed(broadcasts) * nbytes / (count * gathered.nbytes))
         runs["memcpy"].append(_timed(memcpy) * nbytes / (pieces * source.nbytes))
     best = {f"{name}_s": min(seconds) for name, seconds in runs.items()}
     # The transport floor is the faster of the two ways to move the bytes.
     best["transport_s"] = min(best["all_gather_s"], best["broadcasts_s"])
-    return dict(bucket_mb=bucket_mb, bytes=nbytes, **best, runs_s=runs)
+    return dict(bucket_mb=bucket_mb, bytes=nbytes, transport=transport, **best, runs_s=runs)
 
 
 def _stream_worker(hf_path: str, out_file: str, repeats: int) -> None:
@@ -276,18 +286,21 @@ def main() -> int:
             f"{c['copy_gb_s']:9.2f} {c['x_copy']:6.2f} {c['startup_s']:10.1f} {c['peak_rss_mib']:12.0f} "
             f"{c['rss_bound_mib']:6.0f}"
         )
+    if stream:
+        print(f"\nweight stream at TP=2; its default TP transport here: {stream[0]['transport']}")
     print(
-        f"\n{'stream bucket MB':>16s} {'GB/s':>6s} {'all-gather GB/s':>15s} {'broadcasts GB/s':>15s} "
-        f"{'x transport':>11s} {'memcpy GB/s':>11s} {'x memcpy':>8s}"
+        f"{'bucket MB':>9s} {'stream GB/s':>11s} {'via gloo GB/s':>13s} {'all-gather GB/s':>15s} "
+        f"{'broadcasts GB/s':>15s} {'x transport':>11s} {'via gloo x':>10s} {'memcpy GB/s':>11s} {'x memcpy':>8s}"
     )
     for s in stream:
         s["x_transport"] = s["stream_s"] / s["transport_s"]
+        s["gloo_x_transport"] = s["stream_gloo_s"] / s["transport_s"]
         s["x_memcpy"] = s["stream_s"] / s["memcpy_s"]
         gb = s["bytes"] / 1e9
         print(
-            f"{s['bucket_mb']:16d} {gb / s['stream_s']:6.2f} {gb / s['all_gather_s']:15.2f} "
-            f"{gb / s['broadcasts_s']:15.2f} {s['x_transport']:11.2f} {gb / s['memcpy_s']:11.2f} "
-            f"{s['x_memcpy']:8.2f}"
+            f"{s['bucket_mb']:9d} {gb / s['stream_s']:11.2f} {gb / s['stream_gloo_s']:13.2f} "
+            f"{gb / s['all_gather_s']:15.2f} {gb / s['broadcasts_s']:15.2f} {s['x_transport']:11.2f} "
+            f"{s['gloo_x_transport']:10.2f} {gb / s['memcpy_s']:11.2f} {s['x_memcpy']:8.2f}"
         )
     ns.out.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -74,6 +74,7 @@ def _tp2pp2_worker(root: str, names: list[str]) -> None:
     import torch.distributed as dist
     from model_helpers import load_model_weights, save_model_weights
 
+    from popo_megatron.platform import shared_rows
     from popo_megatron.rollout.weight_stream import iter_hf_weights
 
     for name in names:
@@ -83,9 +84,15 @@ def _tp2pp2_worker(root: str, names: list[str]) -> None:
         load_model_weights(model, case / "converted", args, cfg)
         # Small buckets: several per stage, and buckets that split a layer. Kept without copies, as vLLM's
         # reload keeps a layer's tensors until the layer is complete: a later bucket must not change them.
-        streamed = dict(iter_hf_weights(model, args, cfg, bucket_bytes=64 * 1024))
-        if dist.get_rank() == 0:
-            assert_bit_exact(streamed, hf_tensors(hf), f"{name}: stream of the loaded model vs the HF source")
+        # Both TP transports: memory shared by the ranks of one host (the default on CPU), and gloo's
+        # broadcasts (as across hosts).
+        for shared_memory in (True, False):
+            streamed = dict(iter_hf_weights(model, args, cfg, bucket_bytes=64 * 1024, shared_memory=shared_memory))
+            if dist.get_rank() == 0:
+                what = f"{name}: stream (shared memory: {shared_memory}) of the loaded model vs the HF source"
+                assert_bit_exact(streamed, hf_tensors(hf), what)
+            if shared_memory:
+                assert shared_rows._held is not None, "the ranks of this host gathered through shared memory"
         perturb(model)  # a training-like update, so nothing below can pass by echoing the source
         _save_logits(model, args, case / "logits_tp2pp2.pt")
         streamed = {k: t.clone() for k, t in iter_hf_weights(model, args, cfg, bucket_bytes=64 * 1024)}

@@ -11,6 +11,7 @@ from popo_megatron.weights.mapping import (
     QKV,
     GatedFC1,
     MappingError,
+    Replicated,
     RowSplit,
     ShardContext,
     VocabSplit,
@@ -170,3 +171,27 @@ def test_read_shard_into_writes_what_read_shard_returns(tp, kv, dtype):
             assert torch.equal(out, expected), (type(transform).__name__, rank)
             with pytest.raises(MappingError, match=r"checkpoint gives shape .* but the model expects"):
                 transform.read_shard_into(hf, ctx, torch.empty(expected.shape[0] + 1, *expected.shape[1:]))
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+@pytest.mark.parametrize("kv", [1, 2, 8])
+def test_to_hf_into_writes_the_hf_tensors(tp, kv):
+    """The weight stream writes each bucket's HF tensors into memory it reuses: every HF source tensor
+    comes back from its shards, KV replication included, with no value left from before."""
+    args = _args(kv=kv)
+    d, h = args.head_dim, args.hidden_size
+    cases = [
+        (QKV(), [torch.randn(args.num_attention_heads * d, h), torch.randn(kv * d, h), torch.randn(kv * d, h)]),
+        (QKV(), [torch.randn(args.num_attention_heads * d), torch.randn(kv * d), torch.randn(kv * d)]),  # biases
+        (GatedFC1(), [torch.randn(args.intermediate_size, h), torch.randn(args.intermediate_size, h)]),
+        (VocabSplit(), [torch.randn(args.vocab_size, h)]),
+        (RowSplit(), [torch.randn(h, args.intermediate_size)]),
+        (Replicated(), [torch.randn(h)]),
+    ]
+    for transform, hf in cases:
+        ctxs = [ShardContext.create(args, r, tp, vocab_divisible_by=8) for r in range(tp)]
+        shards = [transform.read_shard(hf, ctx) for ctx in ctxs]
+        outs = [torch.full_like(t, float("nan")) for t in hf]
+        transform.to_hf_into(shards, ctxs[0], outs)
+        for source, out in zip(hf, outs, strict=True):
+            assert torch.equal(out, source), (type(transform).__name__, tp, kv)

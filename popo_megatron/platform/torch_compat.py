@@ -71,3 +71,10 @@ def saved_tensor_data(f: BinaryIO, offset: int, length: int, nbytes: int) -> int
         return None
     name_length, extra_length = struct.unpack("<HH", local_header[26:30])
     return offset + record.header_offset + 30 + name_length + extra_length
+
+
+def storage_use_count(tensor: torch.Tensor) -> int:
+    """How many tensors (views included) share `tensor`'s storage, itself included. torch has no public
+    way to ask (`torch._C._storage_Use_Count`, private); the weight stream reuses memory when it is 1."""
+    storage = tensor.untyped_storage()  # a Python handle, which holds one more reference while it lives
+    return torch._C._storage_Use_Count(storage._cdata) - 1

@@ -115,6 +115,12 @@ class Transform:
     def to_hf(self, shards: Sequence[torch.Tensor], ctx: ShardContext) -> list[torch.Tensor]:
         raise NotImplementedError
 
+    def to_hf_into(self, shards: Sequence[torch.Tensor], ctx: ShardContext, outs: Sequence[torch.Tensor]) -> None:
+        """to_hf written into `outs` (memory of to_hf's shapes, e.g. reused by the weight stream). Transforms
+        whose to_hf joins pieces override it to copy each piece into its place: one copy, no temporary."""
+        for out, tensor in zip(outs, self.to_hf(shards, ctx), strict=True):
+            out.copy_(tensor)
+
     def to_checkpoint(self, hf: Sequence[Sliceable], ctx: ShardContext) -> torch.Tensor:
         """The whole Megatron parameter (all TP ranks of `ctx.tp_size`) as dist checkpoints store it."""
         if self.split_axis is None:
@@ -146,6 +152,9 @@ class RowSplit(Transform):
     def to_hf(self, shards: Sequence[torch.Tensor], ctx: ShardContext) -> list[torch.Tensor]:
         return [torch.cat(list(shards), dim=1)]
 
+    def to_hf_into(self, shards: Sequence[torch.Tensor], ctx: ShardContext, outs: Sequence[torch.Tensor]) -> None:
+        torch.cat(list(shards), dim=1, out=outs[0])
+
     # The TP slices side by side are the HF tensor itself: no slicing and joining for the whole parameter.
     def to_checkpoint(self, hf: Sequence[Sliceable], ctx: ShardContext) -> torch.Tensor:
         return hf[0][:]
@@ -169,6 +178,15 @@ class VocabSplit(Transform):
 
     def to_hf(self, shards: Sequence[torch.Tensor], ctx: ShardContext) -> list[torch.Tensor]:
         return [join_rows(shards)[: ctx.args.vocab_size]]
+
+    def to_hf_into(self, shards: Sequence[torch.Tensor], ctx: ShardContext, outs: Sequence[torch.Tensor]) -> None:
+        start = 0
+        for shard in shards:  # the padding rows are at the end of the last shards
+            rows = min(shard.shape[0], ctx.args.vocab_size - start)
+            if rows <= 0:
+                break
+            outs[0][start : start + rows].copy_(shard[:rows])
+            start += rows
 
     # The whole parameter is every row, padded once: one read instead of one per TP rank.
     def to_checkpoint(self, hf: Sequence[Sliceable], ctx: ShardContext) -> torch.Tensor:
@@ -245,19 +263,43 @@ class QKV(Transform):
     def to_hf(self, shards: Sequence[torch.Tensor], ctx: ShardContext) -> list[torch.Tensor]:
         return self._split(join_rows(shards), ctx)
 
+    def to_hf_into(self, shards: Sequence[torch.Tensor], ctx: ShardContext, outs: Sequence[torch.Tensor]) -> None:
+        rep = kv_replication_factor(ctx.args.num_kv_heads, ctx.tp_size)
+        groups = megatron_query_groups(ctx.args.num_kv_heads, ctx.tp_size) // len(shards)  # per shard
+        trailing = shards[0].shape[1:]
+        q_out, k_out, v_out = (
+            out.view(-1, rows, *trailing) for out, rows in zip(outs, self._group_rows(ctx), strict=True)
+        )
+        for r, shard in enumerate(shards):
+            q, k, v = self._groups(shard, ctx)
+            first = r * groups
+            q_out[first : first + groups].copy_(q)
+            # Replicated KV heads are identical copies; keep the first of each: groups first, first + rep, ...
+            keep = (-first) % rep
+            k, v = k[keep::rep], v[keep::rep]
+            head = (first + keep) // rep
+            k_out[head : head + k.shape[0]].copy_(k)
+            v_out[head : head + v.shape[0]].copy_(v)
+
     def from_checkpoint(self, full: torch.Tensor, ctx: ShardContext) -> list[torch.Tensor]:
         return self._split(full, ctx)  # the stored form is the TP shards joined: no need to cut and rejoin
 
+    @staticmethod
+    def _group_rows(ctx: ShardContext) -> tuple[int, int, int]:
+        """Rows of q, k and v in each Megatron query group."""
+        d = ctx.args.head_dim
+        return ctx.args.num_attention_heads // megatron_query_groups(ctx.args.num_kv_heads, ctx.tp_size) * d, d, d
+
+    def _groups(self, rows: torch.Tensor, ctx: ShardContext) -> tuple[torch.Tensor, ...]:
+        """q, k and v of Megatron's rows of whole query groups, each [groups, rows, ...] (views)."""
+        sizes = self._group_rows(ctx)
+        return rows.reshape(-1, sum(sizes), *rows.shape[1:]).split(sizes, dim=1)
+
     def _split(self, full: torch.Tensor, ctx: ShardContext) -> list[torch.Tensor]:
         """q, k and v of Megatron's rows of every query group."""
-        a = ctx.args
-        d = a.head_dim
-        groups = megatron_query_groups(a.num_kv_heads, ctx.tp_size)
-        rep = kv_replication_factor(a.num_kv_heads, ctx.tp_size)
-        heads_per_group = a.num_attention_heads // groups
+        rep = kv_replication_factor(ctx.args.num_kv_heads, ctx.tp_size)
+        q, k, v = self._groups(full, ctx)
         trailing = full.shape[1:]
-        grouped = full.reshape(groups, (heads_per_group + 2) * d, *trailing)
-        q, k, v = grouped.split([heads_per_group * d, d, d], dim=1)
         # Replicated KV heads are identical copies; keep the first of each.
         return [q.reshape(-1, *trailing), k[::rep].reshape(-1, *trailing), v[::rep].reshape(-1, *trailing)]
 
@@ -289,6 +331,11 @@ class GatedFC1(Transform):
     def to_hf(self, shards: Sequence[torch.Tensor], ctx: ShardContext) -> list[torch.Tensor]:
         halves = [s.chunk(2) for s in shards]
         return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
+
+    def to_hf_into(self, shards: Sequence[torch.Tensor], ctx: ShardContext, outs: Sequence[torch.Tensor]) -> None:
+        halves = [s.chunk(2) for s in shards]
+        for i, out in enumerate(outs):
+            torch.cat([h[i] for h in halves], out=out)
 
     def to_checkpoint(self, hf: Sequence[Sliceable], ctx: ShardContext) -> torch.Tensor:
         return self.read_shard(hf, ShardContext(ctx.args, 0, 1, ctx.padded_vocab))
