@@ -9,9 +9,10 @@ of the same bytes. A conversion on the cluster is then that multiple of a copy
 at the cluster file system's bandwidth, for a few assumed bandwidths.
 
 The weight sync's bytes follow from popo_megatron/rollout/weight_stream.py:
-every rank receives every tensor (each pipeline stage all-gathers its TP
-shards, then the stages broadcast them to each other), as the colocated vLLM
-rank needs full HF tensors to cut its own shard. Per-GPU memory is the
+every rank receives every tensor (each TP rank's row of a bucket is broadcast
+to the matching TP rank of the other stages, then every stage all-gathers the
+rows in its TP group), as the colocated vLLM rank needs full HF tensors to cut
+its own shard. Per-GPU memory is the
 formula of slurm/README.md (bf16 weights and fp32 gradients over TP x PP; the
 distributed optimiser's fp32 master and Adam moments and the fp32 twin also
 over DP) plus the vLLM rank's bf16 weights over its TP; activations and the KV
@@ -61,7 +62,8 @@ def plan(conversion: dict) -> dict:
         "adam_fp32_sliced": 12 * params / (tp * pp * dp),
         "twin_fp32_sliced": 4 * params / (tp * pp * dp),
         "vllm_weights_bf16": 2 * params / engine_tp,
-        "sync_buckets": 2 * cfg.train.weight_sync_bucket_mb * 2**20,  # one gathered, one local buffer
+        # the gathered rows, and up to 3 arenas of HF tensors that the engine may still hold
+        "sync_buckets": 4 * cfg.train.weight_sync_bucket_mb * 2**20,
     }
     return dict(
         extrapolated=True,
@@ -74,8 +76,8 @@ def plan(conversion: dict) -> dict:
         },
         sync_gb_per_rank=dict(
             own_shard=bf16 / (tp * pp) / GB,
-            tp_all_gather_received=bf16 / pp * (tp - 1) / tp / GB,
-            pp_broadcast_received=bf16 * (pp - 1) / pp / GB,
+            tp_all_gather_received=bf16 * (tp - 1) / tp / GB,
+            pp_broadcast_received=bf16 * (pp - 1) / pp / tp / GB,
             hf_tensors_handed_to_vllm=bf16 / GB,
         ),
         memory_gb_per_gpu={k: v / GB for k, v in memory.items()} | {"total": sum(memory.values()) / GB},

@@ -147,6 +147,19 @@ def test_weight_map_names():
         wm.resolve("decoder.layers.0.foo")
 
 
+def _every_transform(args):
+    """(transform, its HF source tensors) for every kind of parameter of a model of `args`."""
+    d, h, kv = args.head_dim, args.hidden_size, args.num_kv_heads
+    return [
+        (QKV(), [torch.randn(args.num_attention_heads * d, h), torch.randn(kv * d, h), torch.randn(kv * d, h)]),
+        (QKV(), [torch.randn(args.num_attention_heads * d), torch.randn(kv * d), torch.randn(kv * d)]),  # biases
+        (GatedFC1(), [torch.randn(args.intermediate_size, h), torch.randn(args.intermediate_size, h)]),
+        (VocabSplit(), [torch.randn(args.vocab_size, h)]),
+        (RowSplit(), [torch.randn(h, args.intermediate_size)]),
+        (Replicated(), [torch.randn(h)]),
+    ]
+
+
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])
 @pytest.mark.parametrize("kv", [1, 2, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -154,15 +167,7 @@ def test_read_shard_into_writes_what_read_shard_returns(tp, kv, dtype):
     """Loading writes each piece straight into the parameter (any dtype): the same values as the joined
     shard of read_shard (whose layout the tests above check), for every rank, KV replication included."""
     args = _args(kv=kv)
-    d, h = args.head_dim, args.hidden_size
-    cases = [
-        (QKV(), [torch.randn(args.num_attention_heads * d, h), torch.randn(kv * d, h), torch.randn(kv * d, h)]),
-        (QKV(), [torch.randn(args.num_attention_heads * d), torch.randn(kv * d), torch.randn(kv * d)]),  # biases
-        (GatedFC1(), [torch.randn(args.intermediate_size, h), torch.randn(args.intermediate_size, h)]),
-        (VocabSplit(), [torch.randn(args.vocab_size, h)]),
-        (RowSplit(), [torch.randn(h, args.intermediate_size)]),
-    ]
-    for transform, hf in cases:
+    for transform, hf in _every_transform(args):
         for rank in range(tp):
             ctx = ShardContext.create(args, rank, tp, vocab_divisible_by=8)
             expected = transform.read_shard(hf, ctx).to(dtype)
@@ -179,16 +184,7 @@ def test_to_hf_into_writes_the_hf_tensors(tp, kv):
     """The weight stream writes each bucket's HF tensors into memory it reuses: every HF source tensor
     comes back from its shards, KV replication included, with no value left from before."""
     args = _args(kv=kv)
-    d, h = args.head_dim, args.hidden_size
-    cases = [
-        (QKV(), [torch.randn(args.num_attention_heads * d, h), torch.randn(kv * d, h), torch.randn(kv * d, h)]),
-        (QKV(), [torch.randn(args.num_attention_heads * d), torch.randn(kv * d), torch.randn(kv * d)]),  # biases
-        (GatedFC1(), [torch.randn(args.intermediate_size, h), torch.randn(args.intermediate_size, h)]),
-        (VocabSplit(), [torch.randn(args.vocab_size, h)]),
-        (RowSplit(), [torch.randn(h, args.intermediate_size)]),
-        (Replicated(), [torch.randn(h)]),
-    ]
-    for transform, hf in cases:
+    for transform, hf in _every_transform(args):
         ctxs = [ShardContext.create(args, r, tp, vocab_divisible_by=8) for r in range(tp)]
         shards = [transform.read_shard(hf, ctx) for ctx in ctxs]
         outs = [torch.full_like(t, float("nan")) for t in hf]

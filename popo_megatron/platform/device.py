@@ -28,6 +28,12 @@ def collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if cuda_available() else torch.device("cpu")
 
 
+def allocator_caches(device: torch.device) -> bool:
+    """Whether torch keeps freed memory of `device` for its next allocations (CUDA's caching allocator). On
+    CPU large blocks go back to the kernel when freed, and new ones cost a page fault per 4 KiB again."""
+    return device.type == "cuda"
+
+
 def transformer_engine_installed() -> bool:
     """Transformer Engine is importable (looked up, not imported: importing it is slow, and on a machine
     without CUDA a partial install breaks `import megatron.core`)."""

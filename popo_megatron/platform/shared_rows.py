@@ -61,11 +61,11 @@ _unavailable: dist.ProcessGroup | None = None  # a group whose ranks could not m
 
 
 def shared_rows(group: dist.ProcessGroup, slot_bytes: int) -> SharedRows | None:
-    """Shared slots of at least `slot_bytes` for `group`, or None on every rank when some rank cannot map
-    them. Collective over `group` unless this process already holds big enough slots for it, or knows
-    that it cannot."""
+    """Shared slots of at least `slot_bytes` for `group` (a gloo group: CPU tensors), or None on every rank
+    when some rank cannot map them. Collective over `group` unless this process already holds big enough
+    slots for it, or knows that it cannot."""
     global _held, _unavailable
-    if _unavailable is group:
+    if _unavailable is group or dist.get_backend(group) != "gloo":  # NCCL and GPU memory: its own transports
         return None
     if _held is not None and _held.group is group and _held.slot_bytes >= slot_bytes:
         return _held

@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 
 from popo_megatron.model.forward import unwrap_model
 from popo_megatron.model.hf_config import HFModelArgs
+from popo_megatron.platform.device import allocator_caches
 from popo_megatron.platform.torch_compat import storage_use_count
 from popo_megatron.weights.load_hf import layer_offset, shard_context, weight_map_for
 from popo_megatron.weights.mapping import ShardContext, Transform
@@ -118,13 +119,7 @@ class _GatherBuffers:
         self.rank = parallel_state.get_tensor_model_parallel_rank()
         self.device = device
         self.slot_bytes = max((_rows_bytes(b, tp) for b in buckets if len(b) > 1), default=0)
-        use_shared = (
-            shared_memory
-            and tp > 1
-            and self.slot_bytes > 0
-            and device.type == "cpu"
-            and dist.get_backend(self.group) == "gloo"
-        )
+        use_shared = shared_memory and tp > 1 and self.slot_bytes > 0
         self.shared = shared_rows(self.group, self.slot_bytes) if use_shared else None
         self.private = None if self.shared else torch.empty(self.slot_bytes, dtype=torch.uint8, device=device)
 
@@ -177,11 +172,11 @@ _kept_arenas: _OutputArenas | None = None
 
 
 def _output_arenas(nbytes: int, device: torch.device) -> _OutputArenas:
-    """Arenas of at least `nbytes`. On CPU the same ones serve every call (a trainer streams every step, and
-    new memory costs its page faults again); on GPU torch's caching allocator already reuses what a call
-    frees, so each call's arenas are released with it."""
+    """Arenas of at least `nbytes`. Where torch's allocator keeps freed memory (GPU), each call's arenas are
+    released with it; elsewhere (CPU) the same ones serve every call: a trainer streams every step, and new
+    memory would cost its page faults again."""
     global _kept_arenas
-    if device.type != "cpu":
+    if allocator_caches(device):
         return _OutputArenas(nbytes, device)
     if _kept_arenas is None or _kept_arenas.nbytes < nbytes:
         _kept_arenas = _OutputArenas(nbytes, device)
