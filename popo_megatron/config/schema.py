@@ -352,6 +352,8 @@ class TrainConfig:
     resume: bool = True  # continue from output_dir/latest when there is one
     # Start from this training checkpoint instead (e.g. another run's, at another layout); wins over `resume`.
     resume_from: Optional[str] = None
+    # Weight sync to the engine: the MB gathered per bucket. On CPU, memory of 2 buckets in /dev/shm per host
+    # and up to 3 per rank stays held between syncs (the fastest measured: bench/bench_conversion.py).
     weight_sync_bucket_mb: int = 256
     # Stop with a checkpoint once the next step might end later than this many seconds after start
     # (slurm/train.sbatch sets it from the job's time limit); None: no limit.
