@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 from popo_megatron.model.forward import unwrap_model
 from popo_megatron.model.hf_config import HFModelArgs
 from popo_megatron.platform.device import allocator_caches
+from popo_megatron.platform.shared_rows import shared_rows
 from popo_megatron.platform.torch_compat import storage_use_count
 from popo_megatron.weights.load_hf import layer_offset, shard_context, weight_map_for
 from popo_megatron.weights.mapping import ShardContext, Transform
@@ -111,8 +112,6 @@ class _GatherBuffers:
 
     def __init__(self, buckets: list[list[_Entry]], tp: int, device: torch.device, shared_memory: bool) -> None:
         from megatron.core import parallel_state
-
-        from popo_megatron.platform.shared_rows import shared_rows
 
         self.tp = tp
         self.group = parallel_state.get_tensor_model_parallel_group()
