@@ -139,7 +139,10 @@ def test_export_loads_in_transformers_with_megatron_logits(trained_tp2pp2, tiny_
 
 
 def _reload_worker(root: str, names: list[str], tp: int, pp: int) -> None:
+    import torch.distributed as dist
     from model_helpers import load_model_weights
+
+    from popo_megatron.rollout.weight_stream import iter_hf_weights
 
     for name in names:
         case = Path(root) / name
@@ -153,6 +156,11 @@ def _reload_worker(root: str, names: list[str], tp: int, pp: int) -> None:
                 load_model_weights(model, case / "trained", args, cfg)
             load_model_weights(model, case / "resharded_tp1", args, cfg)
         _save_logits(model, args, case / f"logits_tp{tp}pp{pp}.pt")
+        # The stream at this layout, small buckets, kept without copies (at TP=1 x PP=1 the parameters
+        # themselves are the shards; with PP, rows cross the stages).
+        streamed = dict(iter_hf_weights(model, args, cfg, bucket_bytes=64 * 1024))
+        if dist.get_rank() == 0:
+            torch.save({k: t.clone() for k, t in streamed.items()}, case / f"stream_tp{tp}pp{pp}.pt")
 
 
 @pytest.mark.parametrize("tp,pp", [(1, 1), (1, 2)])
@@ -167,6 +175,10 @@ def test_reload_at_another_layout_gives_the_same_logits(trained_tp2pp2, tiny_mod
         reloaded = torch.load(case / f"logits_tp{tp}pp{pp}.pt", weights_only=True)
         original = torch.load(case / "logits_tp2pp2.pt", weights_only=True)
         assert (reloaded - original).abs().max().item() < RELOAD_TOLERANCE, name
+        if not (case / "export").exists():
+            mcore_to_hf(case / "trained", case / "export", progress=False)
+        streamed = torch.load(case / f"stream_tp{tp}pp{pp}.pt", weights_only=True)
+        assert_bit_exact(streamed, hf_tensors(case / "export"), f"{name}: stream at TP={tp} x PP={pp} vs export")
 
 
 def _convert_worker(hf: str, out: str) -> None:

@@ -6,7 +6,9 @@ each rank of the stage that holds a bucket packs its TP shards into its row of
 a [tp, n] buffer; with PP, each row is broadcast to the matching TP rank of
 the other stages (the pipeline group carries each byte once, not tp times);
 then every stage gathers the rows inside its TP group, and the mapping table's
-`to_hf` turns them into HF tensors (the same code the exporter uses).
+`to_hf` turns them into HF tensors (the same code the exporter uses). With one
+TP rank and one stage there is nothing to gather: the parameters themselves
+are the shards.
 
 The TP gather is one all-gather (NCCL); on gloo, one in-place broadcast from
 each TP rank (see gather_in_place), or, for CPU ranks of one host, nothing but
@@ -120,16 +122,22 @@ class _GatherBuffers:
         self.slot_bytes = max((_rows_bytes(b, tp) for b in buckets if len(b) > 1), default=0)
         use_shared = shared_memory and tp > 1 and self.slot_bytes > 0
         self.shared = shared_rows(self.group, self.slot_bytes) if use_shared else None
-        self.private = None if self.shared else torch.empty(self.slot_bytes, dtype=torch.uint8, device=device)
+        self.private: torch.Tensor | None = None  # allocated on first use
 
-    def rows(self, bucket: list[_Entry]) -> tuple[torch.Tensor, bool]:
-        """The bucket's [tp, n] rows, and whether a later bucket reuses their memory."""
+    def reused(self, bucket: list[_Entry]) -> bool:
+        """Whether the bucket's rows lie in memory that a later bucket reuses (else: memory of their own)."""
+        return _rows_bytes(bucket, self.tp) <= self.slot_bytes
+
+    def rows(self, bucket: list[_Entry]) -> torch.Tensor:
+        """The bucket's [tp, n] rows."""
         numel, dtype = _numel(bucket), bucket[0].dtype
-        if _rows_bytes(bucket, self.tp) > self.slot_bytes:
-            return torch.empty(self.tp, numel, dtype=dtype, device=self.device), False
+        if not self.reused(bucket):
+            return torch.empty(self.tp, numel, dtype=dtype, device=self.device)
         if self.shared is not None:
-            return self.shared.next_rows(numel, dtype), True
-        return self.private[: self.tp * numel * dtype.itemsize].view(dtype).view(self.tp, numel), True
+            return self.shared.next_rows(numel, dtype)
+        if self.private is None:
+            self.private = torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.device)
+        return self.private[: self.tp * numel * dtype.itemsize].view(dtype).view(self.tp, numel)
 
     def gather(self, per_rank: torch.Tensor, reused: bool) -> None:
         """Fill the other ranks' rows of `per_rank` (this rank's row is written)."""
@@ -214,27 +222,36 @@ def iter_hf_weight_buckets(
     params = dict(model.named_parameters())
     device = next(iter(params.values())).device
     buckets = _buckets(_plan(model, args, cfg), ctx.tp_size, bucket_bytes)
+    pipeline = parallel_state.get_pipeline_model_parallel_world_size() > 1
     buffers = _GatherBuffers(buckets, ctx.tp_size, device, shared_memory)
     # HF tensors hold no more bytes than the gathered shards (vocabulary padding and replicated KV heads
     # are dropped): an arena of the largest reused rows fits any bucket's.
     arenas = _output_arenas(buffers.slot_bytes, device)
     for bucket in buckets:
         stage = bucket[0].stage
-        per_rank, reused = buffers.rows(bucket)
-        own_row = per_rank[ctx.tp_rank]
-        if stage == my_stage:  # this rank's shards, packed straight into its row
-            torch.cat([params[e.local_name].detach().reshape(-1) for e in bucket], out=own_row)
-        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-            # Each TP rank of the other stages receives the row of the TP rank it matches, and the TP
-            # gather below completes the rows on every stage: the pipeline group carries 1/tp of the bytes.
-            dist.broadcast(own_row, src=dist.get_global_rank(pp_group, stage), group=pp_group)
-        buffers.gather(per_rank, reused)
+        reused = buffers.reused(bucket)
+        if reused and ctx.tp_size == 1 and not pipeline:
+            # One TP rank and one stage: the parameters are the shards, copied once, into the arena.
+            shards_of = [[params[e.local_name].detach()] for e in bucket]
+        else:
+            per_rank = buffers.rows(bucket)
+            own_row = per_rank[ctx.tp_rank]
+            if stage == my_stage:  # this rank's shards, packed straight into its row
+                torch.cat([params[e.local_name].detach().reshape(-1) for e in bucket], out=own_row)
+            if pipeline:
+                # Each TP rank of the other stages receives the row of the TP rank it matches, and the TP
+                # gather below completes the rows on every stage: the pipeline group carries 1/tp of the bytes.
+                dist.broadcast(own_row, src=dist.get_global_rank(pp_group, stage), group=pp_group)
+            buffers.gather(per_rank, reused)
+            shards_of, start = [], 0
+            for e in bucket:
+                shards_of.append([per_rank[r, start : start + e.numel].view(e.shape) for r in range(ctx.tp_size)])
+                start += e.numel
+            del per_rank, own_row
         arena = arenas.take() if reused else None
         out = []
-        start = offset = 0
-        for e in bucket:
-            shards = [per_rank[r, start : start + e.numel].view(e.shape) for r in range(ctx.tp_size)]
-            start += e.numel
+        offset = 0
+        for e, shards in zip(bucket, shards_of, strict=True):
             mapping = weight_map.resolve(e.global_name)
             if arena is None:  # rows of its own: the HF tensors may be views of them
                 tensors = mapping.transform.to_hf(shards, ctx)
@@ -246,7 +263,7 @@ def iter_hf_weight_buckets(
                     offset += nbytes
                 mapping.transform.to_hf_into(shards, ctx, tensors)
             out += zip(mapping.hf, tensors, strict=True)
-        del arena, per_rank, own_row, shards, tensors  # the arena is free again once the consumer lets go
+        del arena, shards_of, shards, tensors  # the arena is free again once the consumer lets go
         yield out
         del out
 

@@ -329,13 +329,17 @@ class GatedFC1(Transform):
         return gate[rows], up[rows]
 
     def to_hf(self, shards: Sequence[torch.Tensor], ctx: ShardContext) -> list[torch.Tensor]:
-        halves = [s.chunk(2) for s in shards]
-        return [torch.cat([h[0] for h in halves]), torch.cat([h[1] for h in halves])]
+        return [torch.cat(pieces) for pieces in self._hf_pieces(shards)]
 
     def to_hf_into(self, shards: Sequence[torch.Tensor], ctx: ShardContext, outs: Sequence[torch.Tensor]) -> None:
+        for pieces, out in zip(self._hf_pieces(shards), outs, strict=True):
+            torch.cat(pieces, out=out)
+
+    @staticmethod
+    def _hf_pieces(shards: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The gate rows of every shard, and the up rows, in TP order."""
         halves = [s.chunk(2) for s in shards]
-        for i, out in enumerate(outs):
-            torch.cat([h[i] for h in halves], out=out)
+        return [h[0] for h in halves], [h[1] for h in halves]
 
     def to_checkpoint(self, hf: Sequence[Sliceable], ctx: ShardContext) -> torch.Tensor:
         return self.read_shard(hf, ShardContext(ctx.args, 0, 1, ctx.padded_vocab))
