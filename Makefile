@@ -27,6 +27,7 @@ lint: setup
 
 bench: setup
 	$(PY) bench/bench_weight_loading.py
+	$(PY) bench/bench_first_touch.py
 	$(PY) bench/bench_conversion.py
 	$(PY) bench/scale_32b.py
 	$(PY) bench/bench_logprobs.py

@@ -165,7 +165,7 @@ def _check_twin_tracks_its_target(history: list[dict]) -> None:
     assert history[-1]["twin_momentum"] == pytest.approx(momentum.m_max, abs=1e-9)
 
 
-# The main job takes 4.5 min on a 2-core CI machine, and took 10.5 min on one of their slow days: the limits
+# The main job takes 4.5 min on a 2-core CI machine, and took 10.5-11 min on their slow days: the limits
 # catch a hang, not a slow machine.
 @pytest.mark.timeout(1800)
 def test_main_job_learns_and_its_twin_tracks_the_target(arith_model, tmp_path):
