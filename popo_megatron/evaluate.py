@@ -38,6 +38,20 @@ def pass_at_k(n: int, correct: int, k: int) -> float:
     return 1.0 - math.comb(n - correct, k) / math.comb(n, k)
 
 
+def avg_by_kind(kinds: list[str], correct: list[int], k: int) -> dict[str, float]:
+    """avg@k of each kind of problem (Problem.kind; {} when the problems have none)."""
+    totals: dict[str, list[int]] = {}
+    for kind, right in zip(kinds, correct, strict=True):
+        if kind:
+            totals.setdefault(kind, []).append(right)
+    return {kind: sum(values) / (k * len(values)) for kind, values in sorted(totals.items())}
+
+
+def kinds_text(by_kind: dict[str, float]) -> str:
+    """"; by kind: add 0.450, multiply 0.000" (nothing without kinds)."""
+    return "; by kind: " + ", ".join(f"{kind} {value:.3f}" for kind, value in by_kind.items()) if by_kind else ""
+
+
 @dataclass
 class ProblemRecord:
     source: str
@@ -45,6 +59,7 @@ class ProblemRecord:
     correct: int
     responses: list[str]
     reasons: list[str]
+    extracted: list[str | None]  # the answer the grader read from each response
 
 
 @dataclass
@@ -57,12 +72,13 @@ class EvalResult:
     reasons: dict[str, int]
     seconds: float
     generated_tokens: int
+    by_kind: dict[str, float] = field(default_factory=dict)  # avg@k per kind of problem (e.g. operation)
     records: list[ProblemRecord] = field(default_factory=list)
 
     def summary(self) -> str:
         return (
             f"{self.benchmark}: avg@{self.k} {self.avg_at_k:.4f}  pass@{self.k} {self.pass_at_k:.4f}  "
-            f"({self.problems} problems, {self.seconds:.1f}s)"
+            f"({self.problems} problems, {self.seconds:.1f}s){kinds_text(self.by_kind)}"
         )
 
     def write(self, path: str | Path) -> Path:
@@ -102,7 +118,8 @@ def evaluate(
             mine = grades[i * k : (i + 1) * k]
             reasons.update(g.reason for g in mine)
             correct = sum(g.correct for g in mine)
-            records.append(ProblemRecord(problem.source, problem.answer, correct, group, [g.reason for g in mine]))
+            reasons_of, extracted = [g.reason for g in mine], [g.answer for g in mine]
+            records.append(ProblemRecord(problem.source, problem.answer, correct, group, reasons_of, extracted))
         bar.update(len(batch))
     bar.close()
     return EvalResult(
@@ -114,6 +131,7 @@ def evaluate(
         reasons=dict(reasons),
         seconds=time.perf_counter() - start,
         generated_tokens=tokens,
+        by_kind=avg_by_kind([p.kind for p in problems.problems], [r.correct for r in records], k),
         records=records,
     )
 

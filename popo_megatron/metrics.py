@@ -70,7 +70,16 @@ def _declare(metric: Metric, extremes: bool = False, max_jsonl: str | None = Non
 
 _LAST, _EVERY = Where.last_stage, Where.every_rank
 # The reasons a grade can have (popo_megatron.reward.grade); each is counted every step.
-GRADE_REASONS = ("correct", "mismatch", "no_answer", "parse_failure", "bad_gold", "timeout", "worker_crash")
+GRADE_REASONS = (
+    "correct",
+    "mismatch",
+    "not_literal",
+    "no_answer",
+    "parse_failure",
+    "bad_gold",
+    "timeout",
+    "worker_crash",
+)
 
 # --- rollouts and rewards (every group of the step, all dynamic-sampling rounds) ---------------------------
 REWARD_MEAN = _declare(Metric("reward/mean", Reduce.mean, _EVERY, "reward_mean"))
@@ -80,6 +89,9 @@ REWARD_REASONS = {
     )
     for reason in GRADE_REASONS
 }
+# Correct answers whose extracted answer holds two or more of the problem's own numbers and an operator: the
+# shape of a reward earned by restating the problem (popo_megatron.reward.restated).
+RESTATED_PROBLEM = _declare(Metric("reward/restated_problem", Reduce.total, _EVERY))
 POSITIVE_FRACTION = _declare(Metric("reward/positive_fraction", Reduce.mean, _EVERY, "positive_frac"))
 GROUPS = _declare(Metric("reward/groups", Reduce.total, _EVERY))
 GROUPS_WITHOUT_POSITIVES = _declare(
@@ -196,8 +208,11 @@ class MetricAccumulator:
         for name, value in other._mins.items():
             self._min(name, value)
 
-    def reduce(self, group: dist.ProcessGroup | None = None, count_keys: bool = False) -> dict[str, float]:
-        """Combine over `group` (every rank of it calls, with the same metric names) into plain floats."""
+    def reduce(
+        self, group: dist.ProcessGroup | None = None, count_keys: bool = False, local: bool = False
+    ) -> dict[str, float]:
+        """Combine over `group` (every rank of it calls, with the same metric names) into plain floats;
+        `local`: this rank's values alone, no collective (for what every rank holds whole, e.g. the rollouts)."""
         totals, means = sorted(self._totals), sorted(self._sums)
         maxes, mins = sorted(self._maxes), sorted(self._mins)
         device = collective_device()
@@ -211,7 +226,7 @@ class MetricAccumulator:
             [self._maxes[n].to(device) for n in maxes] + [-self._mins[n].to(device) for n in mins]
             or [torch.zeros((), dtype=torch.float64, device=device)]
         )
-        if dist.is_initialized() and dist.get_world_size(group) > 1:
+        if not local and dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(sums, group=group)
             dist.all_reduce(highs, op=dist.ReduceOp.MAX, group=group)
         sums, highs = sums.tolist(), highs.tolist()

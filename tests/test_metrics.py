@@ -8,6 +8,7 @@ training loop must produce every documented metric of their algorithm, finite, u
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -108,13 +109,68 @@ def _check_produced(history: list[dict], algorithm: str) -> None:
     assert not missing, f"{algorithm}: documented but never produced: {missing}"
 
 
+def _expected_weights(rewards: list[float], algorithm: str) -> list[float]:
+    """The loss's per-response weights from a group's rewards, written from their definitions: POPO's
+    success_scaled (1 - p) / k on the k positives of G (p = k / G), GRPO's (r - mean) / (std + 1e-6) with
+    the population std (the defaults of both examples used here)."""
+    G = len(rewards)
+    if algorithm == "popo":
+        k = sum(r > 0 for r in rewards)
+        return [(1 - k / G) / k if r > 0 else 0.0 for r in rewards]
+    mean = sum(rewards) / G
+    std = (sum((r - mean) ** 2 for r in rewards) / G) ** 0.5
+    return [(r - mean) / (std + 1e-6) for r in rewards]
+
+
+def _check_rollout_records(out: Path, history: list[dict], algorithm: str, responses: int, group_size: int) -> None:
+    """train.save_rollouts: each step's file holds every response, and agrees with the step's metrics and with
+    the weights (advantages) its rewards define."""
+    key = "weight" if algorithm == "popo" else "advantage"
+    for record in history:
+        path = out / "rollouts" / f"step_{record['step']:06d}.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        assert len(rows) == responses and {r["step"] for r in rows} == {record["step"]}
+        assert sum(r["reward"] for r in rows) / len(rows) == pytest.approx(record["reward_mean"])
+        assert sum(r["reason"] == "correct" for r in rows) == record["all"]["reward/correct"]
+        assert all((r["reward"] == 1.0) == (r["reason"] == "correct") for r in rows)
+        lengths = [len(r["response_ids"]) for r in rows]
+        assert sum(lengths) / len(lengths) == pytest.approx(record["response_len_mean"])
+        assert all(r["finish_reason"] in ("stop", "length") and r["prompt"] and r["trained"] for r in rows)
+        for r in rows:
+            if r["reason"] == "correct":  # what the grader read is the gold's value (literal answers only)
+                assert int(r["extracted"]) == int(r["gold"]), r
+        trained_tokens = 0
+        for group in range(responses // group_size):
+            mine = [r for r in rows if r["group"] == group]
+            assert len(mine) == group_size and len({tuple(r["prompt_ids"]) for r in mine}) == 1
+            expected = _expected_weights([r["reward"] for r in mine], algorithm)
+            assert [r[key] for r in mine] == pytest.approx(expected, abs=1e-5), f"step {record['step']} {group}"
+            carries = [r["reward"] > 0 if algorithm == "popo" else r[key] != 0 for r in mine]
+            trained_tokens += sum(len(r["response_ids"]) for r, c in zip(mine, carries, strict=True) if c)
+        assert trained_tokens == record["trained_tokens"], "the rows trained on are the records' with a gradient"
+
+
 @pytest.mark.slow
 def test_popo_steps_produce_every_documented_metric(tmp_path):
     out = tmp_path / "popo"
+    heldout = ["eval.data=synthetic:heldout", "eval.k=2"]
     history = _train(
-        out, EXAMPLES / "tiny_cpu.yaml", *SMALL, "popo.old_logprobs=trainer", "popo.rollout_correction=tis"
+        out,
+        EXAMPLES / "tiny_cpu.yaml",
+        *SMALL,
+        "popo.old_logprobs=trainer",
+        "popo.rollout_correction=tis",
+        "train.save_rollouts=true",
+        *heldout,
     )
     _check_produced(history, "popo")
+    _check_rollout_records(out, history, "popo", responses=8 * 4, group_size=4)
+    evaluations = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    for evaluation in evaluations:  # the held-out samples, without weights, agree with the evaluation
+        path = out / "rollouts" / f"heldout_step_{evaluation['step']:06d}.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        assert len(rows) == evaluation["problems"] * 2 and not any("weight" in r for r in rows)
+        assert sum(r["reward"] for r in rows) / len(rows) == pytest.approx(evaluation["avg_at_k"])
 
 
 @pytest.mark.slow
@@ -145,8 +201,15 @@ def test_dapo_grpo_leaves_out_flat_groups_at_dp2(tmp_path):
     """DAPO-style GRPO (no KL) through the loop at DP=2 trains on the groups whose rewards differ: a step with
     a flat group (all rewards equal, zero advantages) trains on fewer tokens than it generated, one without
     trains on all of them. (That the gradient is unchanged is tests/test_popo_step.py's.)"""
-    history = _train(tmp_path / "grpo", EXAMPLES / "tiny_cpu_grpo.yaml", *SMALL, "train.mini_batches=2", nproc=2)
+    out = tmp_path / "grpo"
+    history = _train(
+        out, EXAMPLES / "tiny_cpu_grpo.yaml", *SMALL, "train.mini_batches=2", "train.save_rollouts=true", nproc=2
+    )
     assert len(history) == 2
+    # Rank 0 writes every rank's rows: the whole step, advantages included.
+    _check_rollout_records(out, history, "grpo", responses=8 * 4, group_size=4)
+    # Every rank holds every group: the rollouts' counts are the step's, not once per data-parallel rank.
+    assert all(r["all"]["reward/groups"] == 8 for r in history)
     for record in history:
         generated = record["response_len_mean"] * 8 * 4
         flat = record["groups_without_positive"] + record["groups_all_positive"]

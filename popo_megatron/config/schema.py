@@ -338,6 +338,12 @@ class RewardConfig:
     timeout_s: float = 5.0  # per response: a worker that overruns is killed and the response scores 0
     # Tried in order when a response has no \boxed{}: answer_is, last_math, last_number.
     answer_fallbacks: list[str] = field(default_factory=list)
+    # A problem whose gold answer is a literal number accepts only a literal number (432, 432.0, 1,234; a
+    # fraction in lowest terms where the gold is one): an expression such as `24 \times 18` is graded
+    # `not_literal` (popo_megatron.reward.literal). null: on when data.train is a generated arithmetic set
+    # (synthetic, arithmetic_words), whose answers a model could otherwise earn by restating the problem;
+    # off for files and the bundled math sets, which keep math-verify's symbolic equivalence.
+    require_literal: Optional[bool] = None
 
 
 @dataclass
@@ -355,6 +361,9 @@ class TrainConfig:
     # Weight sync to the engine: the MB gathered per bucket. On CPU, memory of 2 buckets in /dev/shm per host
     # and up to 3 per rank stays held between syncs (the fastest measured: bench/bench_conversion.py).
     weight_sync_bucket_mb: int = 256
+    # Write every response of every step (and of each held-out evaluation) to OUTPUT_DIR/rollouts/*.jsonl:
+    # prompt, response, reward, grade reason, extracted answer, POPO weight or GRPO advantage.
+    save_rollouts: bool = False
     # Stop with a checkpoint once the next step might end later than this many seconds after start
     # (slurm/train.sbatch sets it from the job's time limit); None: no limit.
     max_wall_time_s: Optional[float] = None

@@ -44,6 +44,7 @@ class Problem:
     problem: str
     answer: str  # LaTeX, compared with math-verify
     source: str  # "file:line" (or "file:row N" for Parquet, "synthetic:N")
+    kind: str = ""  # a category results are also reported by (arithmetic_words: the operation)
 
 
 @dataclass

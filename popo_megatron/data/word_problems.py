@@ -94,5 +94,5 @@ def word_problems(split: str, size: int | None = None, seed: int = 0) -> Problem
         template = rng.choice(TEMPLATES[triple.operation])
         text = template.format(a=triple.a, b=triple.b, name=rng.choice(NAMES), item=rng.choice(ITEMS))
         source = f"{NAME}:{split}:{i}:{triple.operation}:{triple.a}:{triple.b}"
-        rows.append(Problem(text, str(triple.answer), source))
+        rows.append(Problem(text, str(triple.answer), source, triple.operation))
     return ProblemSet(rows, f"{NAME}:{split}")

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from popo_megatron.reward.extract import extract_answer
 from popo_megatron.reward.grade import Grade
+from popo_megatron.reward.literal import literal_verdict
 from popo_megatron.reward.pool import GradingPool
 
 # Grades keep at most this much of the extracted answer (an adversarial one can be megabytes).
@@ -30,6 +31,16 @@ ANSWER_CHARS = 200
 class MathGradeSettings:
     fallbacks: tuple[str, ...]  # reward.answer_fallbacks
     timeout_s: float  # math-verify's own limit on each parse and on the comparison (reward.timeout_s)
+    require_literal: bool = False  # reward.require_literal: a literal gold accepts literal answers only
+
+    @classmethod
+    def from_config(cls, reward_cfg: DictConfig, literal_default: bool = False) -> MathGradeSettings:
+        """The `reward` section's settings; `literal_default`: require literal answers when
+        reward.require_literal is unset (the training data's choice: data.datasets.literal_answers_by_default)."""
+        literal = reward_cfg.require_literal
+        return cls(
+            tuple(reward_cfg.answer_fallbacks), reward_cfg.timeout_s, literal_default if literal is None else literal
+        )
 
 
 _INTEGER = re.compile(r"-?\d{1,100}")  # bounded: int() of a megabyte of digits is slow
@@ -40,7 +51,8 @@ def _boxed(text: str) -> str:
 
 
 def grade_without_sympy(response: str, gold: str, settings: MathGradeSettings) -> Grade | None:
-    """The grade when no parsing is needed (no answer, identical strings, two integers), else None.
+    """The grade when no parsing is needed (no answer, identical strings, two integers, a literal gold under
+    `require_literal`), else None.
 
     Bounded work on any input (extraction is one linear scan, integers are at most 100 digits), so the
     caller may run it in-process: only the answers that need math-verify go to the worker processes."""
@@ -49,6 +61,10 @@ def grade_without_sympy(response: str, gold: str, settings: MathGradeSettings) -
         return Grade(0.0, "no_answer")
     answer = extracted.answer
     shown = answer[:ANSWER_CHARS]
+    if settings.require_literal:
+        verdict = literal_verdict(answer, gold)
+        if verdict is not None:
+            return Grade(float(verdict == "correct"), verdict, shown)
     if answer == gold.strip():
         return Grade(1.0, "correct", shown)
     if _INTEGER.fullmatch(answer) and _INTEGER.fullmatch(gold.strip()):  # two integers: compare their values
@@ -91,10 +107,11 @@ def warm_up_math_verify() -> None:
 
 
 class MathVerifier:
-    """The `reward` config's verifier: grade_math in a GradingPool of `reward.workers` processes."""
+    """The `reward` config's verifier: grade_math in a GradingPool of `reward.workers` processes
+    (`literal_default`: see MathGradeSettings.from_config)."""
 
-    def __init__(self, reward_cfg: DictConfig, progress: bool = False) -> None:
-        settings = MathGradeSettings(tuple(reward_cfg.answer_fallbacks), reward_cfg.timeout_s)
+    def __init__(self, reward_cfg: DictConfig, literal_default: bool = False, progress: bool = False) -> None:
+        settings = MathGradeSettings.from_config(reward_cfg, literal_default)
         self.settings = settings
         self.pool = GradingPool(
             grade_math, settings, reward_cfg.workers, reward_cfg.timeout_s, progress, warm_up=warm_up_math_verify

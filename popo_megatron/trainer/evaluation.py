@@ -47,7 +47,7 @@ def evaluate_checkpoint(
     from transformers import AutoTokenizer
 
     from popo_megatron.checkpoint.runs import resolve_checkpoint
-    from popo_megatron.data.datasets import load_dataset
+    from popo_megatron.data.datasets import literal_answers_by_default, load_dataset
     from popo_megatron.reward.math_verifier import MathVerifier
     from popo_megatron.rollout.engine import SamplingSettings
     from popo_megatron.rollout.vllm_engine import vllm_engine
@@ -58,7 +58,7 @@ def evaluate_checkpoint(
     with hf_model_dir(checkpoint, weights) as model_dir:
         engine = vllm_engine(cfg, model_dir)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
-    verifier = MathVerifier(cfg.reward)
+    verifier = MathVerifier(cfg.reward, literal_answers_by_default(cfg.data))
     try:
         for name in benchmarks or ["math500"]:
             problems = load_dataset(cfg.data, name)

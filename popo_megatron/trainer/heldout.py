@@ -11,13 +11,15 @@ no further.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
+import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from popo_megatron.data.datasets import load_dataset
 from popo_megatron.data.problems import DataError, ProblemSet
-from popo_megatron.evaluate import pass_at_k
+from popo_megatron.evaluate import avg_by_kind, kinds_text, pass_at_k
+from popo_megatron.trainer.rollout_records import heldout_file, response_records, write_records
 from popo_megatron.trainer.rollouts import collect_groups
 
 
@@ -31,6 +33,7 @@ class HeldoutResult:
     problems: int
     prompt_blind: float  # the best prompt-blind answer's accuracy on the same problems
     seconds: float
+    by_kind: dict[str, float] = field(default_factory=dict)  # avg@k per kind of problem (e.g. operation)
 
     def record(self) -> dict:
         return asdict(self)
@@ -39,7 +42,7 @@ class HeldoutResult:
         return (
             f"held-out after step {self.step}: avg@{self.k} {self.avg_at_k:.3f} pass@{self.k} {self.pass_at_k:.3f} "
             f"(T={self.temperature:g}; prompt-blind best {self.prompt_blind:.3f}; {self.problems} problems, "
-            f"{self.seconds:.1f}s)"
+            f"{self.seconds:.1f}s){kinds_text(self.by_kind)}"
         )
 
 
@@ -60,11 +63,14 @@ class HeldoutEvaluator:
         return step == self.cfg.train.steps or bool(every and step % every == 0)
 
     def evaluate(self, engine, verifier, tokenizer, step: int) -> HeldoutResult:
-        """Every held-out problem, k samples each, on every replica's share (collective)."""
+        """Every held-out problem, k samples each, on every replica's share (collective). With
+        train.save_rollouts, rank 0 writes the samples to OUTPUT_DIR/rollouts/heldout_step_NNNNNN.jsonl."""
         start = time.perf_counter()
         engine.wake()
         groups, _ = collect_groups(engine, verifier, tokenizer, self.problems.problems, self.cfg, self.seed)
         engine.sleep()
+        if self.cfg.train.save_rollouts and (not dist.is_initialized() or dist.get_rank() == 0):
+            write_records(self.cfg.train.output_dir, heldout_file(step), response_records(groups, tokenizer, step))
         correct = [sum(g.correct for g in group.grades) for group in groups]
         return HeldoutResult(
             step=step,
@@ -75,4 +81,5 @@ class HeldoutEvaluator:
             problems=len(correct),
             prompt_blind=self.prompt_blind,
             seconds=time.perf_counter() - start,
+            by_kind=avg_by_kind([p.kind for p in self.problems.problems], correct, self.k),
         )

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from popo_megatron.logs import get_logger, progress
 from popo_megatron.metrics import METRICS, STEP_VALUES, Reduce
+from popo_megatron.trainer.reward_watch import RewardWatch
 
 log = get_logger("trainer")
 
@@ -58,6 +59,7 @@ class Logbook:
         self.jsonl = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
         self.tensorboard = SummaryWriter(str(self.dir / "tensorboard"), purge_step=start_step + 1)
         self.bar = progress(total=total_steps, initial=start_step, desc="train", unit="step")
+        self.watch = RewardWatch()
 
     def record(self, record: dict) -> None:
         if not self.enabled:
@@ -70,6 +72,7 @@ class Logbook:
         for column, metric in STEP_VALUES.items():
             self.tensorboard.add_scalar(metric.name, record[column], step)
         log.info(log_line(record, self.total))
+        self._warn(self.watch.step(record))
         self.bar.update(1)
 
     def record_heldout(self, result) -> None:
@@ -81,6 +84,12 @@ class Logbook:
         for name in ("avg_at_k", "pass_at_k", "prompt_blind"):
             self.tensorboard.add_scalar(f"eval/{name}", getattr(result, name), result.step)
         log.info(result.line())
+        self._warn(self.watch.heldout(result.step, result.avg_at_k))
+
+    @staticmethod
+    def _warn(message: str | None) -> None:
+        if message is not None:
+            log.warning(message)
 
     def close(self) -> Path | None:
         """Flush everything and draw the reward curve of the whole run (metrics.jsonl, resumed runs too)."""

@@ -36,10 +36,12 @@ from popo_megatron.logs import get_logger
 from popo_megatron.metrics import MetricAccumulator
 from popo_megatron.model.hf_config import HFModelArgs
 from popo_megatron.reward.grade import Verifier, add_grade_metrics
+from popo_megatron.reward.restated import restates_problem
 from popo_megatron.rollout.engine import RolloutEngine
 from popo_megatron.rollout.seeds import step_seed
-from popo_megatron.trainer.batching import RankRows, rank_rows, step_batch
+from popo_megatron.trainer.batching import rank_rows, step_batch
 from popo_megatron.trainer.logbook import step_record
+from popo_megatron.trainer.rollout_records import response_records, step_file, write_records
 from popo_megatron.trainer.rollouts import StepRollouts, collect_step
 
 if TYPE_CHECKING:
@@ -91,7 +93,7 @@ class Recipe:
         from transformers import AutoTokenizer
 
         from popo_megatron.config.validate import validate_config
-        from popo_megatron.data.datasets import load_dataset
+        from popo_megatron.data.datasets import literal_answers_by_default, load_dataset
         from popo_megatron.model.builder import build_gpt_model
         from popo_megatron.model.hf_config import read_hf_config
         from popo_megatron.model.training import build_optimizer, build_scheduler, wrap_ddp
@@ -130,7 +132,7 @@ class Recipe:
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path, trust_remote_code=cfg.model.trust_remote_code)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.sampler = PromptSampler(len(self.problems), cfg.data.shuffle_seed)
-        self.verifier = MathVerifier(cfg.reward)
+        self.verifier = MathVerifier(cfg.reward, literal_answers_by_default(cfg.data))
         self.engine = vllm_engine(cfg, cfg.model.hf_path)
         self.momentum = TwinMomentum(twin_cfg.momentum, total_updates)
         self._follow_lr_schedule()
@@ -164,13 +166,20 @@ class Recipe:
         """One rollout step and its updates; returns the metrics.jsonl record (on every rank)."""
         start = time.perf_counter()
         rollouts = self.rollout(step)
-        metrics = rollout_metrics(rollouts)
+        # Every rank holds every group: the rollouts' metrics are whole here, and a reduction would count them
+        # once per data-parallel rank.
+        rollout_values = rollout_metrics(rollouts).reduce(local=True)
+        metrics = MetricAccumulator()
+        step_rows = self._step_batch(rollouts)
+        if self.cfg.train.save_rollouts and dist.get_rank() == 0:
+            self._save_rollouts(step + 1, rollouts, step_rows)
         train_start = time.perf_counter()
-        grad_norm, phase_times = self.update(rollouts, metrics)
+        grad_norm, phase_times = self.update(step_rows, metrics)
         sync_start = time.perf_counter()
         self.sync()
         sync_end = time.perf_counter()
-        reduced = reduce_step_metrics(metrics)  # collective: data-parallel all-reduce, last stage's broadcast
+        # collective: data-parallel all-reduce, last stage's broadcast
+        reduced = {**rollout_values, **reduce_step_metrics(metrics)}
         step_s = time.perf_counter() - start
         extra = {
             "twin_momentum": self.momentum.value if self.twin is not None else float("nan"),
@@ -201,12 +210,15 @@ class Recipe:
         self.engine.sleep()
         return rollouts
 
-    def update(self, rollouts: StepRollouts, metrics: MetricAccumulator) -> tuple[float, dict[str, float]]:
-        """Train on the step's groups: this rank's rows, their old (and reference) log-probs, then per
-        mini-batch the twin's hidden states, one optimiser step and the twin's EMA. Returns the last gradient
-        norm and the time of the extra forward passes."""
+    def update(self, step_rows: PolicyBatch, metrics: MetricAccumulator) -> tuple[float, dict[str, float]]:
+        """Train on the step's rows (`_step_batch`): this rank's share, their old (and reference) log-probs,
+        then per mini-batch the twin's hidden states, one optimiser step and the twin's EMA. Returns the last
+        gradient norm and the time of the extra forward passes."""
+        from megatron.core import parallel_state
+
         cfg = self.cfg
-        rows = self._rank_rows(rollouts)
+        dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+        rows = rank_rows(step_rows, cfg, dp, dp_rank)
         metrics.add_total(m.TRAINED_TOKENS, int(rows.batch.loss_mask.sum()))
         old_start = time.perf_counter()
         batch = self._with_old_logprobs(rows.batch)  # collective (when computed): a pipeline forward
@@ -246,15 +258,23 @@ class Recipe:
         self.engine.update_weights(iter_hf_weights(self.ddp, self.args, self.cfg, bucket_bytes=bucket))
 
     # --- the parts of update ----------------------------------------------------------------------------
-    def _rank_rows(self, rollouts: StepRollouts) -> RankRows:
-        """This data-parallel rank's rows of the step, and the rollouts each mini-batch stands for."""
-        from megatron.core import parallel_state
-
+    @staticmethod
+    def _trained_groups(rollouts: StepRollouts) -> list:
         # No group with a signal (dynamic sampling gave up): the generated ones, which teach nothing, keep the
         # schedule (POPO: no positive, nothing trains; GRPO: zero advantages).
-        step_rows = step_batch(rollouts.trained or rollouts.generated, self.cfg, self.pad_id)
-        dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-        return rank_rows(step_rows, self.cfg, dp, dp_rank)
+        return rollouts.trained or rollouts.generated
+
+    def _step_batch(self, rollouts: StepRollouts) -> PolicyBatch:
+        """Every row of the groups the step trains on, with its weight or advantage (every rank)."""
+        return step_batch(self._trained_groups(rollouts), self.cfg, self.pad_id)
+
+    def _save_rollouts(self, step: int, rollouts: StepRollouts, step_rows: PolicyBatch) -> None:
+        """OUTPUT_DIR/rollouts/step_NNNNNN.jsonl (trainer/rollout_records.py): each response with the weight
+        (or advantage) the loss gives it, 0 where it carries no token into the loss."""
+        used = step_rows.sample_weights * step_rows.loss_mask.any(-1)
+        key = "weight" if self.cfg.algorithm == Algorithm.popo else "advantage"
+        records = response_records(rollouts.generated, self.tokenizer, step, self._trained_groups(rollouts), used, key)
+        write_records(self.cfg.train.output_dir, step_file(step), records)
 
     def _micro_batches(self, mini: PolicyBatch) -> list[PolicyBatch]:
         """The micro-batches of a mini-batch, for every forward of it: the old log-probs, the twin, the update.
@@ -362,6 +382,10 @@ def rollout_metrics(rollouts: StepRollouts) -> MetricAccumulator:
     generated = rollouts.generated
     metrics = MetricAccumulator()
     add_grade_metrics([g for group in generated for g in group.grades], metrics)
+    restated = sum(
+        g.correct and restates_problem(g.answer, group.problem.problem) for group in generated for g in group.grades
+    )
+    metrics.add_total(m.RESTATED_PROBLEM, restated)
     group_stats(torch.tensor([g.rewards for g in generated])).add_to(metrics)
     lengths = [len(r.token_ids) for g in generated for r in g.responses]
     metrics.add_mean(m.RESPONSE_LENGTH, sum(lengths), len(lengths))
@@ -385,8 +409,8 @@ def from_last_stage(value):
 
 
 def reduce_step_metrics(metrics: MetricAccumulator) -> dict[str, float]:
-    """Reduced over data-parallel ranks; the loss metrics from the last stage, the rollout ones are everywhere
-    (collective over the data-parallel and pipeline groups)."""
+    """The update's metrics, each rank's share reduced over data-parallel ranks; the loss metrics from the last
+    stage, the others (trained tokens) are everywhere (collective over the data-parallel and pipeline groups)."""
     from megatron.core import parallel_state
 
     reduced = metrics.reduce(parallel_state.get_data_parallel_group())
