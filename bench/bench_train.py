@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from popo_megatron.trainer.logbook import EVAL_JSONL, read_metrics
+from popo_megatron.trainer.rollout_records import ROLLOUTS_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
 MAIN_JOB = "examples/tiny_cpu.yaml"  # relative to ROOT
@@ -63,12 +64,35 @@ def run(
     """(metrics records, held-out evaluations, wall seconds) of one run (`extra`: more overrides)."""
     command = [sys.executable, "-m", "popo_megatron", "train", str(example), *VARIANTS[variant], *extra]
     command += [f"seed={seed}", f"train.steps={steps}", f"train.output_dir={out}", "train.checkpoint_every=0"]
+    command.append("train.save_rollouts=true")  # what was rewarded: summarise() keeps examples of it
     start = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if proc.returncode:
         raise RuntimeError(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
     return read_metrics(out / "metrics.jsonl"), read_metrics(out / EVAL_JSONL), seconds
+
+
+def rewarded_examples(out: Path, per_kind: int = 3) -> dict[str, list[dict]]:
+    """What the run was rewarded for, to read: correct answers of its last step, and of its last held-out
+    evaluation per kind of problem (the operation of arithmetic_words), each with its problem."""
+    rollouts = out / ROLLOUTS_DIR
+
+    def correct(path: Path) -> list[dict]:
+        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+        keep = ("source", "gold", "response", "extracted")
+        return [{k: r[k] for k in keep} for r in rows if r["reason"] == "correct"]
+
+    steps = sorted(rollouts.glob("step_*.jsonl"))
+    heldout = sorted(rollouts.glob("heldout_step_*.jsonl"))
+    examples = {"train_last_step": correct(steps[-1])[: 2 * per_kind] if steps else []}
+    by_kind: dict[str, list[dict]] = {}
+    for row in correct(heldout[-1]) if heldout else []:
+        kind = row["source"].split(":")[3] if row["source"].startswith("arithmetic_words:") else "all"
+        if len(by_kind.setdefault(kind, [])) < per_kind:
+            by_kind[kind].append(row)
+    examples.update({f"heldout_end_{kind}": rows for kind, rows in sorted(by_kind.items())})
+    return examples
 
 
 def step_phases(record: dict) -> dict[str, float]:
@@ -94,9 +118,12 @@ def breakdown(records: list[dict]) -> dict[str, float]:
     return result
 
 
-def summarise(variant: str, seed: int, records: list[dict], heldout: list[dict], seconds: float) -> dict:
+def summarise(
+    variant: str, seed: int, records: list[dict], heldout: list[dict], seconds: float, examples: dict | None = None
+) -> dict:
     by_step = {h["step"]: h["avg_at_k"] for h in heldout}
     reached = next((h["step"] for h in heldout if h["avg_at_k"] >= TARGET), None)
+    correct = sum(r["all"].get("reward/correct", 0) for r in records)
     return dict(
         variant=variant,
         seed=seed,
@@ -104,10 +131,18 @@ def summarise(variant: str, seed: int, records: list[dict], heldout: list[dict],
         **{f"at_{b}": by_step.get(b) for b in BUDGETS},
         end=heldout[-1]["avg_at_k"],
         prompt_blind=heldout[-1]["prompt_blind"],
+        # avg@k per kind of problem (arithmetic_words: the operation) at the start and the end
+        start_by_kind=heldout[0].get("by_kind", {}),
+        end_by_kind=heldout[-1].get("by_kind", {}),
         steps_to_target=reached,
         wall_s=seconds,
         train_reward_last10=statistics.mean(r["reward_mean"] for r in records[-10:]),
+        # How the run's train rewards were earned: the share of correct answers that restate the problem, and
+        # the answers refused as expressions (reward.require_literal)
+        restated_share=sum(r["all"].get("reward/restated_problem", 0) for r in records) / max(correct, 1),
+        not_literal=sum(r["all"].get("reward/not_literal", 0) for r in records),
         curve=[(h["step"], h["avg_at_k"]) for h in heldout],
+        examples=examples or {},
         **breakdown(records),
     )
 
@@ -144,7 +179,8 @@ def main() -> int:
                 continue
             with tempfile.TemporaryDirectory() as tmp:
                 records, heldout, seconds = run(ns.example, variant, seed, ns.steps, Path(tmp) / "run")
-            done.append(summarise(variant, seed, records, heldout, seconds))
+                examples = rewarded_examples(Path(tmp) / "run")
+            done.append(summarise(variant, seed, records, heldout, seconds, examples))
             # Written after every run, so that --resume after a stop loses at most the run in flight.
             out_json.write_text(json.dumps({**meta, "runs": done}, indent=1) + "\n")
             print(f"{variant} seed {seed}: held-out {done[-1]['end']:.3f} after {ns.steps} steps, {seconds:.0f}s")
@@ -196,6 +232,18 @@ def report(rows: list[dict], variants: list[str], seeds: list[int], steps: int) 
     best += [min(measured, key=lambda v: mean(v, "wall_s")), min(measured, key=lambda v: mean(v, "step_s"))]
     print("| **winner** | " + " | ".join(f"**{v}**" for v in best) + " |")
     print(f"\nprompt-blind baseline: {rows[0]['prompt_blind']:.3f}; start: {_spread([r['start'] for r in rows])}")
+    kinds = sorted({k for r in rows for k in r.get("end_by_kind", {})})
+    header = ["variant", "seed", "held-out start", "held-out end", *kinds, "restated share", "wall s"]
+    print("\nevery run (per kind: held-out avg@k start -> end; restated share: correct train answers that restate")
+    print("the problem)\n| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
+    for r in rows:
+        per_kind = [
+            f"{r['start_by_kind'].get(k, float('nan')):.3f} -> {r['end_by_kind'].get(k, float('nan')):.3f}"
+            for k in kinds
+        ]
+        cells = [r["variant"], str(r["seed"]), f"{r['start']:.3f}", f"{r['end']:.3f}", *per_kind]
+        cells += [f"{r.get('restated_share', float('nan')):.2f}", f"{r['wall_s']:.0f}"]
+        print("| " + " | ".join(cells) + " |")
     print("\nstep time shares (median over steps; mean over seeds)")
     print("| variant | " + " | ".join(PARTS) + " |\n|" + " --- |" * (len(PARTS) + 1))
     for v in measured:
