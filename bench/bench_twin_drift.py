@@ -42,7 +42,7 @@ def run(seed: int, steps: int, out: Path, overrides: list[str]) -> list[dict]:
 def drift_summary(records: list[dict], target: float, m_min: float, m_max: float) -> dict:
     """What the tests check: m off its bounds, and the second half's drift against the target."""
     momenta = [r["twin_momentum"] for r in records]
-    second = [r["sim_penalty"] for r in records[len(records) // 2 :] if r["sim_penalty"] == r["sim_penalty"]]
+    second = [r["drift"] for r in records[len(records) // 2 :] if r["drift"] == r["drift"]]
     return dict(
         off_bounds=sum(m_min + 1e-9 < m < m_max - 1e-9 for m in momenta) / len(momenta),
         drift_second_half=statistics.mean(second) / target,
@@ -67,7 +67,7 @@ def main() -> int:
             for seed in ns.seeds:
                 records = run(seed, ns.steps, Path(tmp) / f"{schedule}_{seed}", [*ns.overrides, *extra])
                 curves[f"{schedule}_{seed}"] = {
-                    "drift": [r["sim_penalty"] for r in records],
+                    "drift": [r["drift"] for r in records],
                     "momentum": [r["twin_momentum"] for r in records],
                 }
                 summary = drift_summary(records, momentum.d_target, momentum.m_min, momentum.m_max)

@@ -48,7 +48,7 @@ def avg_by_kind(kinds: list[str], correct: list[int], k: int) -> dict[str, float
 
 
 def kinds_text(by_kind: dict[str, float]) -> str:
-    """"; by kind: add 0.450, multiply 0.000" (nothing without kinds)."""
+    """ "; by kind: add 0.450, multiply 0.000" (nothing without kinds)."""
     return "; by kind: " + ", ".join(f"{kind} {value:.3f}" for kind, value in by_kind.items()) if by_kind else ""
 
 

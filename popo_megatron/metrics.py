@@ -109,31 +109,69 @@ LOSS_TOTAL = _declare(Metric("loss/total", Reduce.mean, _LAST, "loss", when="an 
 LOSS_POLICY = _declare(Metric("loss/policy", Reduce.mean, _LAST, "pos_loss", when="an update"))
 ENTROPY = _declare(Metric("entropy", Reduce.mean, _LAST, "entropy", when="an update"))
 SKIPPED_UPDATES = _declare(Metric("train/skipped_updates", Reduce.total, _LAST, when="a mini-batch without signal"))
-POPO_SIMILARITY = _declare(
-    Metric("popo/similarity", Reduce.mean, _LAST, "sim_penalty", ("popo",), "an update with popo.twin.enabled")
+# The paper's three terms as it defines them (unweighted by alpha and beta_ent): L = L_NLL + alpha L_sim +
+# beta_ent L_ent.
+LOSS_NLL = _declare(Metric("loss/nll", Reduce.mean, _LAST, "nll", ("popo",), "an update"))
+_TARGET = "an update with the EMA target (popo.alpha > 0)"
+LOSS_SIMILARITY = _declare(Metric("loss/similarity", Reduce.mean, _LAST, "sim_loss", ("popo",), _TARGET))
+LOSS_ENTROPY = _declare(Metric("loss/entropy", Reduce.mean, _LAST, "ent_loss", ("popo",), "an update"))
+# 1 - cos between the online and the target's features (pooled: per row with w > 0, before the predictor
+# and the noise; per_token: per positive token, after the predictor): how far the target lags, the input of
+# the adaptive momentum and alpha.
+POPO_DRIFT = _declare(Metric("popo/drift", Reduce.mean, _LAST, "drift", ("popo",), _TARGET))
+POPO_KL = _declare(
+    Metric(
+        "popo/kl_to_target",
+        Reduce.mean,
+        _LAST,
+        "kl_to_target",
+        ("popo",),
+        f"{_TARGET}, every popo.target.kl_every steps",
+    )
 )
-POPO_RATIO = _declare(Metric("popo/ratio", Reduce.mean, _LAST, "ratio_mean", ("popo",), "an update"), True, "ratio_max")
-POPO_CLIP_FRACTION = _declare(Metric("popo/clip_fraction", Reduce.mean, _LAST, "clip_frac", ("popo",), "an update"))
+POPO_WEIGHT = _declare(Metric("popo/weight", Reduce.mean, _LAST, None, ("popo",), "an update"), True)
+POPO_RATIO = _declare(
+    Metric("popo/ratio", Reduce.mean, _LAST, "ratio_mean", ("popo",), "an update with popo.is_bound.mode != none"),
+    True,
+    "ratio_max",
+)
+POPO_CLIP_FRACTION = _declare(
+    Metric(
+        "popo/clip_fraction", Reduce.mean, _LAST, "clip_frac", ("popo",), "an update with popo.is_bound.mode != none"
+    )
+)
 GRPO_RATIO = _declare(Metric("grpo/ratio", Reduce.mean, _LAST, "ratio_mean", ("grpo",), "an update"), True, "ratio_max")
 GRPO_CLIP_FRACTION = _declare(Metric("grpo/clip_fraction", Reduce.mean, _LAST, "clip_frac", ("grpo",), "an update"))
 GRPO_KL = _declare(Metric("grpo/kl", Reduce.mean, _LAST, None, ("grpo",), "an update with grpo.kl_beta > 0"))
 LOGPROB_MISMATCH = _declare(
-    Metric("rollout/logprob_abs_diff", Reduce.mean, _LAST, "logprob_mismatch", when="an update")
+    Metric(
+        "rollout/logprob_abs_diff",
+        Reduce.mean,
+        _LAST,
+        "logprob_mismatch",
+        when="an update with loss.old_logprobs=trainer",
+    )
 )
 LOGPROB_MISMATCH_MAX = _declare(
-    Metric("rollout/logprob_abs_diff_max", Reduce.max, _LAST, "logprob_mismatch_max", when="an update")
+    Metric(
+        "rollout/logprob_abs_diff_max",
+        Reduce.max,
+        _LAST,
+        "logprob_mismatch_max",
+        when="an update with loss.old_logprobs=trainer",
+    )
 )
 TIS_WEIGHT = _declare(
-    Metric("rollout/tis_weight", Reduce.mean, _LAST, when="an update with popo.rollout_correction=tis")
+    Metric("rollout/tis_weight", Reduce.mean, _LAST, when="an update with loss.rollout_correction=tis")
 )
 
 # --- values of the step the recipe computes (metrics.jsonl columns, TensorBoard train/NAME) -----------------
-_TWIN = "popo.twin.enabled"
+_TWIN = "the EMA target (popo.alpha > 0)"
 STEP_VALUES = {
     m.jsonl: _declare(m)
     for m in [
         Metric("train/twin_momentum", Reduce.none, _EVERY, "twin_momentum", ("popo",), _TWIN),
-        Metric("train/similarity_beta", Reduce.none, _EVERY, "similarity_beta", ("popo",), _TWIN),
+        Metric("train/alpha", Reduce.none, _EVERY, "alpha", ("popo",), _TWIN),
         Metric("train/lr", Reduce.none, _EVERY, "lr"),
         Metric("train/grad_norm", Reduce.none, _EVERY, "grad_norm", when="an update"),
         Metric("train/time_rollout_s", Reduce.none, _EVERY, "time_rollout_s"),

@@ -16,7 +16,7 @@ from popo_megatron.data.synthetic import arithmetic_tokenizer
 from popo_megatron.reward.grade import Grade
 from popo_megatron.rollout.engine import Generation, Response
 from popo_megatron.rollout.seeds import ROUND_SEED_STRIDE
-from popo_megatron.trainer.rollouts import collect_step, has_signal
+from popo_megatron.trainer.rollouts import collect_step
 
 N = 4
 
@@ -53,16 +53,28 @@ def _cfg(*overrides):
     )
 
 
+def _has_signal(algorithm: str):
+    """The objective's rule (built without a model: no EMA target or reference to keep)."""
+    from popo_megatron.objectives import ObjectiveContext, build_objective
+
+    cfg = _cfg(f"algorithm={algorithm}", "popo.alpha=0", "grpo.kl_beta=0")
+    context = ObjectiveContext(cfg.loss, cfg.optim, 16, 8, 1.0, 0, 1, N, 1, False)
+    return build_objective(cfg, context, model=None).has_signal
+
+
 def _collect(cfg, answers):
     engine = RecordingEngine()
-    result = collect_step(engine, OneCorrectWhenAnswerIsOne(), arithmetic_tokenizer(), _problems(answers), cfg, 500)
+    tokenizer = arithmetic_tokenizer()
+    result = collect_step(
+        engine, OneCorrectWhenAnswerIsOne(), tokenizer, _problems(answers), cfg, 500, _has_signal("popo")
+    )
     return result, engine.seeds
 
 
 def test_refills_until_enough_groups_have_a_positive():
     answers = ["1", "0", "1", "0", "0", "1", "0", "1", "1", "1"]
     result, seeds = _collect(_cfg("data.dynamic_sampling=true"), answers)
-    assert len(result.trained) == 4 and all(has_signal(g, "popo") for g in result.trained)
+    assert len(result.trained) == 4 and all(_has_signal("popo")(g.rewards) for g in result.trained)
     assert [g.problem.problem for g in result.trained] == ["p0", "p2", "p5", "p7"]
     # Refills ask for the missing groups only: 4, then 2, 1 and 1 prompts.
     assert result.rounds == 4 and len(result.generated) == 4 + 2 + 1 + 1
@@ -81,7 +93,4 @@ def test_off_keeps_every_group():
 
 @pytest.mark.parametrize("rewards, popo, grpo", [([0, 0], False, False), ([1, 1], True, False), ([0, 1], True, True)])
 def test_signal_rule(rewards, popo, grpo):
-    from popo_megatron.trainer.rollouts import Group
-
-    group = Group(Problem("p", "1", "t"), [1], [], [], [Grade(float(r), "x") for r in rewards])
-    assert (has_signal(group, "popo"), has_signal(group, "grpo")) == (popo, grpo)
+    assert (_has_signal("popo")(rewards), _has_signal("grpo")(rewards)) == (popo, grpo)

@@ -18,7 +18,7 @@ from popo_megatron.data.datasets import literal_answers_by_default
 from popo_megatron.reward.literal import MAX_DIGITS, literal_verdict, parse_literal
 from popo_megatron.reward.math_verifier import MathGradeSettings, MathVerifier
 from popo_megatron.reward.restated import restates_problem
-from popo_megatron.trainer.reward_watch import HELDOUT_EVALS, HELDOUT_MARGIN, RESTATED_MIN_CORRECT, RewardWatch
+from popo_megatron.trainer.watch import HELDOUT_EVALS, HELDOUT_MARGIN, RESTATED_MIN_CORRECT, RunWatch
 
 # (response, gold, reason with the setting off (None: math-verify's call, not asserted), reason with it on)
 HACKS = [
@@ -143,16 +143,27 @@ def _record(step: int, reward: float, correct: float = 0.0, restated: float = 0.
 
 
 def test_the_watch_warns_once_when_most_correct_answers_restate_the_problem():
-    watch = RewardWatch()
-    assert watch.step(_record(1, 0.2, RESTATED_MIN_CORRECT - 1, RESTATED_MIN_CORRECT - 1)) is None, "too few"
-    assert watch.step(_record(2, 0.2, 20, 9)) is None, "a minority"
-    warning = watch.step(_record(3, 0.2, 20, 10))
+    watch = RunWatch()
+    assert watch.step(_record(1, 0.2, RESTATED_MIN_CORRECT - 1, RESTATED_MIN_CORRECT - 1)) == [], "too few"
+    assert watch.step(_record(2, 0.2, 20, 9)) == [], "a minority"
+    [warning] = watch.step(_record(3, 0.2, 20, 10))
     assert "step 3" in warning and "10 of the 20" in warning and "reward.require_literal=true" in warning
-    assert watch.step(_record(4, 0.2, 20, 20)) is None, "once per run"
+    assert watch.step(_record(4, 0.2, 20, 20)) == [], "once per run"
+
+
+def test_the_watch_warns_once_when_the_entropy_falls_below_the_floor():
+    quiet = RunWatch()  # no floor: never
+    assert quiet.step({**_record(1, 0.5), "entropy": 0.01}) == []
+    watch = RunWatch(entropy_floor=0.5)
+    assert watch.step({**_record(1, 0.5), "entropy": float("nan")}) == [], "a step without an update"
+    assert watch.step({**_record(2, 0.5), "entropy": 0.6}) == []
+    [warning] = watch.step({**_record(3, 0.5), "entropy": 0.4})
+    assert "step 3" in warning and "0.400 is below 0.5" in warning and "popo.beta_ent" in warning
+    assert watch.step({**_record(4, 0.5), "entropy": 0.3}) == [], "once per run"
 
 
 def test_the_watch_warns_when_held_out_beats_training_for_several_evaluations():
-    watch = RewardWatch()
+    watch = RunWatch()
     assert watch.heldout(0, 0.9) is None, "the start has no train reward to compare with"
     warnings = []
     for evaluation in range(HELDOUT_EVALS + 1):
@@ -163,7 +174,7 @@ def test_the_watch_warns_when_held_out_beats_training_for_several_evaluations():
     assert "held-out accuracy 0.660 is above the train reward (0.500" in warnings[HELDOUT_EVALS - 1]
     assert warnings[HELDOUT_EVALS] is None, "once per run"
 
-    steady = RewardWatch()  # held-out within the margin, or above it only now and then: quiet
+    steady = RunWatch()  # held-out within the margin, or above it only now and then: quiet
     for evaluation, gap in enumerate([HELDOUT_MARGIN + 0.05, 0.0, HELDOUT_MARGIN + 0.05, HELDOUT_MARGIN - 0.01]):
         steady.step(_record(evaluation, 0.5))
         assert steady.heldout(evaluation + 1, 0.5 + gap) is None

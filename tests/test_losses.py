@@ -10,7 +10,13 @@ import torch
 
 from popo_megatron.algo.advantages import group_stats, grpo_advantages, popo_weights
 from popo_megatron.algo.batch import pack_rows, spread_per_token
-from popo_megatron.algo.losses import grpo_policy_loss, popo_policy_loss, similarity_sum
+from popo_megatron.algo.losses import (
+    bounded_is_sum,
+    grpo_per_token,
+    per_token_distance_sum,
+    pooled_similarity_sum,
+    weighted_nll_sum,
+)
 from popo_megatron.config.schema import ISBoundConfig
 from popo_megatron.metrics import Metric, MetricAccumulator, Reduce
 
@@ -31,7 +37,7 @@ def _reference_weight(k: int, group: int, mode: str) -> float:
 
 @pytest.mark.parametrize("mode", ["uniform", "success_scaled", "grpo_matched"])
 def test_popo_weights_closed_form(mode):
-    weights = popo_weights(REWARDS, mode)
+    weights = popo_weights(REWARDS > 0, mode)
     for g, row in enumerate(REWARDS):
         k = int(row.sum())
         for i, reward in enumerate(row):
@@ -42,10 +48,58 @@ def test_popo_weights_closed_form(mode):
         assert torch.all(weights[3] == 0), "an all-correct group carries no signal"
 
 
+# Mean token log-probs of each rollout under the generating policy (the paper's lbar), one per reward above.
+MEAN_LOGPROBS = torch.tensor(
+    [[-0.5, -0.1, -2.0, -3.0], [-1.0, -0.2, -0.1, -9.0], [-1.0, -1.0, -1.0, -1.0], [-0.3, -0.6, -0.9, -1.2]]
+)
+
+
+def _reference_softmax(rewards, means, temperature=1.0, lengths=None):
+    """The paper's Eq. 8 per group, written out: exp(lbar_i / T) over the sum for the group's positives,
+    then, with lengths, w_i / |o_i| renormalised over the positives (the authors' option)."""
+    out = []
+    for g, row in enumerate(rewards.tolist()):
+        positives = [i for i, r in enumerate(row) if r > 0]
+        scores = {i: math.exp(means[g, i].item() / temperature) for i in positives}
+        total = sum(scores.values())
+        w = [scores[i] / total if i in scores else 0.0 for i in range(len(row))]
+        if lengths is not None and positives:
+            scaled = [w[i] / max(lengths[g, i].item(), 1) for i in range(len(row))]
+            w = [x / sum(scaled) for x in scaled]
+        out.append(w)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_softmax_weights_are_the_papers_and_have_no_edge_cases(temperature):
+    weights = popo_weights(REWARDS > 0, "softmax", MEAN_LOGPROBS, temperature)
+    assert torch.allclose(weights.double(), _reference_softmax(REWARDS, MEAN_LOGPROBS, temperature), atol=1e-7)
+    assert torch.isfinite(weights).all()
+    assert weights[0].tolist() == [1.0, 0.0, 0.0, 0.0], "one positive takes the whole weight"
+    assert weights[1, 1] > weights[1, 0] > 0 and torch.all(weights[1, 2:] == 0), "more likely, more weight"
+    assert torch.all(weights[2] == 0), "no positive: nothing"
+    assert weights[3].sum().item() == pytest.approx(1.0) and torch.all(weights[3] > 0), "all positive: all weigh"
+    sums = weights.sum(-1)
+    assert sums.tolist() == pytest.approx([1.0, 1.0, 0.0, 1.0]), "each group with a positive sums to 1"
+    # Only the positives compete: a negative's log-prob changes nothing.
+    moved = MEAN_LOGPROBS.clone()
+    moved[1, 2] = 5.0
+    assert torch.equal(popo_weights(REWARDS > 0, "softmax", moved, temperature), weights)
+
+
+def test_length_normalised_weights():
+    lengths = torch.tensor([[4, 1, 1, 1], [2, 8, 4, 1], [3, 3, 3, 3], [1, 2, 4, 0]])
+    weights = popo_weights(REWARDS > 0, "softmax", MEAN_LOGPROBS, 1.0, lengths)
+    assert torch.allclose(weights.double(), _reference_softmax(REWARDS, MEAN_LOGPROBS, 1.0, lengths), atol=1e-7)
+    assert weights.sum(-1).tolist() == pytest.approx([1.0, 1.0, 0.0, 1.0])
+    uniform = popo_weights(REWARDS > 0, "uniform", lengths=lengths)
+    assert uniform[1, :2].tolist() == pytest.approx([0.8, 0.2]), "1/2 each, then / (2, 8), renormalised"
+
+
 def test_grpo_matched_equals_grpo_weight_of_a_positive():
     """grpo_matched's w_i is GRPO's advantage of a positive rollout (binary rewards, population std)."""
     adv = grpo_advantages(REWARDS[:2])
-    matched = popo_weights(REWARDS[:2], "grpo_matched")
+    matched = popo_weights(REWARDS[:2] > 0, "grpo_matched")
     positive = REWARDS[:2] > 0
     assert torch.allclose(matched[positive], adv[positive], atol=1e-5)
 
@@ -66,12 +120,12 @@ def test_grpo_advantages_reference():
 
 
 def test_group_stats():
-    stats = group_stats(REWARDS)
+    stats = group_stats(REWARDS > 0)
     assert (stats.rollouts, stats.groups, stats.positives) == (16, 4, 7)
     assert (stats.groups_without_positives, stats.groups_all_positive) == (1, 1)
     metrics = MetricAccumulator()
     stats.add_to(metrics)
-    group_stats(REWARDS[:1]).add_to(metrics)  # e.g. another data-parallel rank's groups
+    group_stats(REWARDS[:1] > 0).add_to(metrics)  # e.g. another data-parallel rank's groups
     reported = metrics.reduce()
     assert reported["reward/positive_fraction"] == pytest.approx(8 / 20)
     assert (reported["reward/groups"], reported["reward/groups_without_positives"]) == (5, 1)
@@ -112,7 +166,8 @@ def test_popo_loss_and_gradient_match_reference(mode):
     token_weights = torch.rand(lp.shape, generator=torch.Generator().manual_seed(5)) + 0.5
     denominator = float((weights * mask.sum(-1)).sum())
     metrics = MetricAccumulator()
-    loss = popo_policy_loss(lp, old, mask, weights, ISBoundConfig(mode, 0.28, 2.0), denominator, token_weights, metrics)
+    bound = ISBoundConfig(mode, 0.28, 2.0)
+    loss = bounded_is_sum(lp, old, mask, weights, bound, token_weights, metrics) / denominator
     (grad,) = torch.autograd.grad(loss, lp)
     ref = _reference_popo(lp, old, mask, weights, mode, 0.28, 2.0, denominator, token_weights)
     (ref_grad,) = torch.autograd.grad(ref, lp)
@@ -136,11 +191,27 @@ def test_popo_loss_without_positives_is_zero_and_finite():
     lp, old, mask = _random_case(1)
     weights = torch.zeros(lp.shape[0])
     metrics = MetricAccumulator()
-    loss = popo_policy_loss(lp, old, mask, weights, ISBoundConfig(), 0.0, metrics=metrics)
+    loss = bounded_is_sum(lp, old, mask, weights, ISBoundConfig("clip"), metrics=metrics)
     (grad,) = torch.autograd.grad(loss, lp)
     assert loss.item() == 0.0 and torch.all(grad == 0)
     reported = metrics.reduce(count_keys=True)
     assert "popo/ratio" not in reported and reported["popo/ratio/count"] == 0
+    assert weighted_nll_sum(lp, mask, weights).item() == 0.0
+
+
+def test_weighted_nll_is_the_papers_and_shares_the_on_policy_gradient_of_the_bound():
+    """sum_i w_i sum_t -log pi over the positives (w > 0); at rho = 1 (pi_old = pi) the bounded ratio's
+    gradient is the same, whatever the bound."""
+    lp, _, mask = _random_case(6)
+    weights = torch.tensor([0.5, 0.0, 0.25, 1.0, 0.0, 0.3])
+    nll = weighted_nll_sum(lp, mask, weights)
+    expected = sum(-weights[i] * lp[i, t] for i in range(6) for t in range(7) if mask[i, t] and weights[i] > 0)
+    assert nll.item() == pytest.approx(float(expected.detach()), rel=1e-6)
+    (grad,) = torch.autograd.grad(nll, lp)
+    for mode in ("clip", "truncate"):
+        surrogate = bounded_is_sum(lp, lp.detach(), mask, weights, ISBoundConfig(mode, 0.28, 2.0))
+        (bounded,) = torch.autograd.grad(surrogate, lp)
+        assert torch.allclose(bounded, grad, atol=1e-6), mode
 
 
 def _reference_grpo(lp, old, mask, adv, eps_low, eps_high, denominator, ref=None, beta=0.0):
@@ -165,7 +236,7 @@ def test_grpo_loss_and_gradient_match_reference():
     ref_lp = old - 0.1 * torch.randn(old.shape, generator=torch.Generator().manual_seed(3))
     denominator = float(mask.sum())
     metrics = MetricAccumulator()
-    loss = grpo_policy_loss(lp, old, mask, adv, 0.2, 0.28, denominator, ref_lp, 0.05, metrics=metrics)
+    loss = grpo_per_token(lp, old, mask, adv, 0.2, 0.28, ref_lp, 0.05, metrics=metrics).sum() / denominator
     (grad,) = torch.autograd.grad(loss, lp)
     ref = _reference_grpo(lp, old, mask, adv, 0.2, 0.28, denominator, ref_lp, 0.05)
     (ref_grad,) = torch.autograd.grad(ref, lp)
@@ -174,22 +245,51 @@ def test_grpo_loss_and_gradient_match_reference():
     assert 0 < metrics.reduce()["grpo/clip_fraction"] < 1
 
 
+def test_grpo_sequence_mean_is_trls_grpo_loss():
+    """TRL's loss_type grpo: each sequence's mean over its tokens, then the mean over sequences."""
+    lp, old, mask = _random_case(7)
+    adv = torch.tensor([1.2, -0.7, 0.0, -1.5, 0.4, 2.0])
+    per_token = grpo_per_token(lp, old, mask, adv, 0.2, 0.2)
+    loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / lp.shape[0]
+    rows = [
+        _reference_grpo(lp[i : i + 1], old[i : i + 1], mask[i : i + 1], adv[i : i + 1], 0.2, 0.2, 1.0) for i in range(6)
+    ]
+    means = [r / max(int(mask[i].sum()), 1) for i, r in enumerate(rows)]
+    assert loss.item() == pytest.approx(float(sum(means) / 6), rel=1e-5)
+
+
+def test_pooled_similarity_is_the_papers():
+    """L_sim = -sum_i w_i cos(h(z_i), stopgrad(z~_i)) / sum_i w_i, rows with w = 0 ignored."""
+    gen = torch.Generator().manual_seed(8)
+    predicted = torch.randn(5, 16, generator=gen, requires_grad=True)
+    target = torch.randn(5, 16, generator=gen, requires_grad=True)
+    weights = torch.tensor([0.5, 0.0, 0.2, 0.3, 0.0])
+    value = pooled_similarity_sum(predicted, target, weights) / weights.sum()
+    cos = [torch.dot(predicted[i], target[i]) / (predicted[i].norm() * target[i].norm()) for i in range(5)]
+    expected = -sum(weights[i] * cos[i] for i in range(5)) / weights.sum()
+    assert value.item() == pytest.approx(expected.item(), rel=1e-6)
+    value.backward()
+    assert target.grad is None, "the target side is a stop-gradient"
+    assert torch.all(predicted.grad[weights == 0] == 0) and predicted.grad[0].abs().max() > 0
+    assert pooled_similarity_sum(target.detach(), target, weights).item() == pytest.approx(-1.0, rel=1e-6)
+
+
 def test_similarity_penalty_is_bounded_and_pulls_towards_the_twin():
     gen = torch.Generator().manual_seed(4)
     twin = torch.randn(5, 3, 16, generator=gen)
     mask = torch.ones(5, 3, dtype=torch.bool)
-    assert similarity_sum(twin.clone(), twin, mask).item() == pytest.approx(0.0, abs=1e-5)
-    assert similarity_sum(-twin, twin, mask).item() == pytest.approx(2.0 * 15, rel=1e-5)
+    assert per_token_distance_sum(twin.clone(), twin, mask).item() == pytest.approx(0.0, abs=1e-5)
+    assert per_token_distance_sum(-twin, twin, mask).item() == pytest.approx(2.0 * 15, rel=1e-5)
     online = torch.randn(5, 3, 16, generator=gen).requires_grad_()
-    total = similarity_sum(online, twin, mask)
+    total = per_token_distance_sum(online, twin, mask)
     assert 0 <= total.item() <= 2 * 15
     (grad,) = torch.autograd.grad(total, online)
     with torch.no_grad():
-        assert similarity_sum(online - 0.05 * grad, twin, mask) < total, "a gradient step reduces the distance"
+        assert per_token_distance_sum(online - 0.05 * grad, twin, mask) < total, "a gradient step reduces the distance"
     masked = mask.clone()
     masked[0] = False
-    expected = total - similarity_sum(online[:1], twin[:1], mask[:1])
-    assert similarity_sum(online, twin, masked).item() == pytest.approx(expected.item(), rel=1e-5)
+    expected = total - per_token_distance_sum(online[:1], twin[:1], mask[:1])
+    assert per_token_distance_sum(online, twin, masked).item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_metric_accumulator_combines_means_totals_and_extremes():
@@ -221,33 +321,30 @@ def test_pack_rows_masks_the_positions_that_predict_response_tokens():
         spread_per_token(mask, [[-0.1, -0.2]])
 
 
-def test_make_policy_batch_follows_the_config():
+def test_make_policy_batch():
     from popo_megatron.algo.batch import make_policy_batch
-    from popo_megatron.config import load_config
 
     prompts = [[5, 6], [5, 6], [7], [7]]
     responses = [[1, 2, 3], [4], [8, 9], []]
     rewards = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     truncated = torch.tensor([[True, False], [False, False]])
     engine = [[-0.1, -0.2, -0.3], [-0.4], [-0.5, -0.6], []]
-    cfg = load_config(overrides=["model.hf_path=/x", "popo.redistribution=uniform"])
-    batch = make_policy_batch(cfg, prompts, responses, rewards, truncated, engine)
+    values = popo_weights(rewards > 0, "uniform")
+    batch = make_policy_batch(prompts, responses, values, rewards > 0, truncated, engine)
     assert batch.sample_weights.tolist() == [1.0, 0.0, 0.5, 0.5]
-    assert batch.positive.tolist() == [True, False, True, True]
+    assert batch.positive.tolist() == [True, False, True, True] and batch.rows.tolist() == [0, 1, 2, 3]
     assert batch.response_lengths().tolist() == [3, 1, 2, 0]
+    # The positions holding response tokens: the loss mask shifted by one (position t predicts token t + 1).
+    assert batch.response_positions()[0].tolist()[:5] == [False, False, True, True, True]
     assert batch.rollout_logprobs[batch.loss_mask].tolist() == pytest.approx([-0.1, -0.2, -0.3, -0.4, -0.5, -0.6])
-    masked = make_policy_batch(
-        load_config(overrides=["model.hf_path=/x", "loss.mask_truncated=true"]), prompts, responses, rewards, truncated
-    )
+    masked = make_policy_batch(prompts, responses, values, rewards > 0, truncated, mask_truncated=True)
     assert masked.response_lengths().tolist() == [0, 1, 2, 0], "the truncated rollout carries no token"
-    grpo = make_policy_batch(load_config(overrides=["model.hf_path=/x", "algorithm=grpo"]), prompts, responses, rewards)
-    assert torch.allclose(grpo.sample_weights, grpo_advantages(rewards).reshape(-1))
-    sp = load_config(
-        overrides=["model.hf_path=/x", "parallel.tensor_model_parallel_size=4", "parallel.sequence_parallel=true"]
-    )
-    assert make_policy_batch(sp, prompts, responses, rewards).tokens.shape[1] % 4 == 0
+    assert make_policy_batch(prompts, responses, values, rewards > 0, length_multiple=4).tokens.shape[1] % 4 == 0
     with pytest.raises(ValueError, match=r"must be \[groups, G\]"):
-        make_policy_batch(cfg, prompts, responses, rewards.reshape(-1))
+        make_policy_batch(prompts, responses, values.reshape(-1), rewards > 0)
+    parts = batch.padded_micro_batches(3)
+    assert [p.size for p in parts] == [3, 3] and parts[1].rows.tolist() == [3, -1, -1]
+    assert not parts[1].loss_mask[1:].any() and parts[1].sample_weights[1:].tolist() == [0.0, 0.0]
 
 
 def test_similarity_penalty_stops_the_gradient_at_the_twin():
@@ -258,7 +355,7 @@ def test_similarity_penalty_stops_the_gradient_at_the_twin():
     twin_source = torch.randn(5, 2, 8, generator=gen, requires_grad=True)
     twin_hidden = twin_source * 1.5  # a tensor with a graph behind it, as a twin forward with grad would give
     mask = torch.tensor([[True, False]] * 5)
-    similarity_sum(online, twin_hidden, mask).backward()
+    per_token_distance_sum(online, twin_hidden, mask).backward()
     assert twin_source.grad is None, "the twin's side received a gradient"
     assert online.grad is not None and online.grad.abs().max() > 0
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass, fields, replace
 from typing import Sequence
 
 import torch
-from omegaconf import DictConfig
 
 
 @dataclass
@@ -20,7 +19,8 @@ class PolicyBatch:
     tokens: torch.Tensor  # [B, S] int64
     loss_mask: torch.Tensor  # [B, S] bool: the token predicted at t is a response token
     sample_weights: torch.Tensor  # [B] float32: POPO's w_i or GRPO's advantage
-    positive: torch.Tensor  # [B] bool: reward > 0 (POPO's similarity penalty covers these)
+    positive: torch.Tensor  # [B] bool: reward above the threshold
+    rows: torch.Tensor | None = None  # [B] int64: each row's index in the step's batch (-1: padding)
     old_logprobs: torch.Tensor | None = None  # [B, S] pi_old (trainer forward or rollout engine)
     rollout_logprobs: torch.Tensor | None = None  # [B, S] the engine's sampled-token log-probs
     ref_logprobs: torch.Tensor | None = None  # [B, S] GRPO's frozen reference (KL)
@@ -36,6 +36,42 @@ class PolicyBatch:
 
     def response_lengths(self) -> torch.Tensor:
         return self.loss_mask.sum(-1)
+
+    def response_positions(self) -> torch.Tensor:
+        """[B, S] bool: the positions that hold a response token (the loss mask shifted by one: position t
+        predicts token t + 1). The paper pools the final hidden states over these."""
+        return torch.nn.functional.pad(self.loss_mask[:, :-1], (1, 0))
+
+    def padded_micro_batches(self, size: int) -> list["PolicyBatch"]:
+        """Micro-batches of `size` rows (one of all rows when there are fewer), the last one filled up with
+        empty rows (no loss token, row index -1): Megatron's schedules need equal micro-batch shapes."""
+        if self.size <= size:
+            return [self]
+        count = -(-self.size // size)
+        extra = count * size - self.size
+        if extra:
+            filler = self[torch.zeros(extra, dtype=torch.long)].emptied()
+            padded = PolicyBatch(
+                **{
+                    f.name: None
+                    if getattr(self, f.name) is None
+                    else torch.cat([getattr(self, f.name), getattr(filler, f.name)])
+                    for f in fields(self)
+                }
+            )
+            return padded.micro_batches(count)
+        return self.micro_batches(count)
+
+    def emptied(self) -> "PolicyBatch":
+        """The same shapes, no loss token, weight 0, not positive, row index -1: padding rows."""
+        empty = torch.ones(self.size, dtype=torch.bool)
+        rows = None if self.rows is None else torch.full_like(self.rows, -1)
+        return replace(
+            self.without_rows(empty),
+            sample_weights=torch.zeros_like(self.sample_weights),
+            positive=torch.zeros_like(self.positive),
+            rows=rows,
+        )
 
     def micro_batches(self, count: int) -> list["PolicyBatch"]:
         """`count` equal consecutive slices along the batch dimension."""
@@ -113,35 +149,28 @@ def spread_per_token(mask: torch.Tensor, per_response: Sequence[Sequence[float]]
 
 
 def make_policy_batch(
-    cfg: DictConfig,
     prompts: Sequence[Sequence[int]],
     responses: Sequence[Sequence[int]],
-    rewards: torch.Tensor,
+    values: torch.Tensor,
+    positive: torch.Tensor,
     truncated: torch.Tensor | None = None,
     rollout_logprobs: Sequence[Sequence[float]] | None = None,
     pad_id: int = 0,
+    length_multiple: int = 1,
+    mask_truncated: bool = False,
 ) -> PolicyBatch:
     """The training batch of G rollouts per prompt, in group order (rows g*G .. g*G+G-1 share a prompt).
 
-    rewards / truncated: [groups, G]. Sample weights are POPO's redistribution
-    or GRPO's advantages per `cfg.algorithm`; with `cfg.loss.mask_truncated`
-    rollouts cut at the length limit carry no token into the loss. Rows are
-    padded to a multiple of TP when sequence parallelism splits them.
+    values / positive / truncated: [groups, G]: each rollout's weight or advantage (the objective's), whether
+    it is positive, whether it was cut at the length limit. With `mask_truncated` the cut rollouts carry no
+    token into the loss. Rows are padded to a multiple of `length_multiple` (TP with sequence parallelism).
     """
-    from popo_megatron.algo.advantages import grpo_advantages, popo_weights, positive_mask
-    from popo_megatron.config.schema import Algorithm
-
-    if rewards.dim() != 2 or rewards.numel() != len(responses):
-        raise ValueError(f"rewards {tuple(rewards.shape)} must be [groups, G] with one per response ({len(responses)})")
-    tp = cfg.parallel.tensor_model_parallel_size
-    tokens, mask = pack_rows(prompts, responses, pad_id, tp if cfg.parallel.sequence_parallel else 1)
-    if cfg.algorithm == Algorithm.popo:
-        weights = popo_weights(rewards, cfg.popo.redistribution)
-    else:
-        weights = grpo_advantages(rewards, cfg.grpo.advantage_std)
-    batch = PolicyBatch(tokens, mask, weights.reshape(-1), positive_mask(rewards).reshape(-1))
+    if values.dim() != 2 or values.numel() != len(responses):
+        raise ValueError(f"values {tuple(values.shape)} must be [groups, G] with one per response ({len(responses)})")
+    tokens, mask = pack_rows(prompts, responses, pad_id, length_multiple)
+    batch = PolicyBatch(tokens, mask, values.reshape(-1).float(), positive.reshape(-1), torch.arange(len(responses)))
     if rollout_logprobs is not None:
         batch.rollout_logprobs = spread_per_token(mask, rollout_logprobs)
-    if cfg.loss.mask_truncated and truncated is not None:
+    if mask_truncated and truncated is not None:
         batch = batch.without_rows(truncated.reshape(-1).bool())
     return batch

@@ -1,4 +1,5 @@
-"""The final-norm output of the model, taken from the same forward that produces the logits.
+"""The final-norm output of the model, taken from the same forward that produces the logits, and its
+mean over each response (the paper's pooled features).
 
 A forward hook on the decoder's final norm (last pipeline stage) keeps its
 output, with its autograd history, until the loss of that micro-batch reads
@@ -49,13 +50,28 @@ def capture_final_hidden(model: torch.nn.Module) -> Iterator[HiddenSlot | None]:
         handle.remove()
 
 
-def sequence_slice(model: torch.nn.Module, seq_len: int) -> slice:
+def sequence_slice(sequence_parallel: bool, seq_len: int) -> slice:
     """The positions of a [seq, ...] activation this rank holds (all of them without sequence parallelism)."""
     from megatron.core import parallel_state
 
-    if not unwrap_model(model).config.sequence_parallel:
+    if not sequence_parallel:
         return slice(0, seq_len)
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
     local = seq_len // tp
     return slice(rank * local, (rank + 1) * local)
+
+
+def pooled_features(hidden: torch.Tensor, positions: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """[B, H] fp32: each row's mean over `positions` [B, S] of the final hidden states [S_local, B, H].
+
+    With sequence parallelism each tensor-parallel rank sums its own slice of the sequence and the partial
+    sums are all-reduced (backward: the identity, so each slice gets the gradient of the whole mean); the
+    result is the same on every tensor-parallel rank. A row without positions pools to 0."""
+    from megatron.core import tensor_parallel
+
+    local = positions.transpose(0, 1)[sequence_slice(sequence_parallel, positions.shape[1])]  # [S_local, B]
+    total = torch.einsum("sb,sbh->bh", local.float(), hidden.float())
+    if sequence_parallel:
+        total = tensor_parallel.reduce_from_tensor_model_parallel_region(total)
+    return total / positions.sum(-1, keepdim=True).clamp(min=1).to(total.dtype)

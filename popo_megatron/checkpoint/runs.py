@@ -39,8 +39,11 @@ FIXED = {
     "data.synthetic": _DATA_SET,
     "data.shuffle_seed": _DATA_SET,
     "rollout.n": "the group size G defines the run's groups and POPO's redistribution weights",
-    "seed": "the run's random streams (rollout seeds, a generated model) follow from it",
-    "popo.twin.enabled": "the checkpoint has its twin's weights, or has none",
+    "seed": "the run's random streams (rollout seeds, a generated model, the predictor) follow from it",
+    "popo.similarity": "the checkpoint's predictor head belongs to the similarity form it was saved with",
+    "popo.predictor.hidden": "the checkpoint's predictor head has that width",
+    "popo.predictor.layers": "the checkpoint's predictor head has that depth",
+    "popo.per_token.predictor": "the checkpoint has a linear predictor, or has none",
 }
 # Where a run is stored and how it is started: not part of what it computes.
 NOT_COMPARED = ("train.output_dir", "train.resume", "train.resume_from")

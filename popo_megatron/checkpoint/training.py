@@ -7,7 +7,8 @@ A training checkpoint is a popo checkpoint directory (checkpoint/format.py) of k
       hf/                   the model's config and tokenizer files
       megatron/             distributed checkpoint: model., twin., optimizer (canonical per-parameter form,
                             so it reloads at another TP / PP / DP), predictor.
-      trainer_state.json    step, prompt sampler, twin momentum, LR schedule, the run's config
+      trainer_state.json    step, prompt sampler, the objective's state (momentum, alpha), LR schedule, the
+                            run's config
       predictor_optimizer.pt, rng/rank_N.pt
     OUTPUT_DIR/checkpoints/latest   the name of the newest complete checkpoint
 
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from popo_megatron.algo.predictor import SimilarityPredictor
+from popo_megatron.algo.predictor import ReplicatedHead
 from popo_megatron.algo.twin import TwinParams
 from popo_megatron.checkpoint.format import MEGATRON_DIR, CheckpointError, checkpoint_directory, read_checkpoint
 from popo_megatron.checkpoint.runs import CHECKPOINTS, TRAINER_STATE, point_latest, read_trainer_state, remove_old
@@ -55,8 +56,8 @@ class Trained:
 
     model: torch.nn.Module  # this rank's GPTModel stage (unwrapped)
     optimizer: object  # megatron.core.optimizer.MegatronOptimizer
-    twin: TwinParams | None
-    predictor: SimilarityPredictor | None
+    twin: TwinParams | None  # the objective's checkpointed copy of the policy (POPO's EMA target)
+    predictor: ReplicatedHead | None  # the objective's head, on the last pipeline stage
     predictor_optimizer: torch.optim.Optimizer | None
 
 
@@ -105,8 +106,11 @@ def load_training_checkpoint(ckpt: Path, trained: Trained, args: HFModelArgs, cf
     (collective); returns its trainer state (step, sampler, schedules) for the caller to restore."""
     info, _ = read_checkpoint(ckpt)
     if (trained.twin is not None) != ("twin" in info.weights):
-        enabled = trained.twin is not None
-        raise CheckpointError(f"{ckpt}: {'has no' if enabled else 'has a'} twin, but popo.twin.enabled={enabled} here")
+        if trained.twin is not None:
+            why = "has no EMA target (it was saved with popo.alpha=0), but this run's similarity term needs one"
+        else:
+            why = "has an EMA target, but this run has none (popo.alpha=0 or another algorithm)"
+        raise CheckpointError(f"{ckpt}: {why}; resume with the saved run's settings or start a new run")
     materialise_optimizer_state(trained.optimizer)
     loaded, _ = load_checkpoint_state(ckpt, _sharded_state(trained, loading=True), args, cfg, kind="train")
     params = dict(trained.model.named_parameters())

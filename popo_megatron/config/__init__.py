@@ -3,6 +3,6 @@
 whose limits it checks, so it is imported from its own module."""
 
 from popo_megatron.config.load import ConfigError, load_config
-from popo_megatron.config.schema import FP8Config, ModelConfig, ParallelConfig, PopoConfig
+from popo_megatron.config.schema import FP8Config, ModelConfig, ParallelConfig, RunConfig
 
-__all__ = ["ConfigError", "FP8Config", "ModelConfig", "ParallelConfig", "PopoConfig", "load_config"]
+__all__ = ["ConfigError", "FP8Config", "ModelConfig", "ParallelConfig", "RunConfig", "load_config"]

@@ -9,7 +9,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from popo_megatron.config.schema import PopoConfig
+from popo_megatron.config.schema import RunConfig
 from popo_megatron.errors import UserError
 
 
@@ -31,7 +31,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     file (or "command line") and the full key. Missing required values ("???")
     are reported too, so nothing heavy starts with an incomplete config.
     """
-    cfg = OmegaConf.structured(PopoConfig)
+    cfg = OmegaConf.structured(RunConfig)
     if path is not None:
         path = Path(path)
         if not path.is_file():

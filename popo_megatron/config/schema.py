@@ -84,35 +84,13 @@ class ParallelConfig:
     sequence_parallel: bool = False
 
 
-# --- The algorithm (docs/algorithm.md). The paper's code is not public: every
-# choice it leaves open is a switch here, with the default this project reads from it.
+# --- The algorithm (docs/algorithm.md). `algorithm` picks the objective (popo_megatron/objectives/); each
+# objective reads its own section (`popo`, `grpo`) and the shared `loss` section.
 
 
 class Algorithm(str, Enum):
     popo = "popo"
     grpo = "grpo"  # the baseline, from the same trainer
-
-
-class ISBoundMode(str, Enum):
-    clip = "clip"  # s = min(rho, 1 + eps_high): PPO's clip for a positive advantage
-    truncate = "truncate"  # s = stopgrad(min(rho, truncate_c)) * log pi
-
-
-class Redistribution(str, Enum):
-    uniform = "uniform"  # w_i = 1 / k
-    success_scaled = "success_scaled"  # w_i = (1 - p) / k
-    grpo_matched = "grpo_matched"  # w_i = sqrt((1 - p) / p) / G
-
-
-class MomentumSchedule(str, Enum):
-    constant = "constant"
-    cosine = "cosine"  # BYOL: from m0 up to 1 over the run
-    adaptive = "adaptive"  # negative feedback on a = 1 - m that holds the drift near d_target
-
-
-class Predictor(str, Enum):
-    identity = "identity"
-    linear = "linear"  # a trainable h x h head on the online side (BYOL / SimSiam), identity at start
 
 
 class OldLogprobs(str, Enum):
@@ -125,6 +103,61 @@ class RolloutCorrection(str, Enum):
     tis = "tis"  # truncated IS weight min(pi_old_trainer / pi_rollout, tis_cap) per token
 
 
+@dataclass
+class LossConfig:
+    """Settings every objective shares."""
+
+    # Tokens per chunk of the vocab-parallel log-prob / entropy: bounds the fp32
+    # [tokens x vocab/TP] temporaries to this many rows.
+    logprob_chunk_tokens: int = 1024
+    # true: responses cut at the length limit carry no token into the loss (DAPO's overlong filtering).
+    mask_truncated: bool = False
+    # pi_old, the generating policy (POPO's weights, every importance ratio): a trainer forward before the
+    # update, or the engine's sampled-token log-probs (saves the forward; their mismatch is logged).
+    old_logprobs: OldLogprobs = OldLogprobs.trainer
+    rollout_correction: RolloutCorrection = RolloutCorrection.none  # the engine's mismatch, corrected
+    tis_cap: float = 2.0
+
+
+# --- POPO. The defaults are the authors' (momo1443/colm2026-POPO, configs/popo/default.yaml); the
+# settings below "what this project adds" are off in them, each a documented extension.
+
+
+class PopoWeights(str, Enum):
+    softmax = "softmax"  # the paper: softmax over the group's positives of their mean log-prob / T_w
+    uniform = "uniform"  # the paper's ablation: 1 / k for the group's k positives
+    success_scaled = "success_scaled"  # ours: (1 - p) / k, p = k / G
+    grpo_matched = "grpo_matched"  # ours: sqrt((1 - p) / p), GRPO's advantage of a positive
+
+
+class PopoNormalizer(str, Enum):
+    positive_tokens = "positive_tokens"  # the paper: N+, the response tokens of the rollouts with w > 0
+    weighted_tokens = "weighted_tokens"  # ours: sum_i w_i |o_i| (the weights' overall scale cancels)
+    all_tokens = "all_tokens"  # ours: every rollout's response tokens, negatives included (a token mean)
+
+
+class SimilarityForm(str, Enum):
+    pooled = "pooled"  # the paper: -cos(h(mean-pooled features), EMA target's pooled features + noise)
+    per_token = "per_token"  # ours: 1 - cos(g(h_t), h_target_t) per positive token
+
+
+class PerTokenPredictor(str, Enum):
+    identity = "identity"
+    linear = "linear"  # a trainable h x h head on the online side, identity at start
+
+
+class ISBoundMode(str, Enum):
+    none = "none"  # the paper: the weighted NLL, -w log pi (on-policy: no ratio)
+    clip = "clip"  # ours: -w min(rho, 1 + eps_high), PPO's clip for a positive advantage
+    truncate = "truncate"  # ours: -w stopgrad(min(rho, truncate_c)) log pi
+
+
+class MomentumSchedule(str, Enum):
+    constant = "constant"  # the paper: a fixed tau
+    cosine = "cosine"  # BYOL: from tau up to 1 over the run
+    adaptive = "adaptive"  # ours: negative feedback on a = 1 - m that holds the drift near d_target
+
+
 class TwinDtype(str, Enum):
     float32 = "float32"
     bfloat16 = "bfloat16"
@@ -135,113 +168,126 @@ CLIP_HIGH = 0.28
 
 
 @dataclass
-class ISBoundConfig:
-    mode: ISBoundMode = ISBoundMode.clip
-    eps_high: float = CLIP_HIGH
-    truncate_c: float = 2.0
+class PredictorConfig:
+    """h_phi of the pooled similarity: [Linear -> LayerNorm -> ReLU] x (layers - 1) -> Linear, hidden_size in
+    and out, Xavier-uniform weights and zero biases at init, trained with the policy (its optimiser settings,
+    LR schedule and gradient clip)."""
+
+    hidden: int = 1024
+    layers: int = 2
+    noise_std: float = 0.02  # Gaussian noise added to the EMA target's features (the loss only)
+    lr: Optional[float] = None  # null: the policy's learning rate (the paper)
 
 
 @dataclass
-class MomentumConfig:
-    """The twin's momentum m (theta_twin <- m theta_twin + (1 - m) theta), popo_megatron.algo.drift.
+class AdaptiveMomentumConfig:
+    """schedule=adaptive (ours): log a <- log a + clamp(kappa (d / d_target - 1), -max_log_step, max_log_step)
+    on the target's step size a = 1 - m, a in [1 - m_max, 1 - m_min]; d is the update's measured drift
+    (popo_megatron.algo.drift)."""
 
-    adaptive: log a <- log a + clamp(kappa (d / d_target - 1), -max_log_step, max_log_step) on the
-    twin's step size a = 1 - m, with a in [1 - m_max, 1 - m_min]; d is the step's measured drift.
-    """
-
-    schedule: MomentumSchedule = MomentumSchedule.adaptive
-    m0: float = 0.99  # constant: the momentum; cosine: the start; adaptive: the first step's
-    # The drift (mean 1 - cos between online and twin hidden states) the adaptive law holds: small
-    # enough that the twin is a close anchor, large enough that it is not the online policy itself.
+    # The drift the law holds: small enough that the target is a close anchor, large enough that it is not
+    # the online policy itself.
     d_target: float = 0.02
     # Gain of the feedback: a relative drift error of 100% changes a by ~10% per step. The lag responds
     # to a within a few steps (d ~ c / a), so a small gain keeps the loop stable and the noise averaged.
     kappa: float = 0.1
-    # The largest change of log a in one step (exp(0.2) = 1.22x): one outlying drift cannot jerk the twin.
+    # The largest change of log a in one step (exp(0.2) = 1.22x): one outlying drift cannot jerk the target.
     max_log_step: float = 0.2
-    # Bounds: m_min = 0.9 keeps the twin at least a 10-step average; m_max = 0.9999 a 10^4-step one.
+    # Bounds: m_min = 0.9 keeps the target at least a 10-step average; m_max = 0.9999 a 10^4-step one.
     m_min: float = 0.9
     m_max: float = 0.9999
 
 
 @dataclass
-class TwinConfig:
-    # false: no twin and no similarity penalty (the "no siamese twin" ablation).
-    enabled: bool = True
+class TargetConfig:
+    """The EMA target xi <- m xi + (1 - m) theta after every optimiser step (the paper: m = tau, fixed). It
+    exists when the similarity term is on (alpha > 0, or the adaptive alpha)."""
+
+    tau: float = 0.995  # the momentum (constant), the start (cosine, adaptive)
     dtype: TwinDtype = TwinDtype.float32
-    # Keep the twin in host memory (pinned on CUDA); it visits the device in pieces.
+    # Keep the target in host memory (pinned on CUDA); it visits the device in pieces.
     cpu_offload: bool = False
-    momentum: MomentumConfig = field(default_factory=MomentumConfig)
+    # Log the k3 KL between the target and the policy every this many steps (monitoring only; 0: never).
+    kl_every: int = 10
+    schedule: MomentumSchedule = MomentumSchedule.constant
+    adaptive: AdaptiveMomentumConfig = field(default_factory=AdaptiveMomentumConfig)
 
 
 @dataclass
-class AdaptiveBetaConfig:
-    """PPO's adaptive-KL controller on the similarity penalty's weight, towards popo.twin.momentum.d_target:
-    beta <- clamp(beta exp(clamp(kappa (d / d_target - 1), -max_log_step, max_log_step)), beta_min, beta_max)."""
-
-    enabled: bool = False
-    kappa: float = 0.1  # the same gain as the twin law's, for the same reason
-    max_log_step: float = 0.2  # PPO clips the controller's error to +-0.2 per update
-    beta_min: float = 1.0e-3  # > 0: a multiplicative law cannot leave 0
-    beta_max: float = 1.0  # the strongest pull to the twin the controller may reach
-
-
-class LossNormalizer(str, Enum):
-    # Divide by sum_i w_i |o_i| over the mini-batch's positives: the overall scale of the weights cancels.
-    positive_tokens = "positive_tokens"
-    # Divide by the response tokens of every rollout, negatives included (GRPO / DAPO's token mean):
-    # the weights act in absolute terms.
-    all_tokens = "all_tokens"
+class ISBoundConfig:
+    mode: ISBoundMode = ISBoundMode.none
+    eps_high: float = CLIP_HIGH
+    truncate_c: float = 2.0
 
 
 @dataclass
-class SimilarityConfig:
-    beta: float = 0.05  # L = L_pos + beta * L_sim
-    predictor: Predictor = Predictor.identity
+class PerTokenConfig:
+    """similarity=per_token (ours)."""
+
+    predictor: PerTokenPredictor = PerTokenPredictor.identity
     # Adam's learning rate of the linear predictor (it follows the policy's LR schedule and is clipped with
     # its gradients). The head starts at the identity: at the policy's rate (1e-6) it would stay there.
     predictor_lr: float = 1.0e-4
-    adaptive_beta: AdaptiveBetaConfig = field(default_factory=AdaptiveBetaConfig)
 
 
 @dataclass
-class PopoLossConfig:
+class AdaptiveAlphaConfig:
+    """Ours: PPO's adaptive-KL controller on the similarity weight, towards popo.target.adaptive.d_target:
+    alpha <- clamp(alpha exp(clamp(kappa (d / d_target - 1), -max_log_step, max_log_step)), alpha_min,
+    alpha_max)."""
+
+    enabled: bool = False
+    kappa: float = 0.1  # the same gain as the target law's, for the same reason
+    max_log_step: float = 0.2  # PPO clips the controller's error to +-0.2 per update
+    alpha_min: float = 1.0e-3  # > 0: a multiplicative law cannot leave 0
+    alpha_max: float = 1.0  # the strongest pull to the target the controller may reach
+
+
+@dataclass
+class PopoConfig:
+    """POPO: L = L_NLL + alpha L_sim + beta_ent L_ent over each group's positives (docs/algorithm.md)."""
+
+    # --- the paper's POPO (the authors' defaults)
+    weights: PopoWeights = PopoWeights.softmax
+    weight_temperature: float = 1.0  # T_w of the softmax weights
+    length_normalize: bool = False  # w_i / |o_i|, renormalised over the group's positives
+    reward_threshold: float = 0.0  # tau_r: a rollout is positive when its reward is above it
+    alpha: float = 0.1  # the similarity term's weight (0: no similarity term and no EMA target)
+    beta_ent: float = 0.01  # the entropy bonus over every completion (0: negatives are not forwarded)
+    predictor: PredictorConfig = field(default_factory=PredictorConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    low_entropy_warning: float = 0.5  # a console warning when the step's mean entropy falls below it (0: off)
+    # --- what this project adds
+    normalizer: PopoNormalizer = PopoNormalizer.positive_tokens
     is_bound: ISBoundConfig = field(default_factory=ISBoundConfig)
-    redistribution: Redistribution = Redistribution.success_scaled
-    # all_tokens: held-out 0.764 against 0.645 on the main job, seeds 1-3 (bench/bench_train.py, README).
-    loss_normalizer: LossNormalizer = LossNormalizer.all_tokens
-    twin: TwinConfig = field(default_factory=TwinConfig)
-    similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
-    # Shared with GRPO: where pi_old comes from, and the correction for the engine's mismatch.
-    old_logprobs: OldLogprobs = OldLogprobs.trainer
-    rollout_correction: RolloutCorrection = RolloutCorrection.none
-    tis_cap: float = 2.0
+    similarity: SimilarityForm = SimilarityForm.pooled
+    per_token: PerTokenConfig = field(default_factory=PerTokenConfig)
+    adaptive_alpha: AdaptiveAlphaConfig = field(default_factory=AdaptiveAlphaConfig)
 
 
 class AdvantageStd(str, Enum):
     population = "population"  # std with divisor G (DAPO-style, and what grpo_matched is derived from)
-    sample = "sample"  # std with divisor G - 1 (the original GRPO)
+    sample = "sample"  # std with divisor G - 1 (the original GRPO, TRL)
     none = "none"  # r - mean(r), unscaled (Dr. GRPO)
+
+
+class GrpoAggregation(str, Enum):
+    token_mean = "token_mean"  # sum over every response token / their number (DAPO)
+    sequence_mean = "sequence_mean"  # each response's token mean, then the mean over responses (TRL's "grpo")
 
 
 @dataclass
 class GrpoConfig:
-    """The defaults are the DAPO-style GRPO the comparisons use: clip-higher, no KL, population std.
-    The original GRPO is eps_high=0.2, kl_beta=0.04, advantage_std=sample (examples/tiny_cpu_grpo_vanilla.yaml)."""
+    """The defaults are the DAPO-style GRPO: clip-higher, no KL, population std, token mean. The original
+    GRPO: eps_high=0.2, kl_beta=0.04, advantage_std=sample (examples/tiny_cpu_grpo_vanilla.yaml). The POPO
+    authors' baseline (TRL, loss_type grpo): eps_high=0.2, kl_beta=0.01, advantage_std=sample,
+    aggregation=sequence_mean (examples/tiny_cpu_grpo_trl.yaml)."""
 
     eps_low: float = 0.2
     eps_high: float = CLIP_HIGH  # DAPO's clip-higher, the same bound POPO's clip uses
     kl_beta: float = 0.0  # > 0: k3 KL to the frozen initial policy (a reference forward per step)
     advantage_std: AdvantageStd = AdvantageStd.population  # advantages (r - mean) / (std + eps)
-
-
-@dataclass
-class LossConfig:
-    # Tokens per chunk of the vocab-parallel log-prob / entropy: bounds the fp32
-    # [tokens x vocab/TP] temporaries to this many rows.
-    logprob_chunk_tokens: int = 1024
-    # true: positives cut at the length limit get no weight (DAPO's overlong filtering).
-    mask_truncated: bool = False
+    aggregation: GrpoAggregation = GrpoAggregation.token_mean
 
 
 class LRDecayStyle(str, Enum):
@@ -384,11 +430,13 @@ class EvalConfig:
 
 
 @dataclass
-class PopoConfig:
+class RunConfig:
+    """Everything `popo train` reads: one section per concern."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     algorithm: Algorithm = Algorithm.popo
-    popo: PopoLossConfig = field(default_factory=PopoLossConfig)
+    popo: PopoConfig = field(default_factory=PopoConfig)
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

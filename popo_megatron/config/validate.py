@@ -58,10 +58,11 @@ def validate_config(
         problems.append("model.fp8.enabled=true needs the Transformer Engine layer spec (model.spec=te or auto)")
 
     problems += _algorithm_problems(cfg)
-    if cfg.popo.twin.enabled and cfg.model.fp8.enabled and cfg.model.fp8.fp8_weights:
+    copy = _policy_copy(cfg)
+    if copy and cfg.model.fp8.enabled and cfg.model.fp8.fp8_weights:
         problems.append(
-            "model.fp8.fp8_weights=true with popo.twin.enabled=true: the twin needs high-precision parameters "
-            "(use FP8 compute with fp8_weights=false)"
+            f"model.fp8.fp8_weights=true with {copy}: a copy of the policy (its EMA or swap) needs high-precision "
+            "parameters (use FP8 compute with fp8_weights=false)"
         )
 
     if model is not None:
@@ -99,8 +100,17 @@ def _algorithm_problems(cfg: DictConfig) -> list[str]:
     checks = [
         ("popo.is_bound.eps_high", cfg.popo.is_bound.eps_high > 0, "must be > 0"),
         ("popo.is_bound.truncate_c", cfg.popo.is_bound.truncate_c > 0, "must be > 0"),
-        ("popo.similarity.beta", cfg.popo.similarity.beta >= 0, "must be >= 0"),
-        ("popo.tis_cap", cfg.popo.tis_cap > 0, "must be > 0"),
+        ("popo.alpha", cfg.popo.alpha >= 0, "must be >= 0 (0: no similarity term)"),
+        ("popo.beta_ent", cfg.popo.beta_ent >= 0, "must be >= 0 (0: no entropy bonus)"),
+        ("popo.weight_temperature", cfg.popo.weight_temperature > 0, "must be > 0"),
+        ("popo.low_entropy_warning", cfg.popo.low_entropy_warning >= 0, "must be >= 0 (0: off)"),
+        ("popo.predictor.hidden", cfg.popo.predictor.hidden >= 1, "must be >= 1"),
+        ("popo.predictor.layers", cfg.popo.predictor.layers >= 2, "must be >= 2 (Linear, LayerNorm, ReLU, Linear)"),
+        ("popo.predictor.noise_std", cfg.popo.predictor.noise_std >= 0, "must be >= 0"),
+        ("popo.predictor.lr", cfg.popo.predictor.lr is None or cfg.popo.predictor.lr >= 0, "must be >= 0 (or null)"),
+        ("popo.target.tau", 0 <= cfg.popo.target.tau <= 1, "must be in [0, 1] (1: a frozen target)"),
+        ("popo.target.kl_every", cfg.popo.target.kl_every >= 0, "must be >= 0 (0: never)"),
+        ("loss.tis_cap", cfg.loss.tis_cap > 0, "must be > 0"),
         ("grpo.eps_low", 0 < cfg.grpo.eps_low < 1, "must be in (0, 1)"),
         ("grpo.eps_high", cfg.grpo.eps_high > 0, "must be > 0"),
         ("grpo.kl_beta", cfg.grpo.kl_beta >= 0, "must be >= 0"),
@@ -164,22 +174,22 @@ def _algorithm_problems(cfg: DictConfig) -> list[str]:
         ("eval.every", cfg.eval.every >= 0, "must be >= 0 (0: only at the start and the end)"),
         ("reward.timeout_s", cfg.reward.timeout_s > 0, "must be > 0"),
     ]
-    momentum = cfg.popo.twin.momentum
-    for key in ("m0", "m_min", "m_max"):
-        checks.append((f"popo.twin.momentum.{key}", 0 <= momentum[key] <= 1, "must be in [0, 1]"))
-    adaptive_beta = cfg.popo.similarity.adaptive_beta
+    law = cfg.popo.target.adaptive
+    for key in ("m_min", "m_max"):
+        checks.append((f"popo.target.adaptive.{key}", 0 <= law[key] <= 1, "must be in [0, 1]"))
+    adaptive_alpha = cfg.popo.adaptive_alpha
     checks += [
-        ("popo.twin.momentum.m_min", momentum.m_min <= momentum.m_max, f"must be <= m_max ({momentum.m_max})"),
-        ("popo.twin.momentum.kappa", momentum.kappa >= 0, "must be >= 0"),
-        ("popo.twin.momentum.max_log_step", momentum.max_log_step > 0, "must be > 0"),
-        ("popo.twin.momentum.d_target", 0 < momentum.d_target <= 2, "must be in (0, 2] (the penalty's range)"),
-        ("popo.similarity.predictor_lr", cfg.popo.similarity.predictor_lr >= 0, "must be >= 0"),
-        ("popo.similarity.adaptive_beta.kappa", adaptive_beta.kappa >= 0, "must be >= 0"),
-        ("popo.similarity.adaptive_beta.max_log_step", adaptive_beta.max_log_step > 0, "must be > 0"),
+        ("popo.target.adaptive.m_min", law.m_min <= law.m_max, f"must be <= m_max ({law.m_max})"),
+        ("popo.target.adaptive.kappa", law.kappa >= 0, "must be >= 0"),
+        ("popo.target.adaptive.max_log_step", law.max_log_step > 0, "must be > 0"),
+        ("popo.target.adaptive.d_target", 0 < law.d_target <= 2, "must be in (0, 2] (the drift's range)"),
+        ("popo.per_token.predictor_lr", cfg.popo.per_token.predictor_lr >= 0, "must be >= 0"),
+        ("popo.adaptive_alpha.kappa", adaptive_alpha.kappa >= 0, "must be >= 0"),
+        ("popo.adaptive_alpha.max_log_step", adaptive_alpha.max_log_step > 0, "must be > 0"),
         (
-            "popo.similarity.adaptive_beta.beta_min",
-            0 < adaptive_beta.beta_min <= adaptive_beta.beta_max,
-            f"must be in (0, beta_max={adaptive_beta.beta_max}] (a multiplicative law cannot leave 0)",
+            "popo.adaptive_alpha.alpha_min",
+            0 < adaptive_alpha.alpha_min <= adaptive_alpha.alpha_max,
+            f"must be in (0, alpha_max={adaptive_alpha.alpha_max}] (a multiplicative law cannot leave 0)",
         ),
         ("rollout.top_k", cfg.rollout.top_k >= 0, "must be >= 0 (0: off)"),
     ]
@@ -190,16 +200,18 @@ def _algorithm_problems(cfg: DictConfig) -> list[str]:
     unknown = [name for name in cfg.reward.answer_fallbacks if name not in FALLBACKS]
     if unknown:
         problems.append(f"reward.answer_fallbacks: unknown {unknown}; choose from {list(FALLBACKS)}")
-    if cfg.popo.rollout_correction == "tis" and cfg.popo.old_logprobs == "rollout":
+    if cfg.loss.rollout_correction == "tis" and cfg.loss.old_logprobs == "rollout":
         problems.append(
-            "popo.rollout_correction=tis corrects the trainer's old log-probs against the engine's: "
-            "it needs popo.old_logprobs=trainer"
+            "loss.rollout_correction=tis corrects the trainer's old log-probs against the engine's: "
+            "it needs loss.old_logprobs=trainer"
         )
     problems += _ratio_problems(cfg)
-    if cfg.algorithm == "popo" and cfg.popo.twin.enabled and _twin_unused(cfg):
+    popo = cfg.popo
+    no_target = popo.alpha == 0 and not popo.adaptive_alpha.enabled
+    if cfg.algorithm == "popo" and no_target and popo.target.schedule == "adaptive":
         problems.append(
-            "popo.twin.enabled=true with popo.similarity.beta=0: nothing uses the twin (its only consumer is the "
-            "similarity penalty); set popo.twin.enabled=false for the no-penalty ablation, or beta > 0"
+            "popo.target.schedule=adaptive with popo.alpha=0: without the similarity term there is no EMA target "
+            "and no drift for the law to follow; set popo.alpha > 0 or popo.target.schedule=constant"
         )
     return problems
 
@@ -219,24 +231,28 @@ def _ratio_problems(cfg: DictConfig) -> list[str]:
     users = [
         f"{key}={value}"
         for key, value, on in (
-            ("popo.old_logprobs", "rollout", cfg.popo.old_logprobs == "rollout"),
-            ("popo.rollout_correction", "tis", cfg.popo.rollout_correction == "tis"),
+            ("loss.old_logprobs", "rollout", cfg.loss.old_logprobs == "rollout"),
+            ("loss.rollout_correction", "tis", cfg.loss.rollout_correction == "tis"),
         )
         if on
     ]
     return [
         f"{user} with {sampling}: the engine's log-probs are renormalised over the tokens truncated sampling "
         "keeps and the trainer's are not, so the importance ratio would carry the kept probability mass instead "
-        f"of the policy's change; use popo.old_logprobs=trainer and popo.rollout_correction=none, or sample "
+        f"of the policy's change; use loss.old_logprobs=trainer and loss.rollout_correction=none, or sample "
         "without truncation (rollout.top_p=1, rollout.top_k=0)"
         for user in users
         for sampling in truncated
     ]
 
 
-def _twin_unused(cfg: DictConfig) -> bool:
-    """The twin is read only by the similarity penalty (beta > 0, or adapted from beta_min > 0)."""
-    return cfg.popo.similarity.beta == 0 and not cfg.popo.similarity.adaptive_beta.enabled
+def _policy_copy(cfg: DictConfig) -> str | None:
+    """The setting that keeps a copy of the policy beside it (POPO's EMA target, GRPO's reference), if any."""
+    if cfg.algorithm == "popo" and (cfg.popo.alpha > 0 or cfg.popo.adaptive_alpha.enabled):
+        return f"popo.alpha={cfg.popo.alpha} (the EMA target)"
+    if cfg.algorithm == "grpo" and cfg.grpo.kl_beta > 0:
+        return f"grpo.kl_beta={cfg.grpo.kl_beta} (the reference policy)"
+    return None
 
 
 def _value(cfg: DictConfig, key: str):

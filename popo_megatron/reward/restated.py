@@ -4,7 +4,7 @@ math-verify evaluates expressions, so on a task whose answer is computed from th
 can score with `\\boxed{31 + 88}` for "What is 31 + 88?". An extracted answer that holds two or more of the
 problem's own numbers and an arithmetic operator is such a restatement (a heuristic: a correct fraction
 "3/4" for a problem about 3 and 4 counts too). The trainer counts the correct answers that do
-(`reward/restated_problem`) and warns when they are most of a step's (trainer/reward_watch.py);
+(`reward/restated_problem`) and warns when they are most of a step's (trainer/watch.py);
 `reward.require_literal` is the fix. Linear in the lengths of both texts.
 """
 

@@ -1,15 +1,16 @@
 """From a step's graded groups to this data-parallel rank's training rows.
 
 A row that carries no gradient is left out of the batch, saving its forward
-passes and backward. POPO trains on the positive rollouts only: a negative
-has weight 0 and is not under the similarity penalty. GRPO without a KL term
-leaves out its zero-advantage rollouts (every rollout of a group whose
-rewards are all equal): their surrogate is 0 whatever the ratio. Its
-token-mean still counts their tokens, so each mini-batch's normaliser is
-taken from the rows it was dealt before they were left out, and the gradient
-is exactly that of the whole batch (tested in tests/test_popo_step.py).
+passes and backward; the objective says which (`Objective.carries_gradient`).
+POPO without its entropy bonus trains on the positive rollouts only: a
+negative has weight 0 and no other term. GRPO without a KL term leaves out its
+zero-advantage rollouts (every rollout of a group whose rewards are all
+equal): their surrogate is 0 whatever the ratio. Its token-mean still counts
+their tokens, so each mini-batch's normaliser is taken from the rows it was
+dealt before they were left out, and the gradient is exactly that of the
+whole batch (tested in tests/test_popo_step.py).
 
-The rows are dealt to the data-parallel ranks in turn, each rank's share is
+The rows (the objective's `dealt` ones) are dealt to the data-parallel ranks in turn, each rank's share is
 split into `train.mini_batches` consecutive slices, and every slice is padded
 with empty rows (no loss token) to the same whole number of micro-batches
 (or to one micro-batch of the busiest slice's rows when that is fewer than
@@ -26,22 +27,26 @@ import torch
 from omegaconf import DictConfig
 
 from popo_megatron.algo.batch import PolicyBatch, make_policy_batch
-from popo_megatron.config.schema import Algorithm
+from popo_megatron.objectives.base import Objective
 from popo_megatron.trainer.rollouts import Group
 
 
-def step_batch(groups: list[Group], cfg: DictConfig, pad_id: int) -> PolicyBatch:
-    """Every rollout of the step as a training batch (weights or advantages from the group rewards)."""
-    n = len(groups[0].responses)
+def step_batch(groups: list[Group], objective: Objective, cfg: DictConfig, pad_id: int) -> PolicyBatch:
+    """Every rollout of the step as a training batch, each with the objective's reward-derived value (POPO's
+    weight, GRPO's advantage) and whether it is positive."""
     rollouts = [r for g in groups for r in g.responses]
+    rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)
+    tp = cfg.parallel.tensor_model_parallel_size
     return make_policy_batch(
-        cfg,
-        [g.prompt for g in groups for _ in range(n)],
+        [g.prompt for g in groups for _ in g.responses],
         [r.token_ids for r in rollouts],
-        torch.tensor([g.rewards for g in groups], dtype=torch.float32),
+        objective.row_values(rewards),
+        objective.positive(rewards),
         torch.tensor([[r.truncated for r in g.responses] for g in groups]),
         [r.logprobs for r in rollouts],
         pad_id,
+        length_multiple=tp if cfg.parallel.sequence_parallel else 1,
+        mask_truncated=cfg.loss.mask_truncated,
     )
 
 
@@ -50,36 +55,27 @@ class RankRows:
     """This data-parallel rank's rows of a step, and what its mini-batches stand for."""
 
     batch: PolicyBatch  # `train.mini_batches` equal consecutive slices
-    # per mini-batch: the response tokens of every rollout it stands for over all data-parallel ranks, rows left
-    # out included (POPO's all_tokens: an equal share of the step's rollouts; GRPO: the rows dealt to it)
+    # Per mini-batch, over all data-parallel ranks and rows left out included: the response tokens and the
+    # responses of the rollouts it stands for (an equal share of the step's when only some rows are dealt,
+    # e.g. POPO's positives; the rows dealt to it when every row is).
     tokens: list[float]
+    responses: list[float]
 
 
-def _carries_gradient(batch: PolicyBatch, cfg: DictConfig) -> torch.Tensor:
-    """[B] bool: the rows whose loss terms can have a gradient."""
-    if cfg.algorithm == Algorithm.popo:
-        return batch.positive
-    if cfg.grpo.kl_beta > 0:  # the KL term covers every rollout
-        return torch.ones(batch.size, dtype=torch.bool)
-    return batch.sample_weights != 0
-
-
-def rank_rows(batch: PolicyBatch, cfg: DictConfig, dp: int, dp_rank: int) -> RankRows:
+def rank_rows(
+    batch: PolicyBatch, dealt: torch.Tensor, keep: torch.Tensor, cfg: DictConfig, dp: int, dp_rank: int
+) -> RankRows:
     """This data-parallel rank's rows of the step: `train.mini_batches` equal consecutive slices, each
-    holding its share of the rows (in order) that carry a gradient, padded to a multiple of the micro-batch
-    size (or, with fewer rows, to the busiest slice's: one micro-batch)."""
-    popo = cfg.algorithm == Algorithm.popo
+    holding its share of the `dealt` rows (in order) that `keep` (those that carry a gradient), padded to a
+    multiple of the micro-batch size (or, with fewer rows, to the busiest slice's: one micro-batch)."""
     minis, micro = cfg.train.mini_batches, cfg.train.micro_batch_size
-    # POPO deals its positives (its normaliser does not depend on the deal); GRPO deals every rollout, so that
-    # each mini-batch's token-mean counts the same rollouts whether or not the flat ones are left out.
-    dealt = batch.positive if popo else torch.ones(batch.size, dtype=torch.bool)
     deals = [torch.tensor_split(dealt.nonzero().squeeze(-1)[rank::dp], minis) for rank in range(dp)]
     lengths = batch.response_lengths()
-    if popo:
-        tokens = [float(lengths.sum()) / minis] * minis
-    else:
+    if bool(dealt.all()):
         tokens = [float(sum(lengths[deal[k]].sum() for deal in deals)) for k in range(minis)]
-    keep = _carries_gradient(batch, cfg)
+        responses = [float(sum(len(deal[k]) for deal in deals)) for k in range(minis)]
+    else:
+        tokens, responses = [float(lengths.sum()) / minis] * minis, [batch.size / minis] * minis
     kept = [[rows[keep[rows]] for rows in deal] for deal in deals]
     most = max(len(rows) for deal in kept for rows in deal)  # rows of the busiest mini-batch of any rank
     # A whole number of micro-batches, or one smaller micro-batch when fewer rows than `micro` train: a step
@@ -92,7 +88,9 @@ def rank_rows(batch: PolicyBatch, cfg: DictConfig, dp: int, dp_rank: int) -> Ran
     mine = batch[index]
     empty = torch.cat([torch.arange(per_mini) >= len(s) for s in shares])
     mine = mine.without_rows(empty).with_fields(
-        sample_weights=torch.where(empty, 0.0, mine.sample_weights), positive=mine.positive & ~empty
+        sample_weights=torch.where(empty, 0.0, mine.sample_weights),
+        positive=mine.positive & ~empty,
+        rows=None if mine.rows is None else torch.where(empty, -1, mine.rows),
     )
     tp = cfg.parallel.tensor_model_parallel_size
-    return RankRows(mine.trimmed(tp if cfg.parallel.sequence_parallel else 1), tokens)
+    return RankRows(mine.trimmed(tp if cfg.parallel.sequence_parallel else 1), tokens, responses)

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from popo_megatron.logs import get_logger, progress
 from popo_megatron.metrics import METRICS, STEP_VALUES, Reduce
-from popo_megatron.trainer.reward_watch import RewardWatch
+from popo_megatron.trainer.watch import RunWatch
 
 log = get_logger("trainer")
 
@@ -39,7 +39,7 @@ def log_line(record: dict, total: int) -> str:
     return (
         f"step {record['step']}/{total} | reward {_fmt(record['reward_mean'])} "
         f"pos {_fmt(record['positive_frac'])} no-pos {record['groups_without_positive']:.0f} | "
-        f"loss {_fmt(record['loss'], 4)} sim {_fmt(record['sim_penalty'], 4)} m {_fmt(record['twin_momentum'], 4)} | "
+        f"loss {_fmt(record['loss'], 4)} drift {_fmt(record['drift'], 4)} m {_fmt(record['twin_momentum'], 4)} | "
         f"clip {_fmt(record['clip_frac'])} ent {_fmt(record['entropy'])} len {_fmt(record['response_len_mean'], 1)} | "
         f"{record['time_step_s']:.1f}s (rollout {record['time_rollout_s']:.1f} reward {record['time_reward_s']:.1f} "
         f"train {record['time_train_s']:.1f} sync {record['time_sync_s']:.1f}) {record['tokens_per_s']:.0f} tok/s"
@@ -47,7 +47,9 @@ def log_line(record: dict, total: int) -> str:
 
 
 class Logbook:
-    def __init__(self, output_dir: str | Path, total_steps: int, start_step: int, enabled: bool) -> None:
+    def __init__(
+        self, output_dir: str | Path, total_steps: int, start_step: int, enabled: bool, entropy_floor: float = 0.0
+    ) -> None:
         self.enabled = enabled
         self.total = total_steps
         self.dir = Path(output_dir)
@@ -59,7 +61,7 @@ class Logbook:
         self.jsonl = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
         self.tensorboard = SummaryWriter(str(self.dir / "tensorboard"), purge_step=start_step + 1)
         self.bar = progress(total=total_steps, initial=start_step, desc="train", unit="step")
-        self.watch = RewardWatch()
+        self.watch = RunWatch(entropy_floor)
 
     def record(self, record: dict) -> None:
         if not self.enabled:
@@ -72,7 +74,8 @@ class Logbook:
         for column, metric in STEP_VALUES.items():
             self.tensorboard.add_scalar(metric.name, record[column], step)
         log.info(log_line(record, self.total))
-        self._warn(self.watch.step(record))
+        for warning in self.watch.step(record):
+            log.warning(warning)
         self.bar.update(1)
 
     def record_heldout(self, result) -> None:
@@ -84,12 +87,9 @@ class Logbook:
         for name in ("avg_at_k", "pass_at_k", "prompt_blind"):
             self.tensorboard.add_scalar(f"eval/{name}", getattr(result, name), result.step)
         log.info(result.line())
-        self._warn(self.watch.heldout(result.step, result.avg_at_k))
-
-    @staticmethod
-    def _warn(message: str | None) -> None:
-        if message is not None:
-            log.warning(message)
+        warning = self.watch.heldout(result.step, result.avg_at_k)
+        if warning is not None:
+            log.warning(warning)
 
     def close(self) -> Path | None:
         """Flush everything and draw the reward curve of the whole run (metrics.jsonl, resumed runs too)."""

@@ -17,7 +17,6 @@ from typing import Any, Callable, Sequence
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from popo_megatron.config.schema import Algorithm
 from popo_megatron.data.problems import Problem
 from popo_megatron.data.prompts import render_prompt
 from popo_megatron.reward.grade import Grade, Verifier
@@ -102,14 +101,6 @@ def collect_groups(
     return everything, times
 
 
-def has_signal(group: Group, algorithm: Algorithm | str) -> bool:
-    """Whether a group can teach anything: POPO needs a positive, GRPO rewards that differ."""
-    rewards = group.rewards
-    if algorithm == Algorithm.popo:
-        return any(r > 0 for r in rewards)
-    return max(rewards) != min(rewards)
-
-
 @dataclass
 class StepRollouts:
     trained: list[Group]  # the groups the step learns from
@@ -125,8 +116,10 @@ def collect_step(
     next_problems: Callable[[int], list[Problem]],
     cfg: DictConfig,
     step_seed: int,
+    has_signal: Callable[[list[float]], bool],
 ) -> StepRollouts:
-    """The step's groups. With data.dynamic_sampling (DAPO), groups without a learning signal are dropped
+    """The step's groups. With data.dynamic_sampling (DAPO), groups without a learning signal (`has_signal`
+    of their rewards: the objective's) are dropped
     and more prompts are sampled, until train.prompts_per_step groups have one or
     data.dynamic_sampling_max_rounds rounds were generated (the step then learns from what it has)."""
     want = cfg.train.prompts_per_step
@@ -144,6 +137,6 @@ def collect_step(
         rounds += 1
         if not cfg.data.dynamic_sampling:
             return StepRollouts(new, generated, times, rounds)
-        kept += [g for g in new if has_signal(g, cfg.algorithm)]
+        kept += [g for g in new if has_signal(g.rewards)]
         if len(kept) >= want or rounds >= cfg.data.dynamic_sampling_max_rounds:
             return StepRollouts(kept[:want], generated, times, rounds)

@@ -1,6 +1,7 @@
-"""Console warnings that a reward may be earned without solving the task.
+"""Console warnings about how a run learns: a reward that may be earned without solving the task, and a
+policy whose entropy collapses.
 
-Both signs are how the restating hack looked (SmolLM2 on arithmetic word problems, graded by math-verify,
+The two reward signs are how the restating hack looked (SmolLM2 on arithmetic word problems, graded by math-verify,
 learned to answer "What is 79 * 51?" with `\\boxed{79 * 51}`):
 
 - most of a step's correct answers restate the problem (two or more of its numbers and an operator,
@@ -11,10 +12,15 @@ learned to answer "What is 79 * 51?" with `\\boxed{79 * 51}`):
   0.89 at T=0.6 for one checkpoint), hence the margin. The train reward compared is the mean over the
   steps since the previous evaluation.
 
+The entropy warning is the POPO authors': the step's mean token entropy below a floor
+(popo.low_entropy_warning, 0.5 by default; off for other objectives) is a risk of policy collapse.
+
 Each warning is given once per run, naming the step, what was seen and what to do.
 """
 
 from __future__ import annotations
+
+import math
 
 from popo_megatron.metrics import RESTATED_PROBLEM
 
@@ -24,15 +30,30 @@ HELDOUT_MARGIN = 0.15
 HELDOUT_EVALS = 2
 
 
-class RewardWatch:
-    def __init__(self) -> None:
+class RunWatch:
+    def __init__(self, entropy_floor: float = 0.0) -> None:
+        self.entropy_floor = entropy_floor  # 0: no entropy warning
         self._warned: set[str] = set()
         self._rewards: list[float] = []  # train rewards since the last evaluation
         self._gaps = 0  # evaluations in a row above the train reward by the margin
 
-    def step(self, record: dict) -> str | None:
-        """The warning a step's metrics.jsonl record calls for, if any."""
+    def step(self, record: dict) -> list[str]:
+        """The warnings a step's metrics.jsonl record calls for."""
         self._rewards.append(record["reward_mean"])
+        return [w for w in (self._restated(record), self._entropy(record)) if w is not None]
+
+    def _entropy(self, record: dict) -> str | None:
+        entropy = record.get("entropy", float("nan"))
+        if not self.entropy_floor or not math.isfinite(entropy) or entropy >= self.entropy_floor:
+            return None
+        return self._once(
+            "entropy",
+            f"step {record['step']}: the mean token entropy {entropy:.3f} is below {self.entropy_floor}: the policy "
+            "may be collapsing onto few answers. Raise popo.beta_ent (the entropy bonus), or set "
+            "popo.low_entropy_warning=0 where a confident policy is the goal",
+        )
+
+    def _restated(self, record: dict) -> str | None:
         measured = record["all"]
         correct, restated = measured.get("reward/correct", 0), measured.get(RESTATED_PROBLEM.name, 0)
         if correct >= RESTATED_MIN_CORRECT and restated >= RESTATED_SHARE * correct:
