@@ -79,3 +79,14 @@ def load_twin_weights(twin, ckpt: Path, args, cfg) -> None:
     request = {"twin": weights_request(unwrap_model(twin.model), "twin", dtype=twin.dtype)}
     loaded, _ = load_checkpoint_state(ckpt, request, args, cfg)
     twin.load_full_tensors(unprefixed(loaded["twin"], "twin"))
+
+
+def objective_without_model(cfg, group_size: int = 4):
+    """The config's objective for tests of its row rules (no EMA target or reference: popo.alpha and
+    grpo.kl_beta must be 0, or their copy of the policy would need a model)."""
+    from popo_megatron.objectives import ObjectiveContext, build_objective
+
+    context = ObjectiveContext(
+        cfg.loss, cfg.optim, 1000, 64, cfg.rollout.temperature, cfg.seed, 1, group_size, cfg.train.mini_batches, False
+    )
+    return build_objective(cfg, context, model=None)

@@ -6,18 +6,28 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_helpers import objective_without_model
 
 from popo_megatron.algo.batch import make_policy_batch
 from popo_megatron.config import load_config
-from popo_megatron.trainer.batching import rank_rows
+from popo_megatron.trainer import batching
 
 
 def _batch(rewards: list[list[float]], *overrides: str):
-    cfg = load_config(overrides=["model.hf_path=/unused", *overrides])
+    # POPO without its entropy bonus (positives only) unless the test says otherwise; no EMA target.
+    cfg = load_config(overrides=["model.hf_path=/unused", "popo.alpha=0", "popo.beta_ent=0", *overrides])
     groups, n = len(rewards), len(rewards[0])
     prompts = [[1, 2]] * (groups * n)
     responses = [[3] * (1 + i % 5) for i in range(groups * n)]  # 1-5 tokens
-    return make_policy_batch(cfg, prompts, responses, torch.tensor(rewards)), cfg
+    objective = objective_without_model(cfg, n)
+    rewards = torch.tensor(rewards)
+    batch = make_policy_batch(prompts, responses, objective.row_values(rewards), objective.positive(rewards))
+    return batch, (cfg, objective)
+
+
+def rank_rows(batch, setup, dp: int, rank: int):
+    cfg, objective = setup
+    return batching.rank_rows(batch, objective.dealt(batch), objective.carries_gradient(batch), cfg, dp, rank)
 
 
 def _real_rows(rows) -> int:
@@ -47,9 +57,10 @@ def test_a_step_without_positives_keeps_one_empty_row_per_mini_batch():
 
 
 @pytest.mark.parametrize("kl_beta, trained", [(0.0, 4), (0.04, 12)])
-def test_grpo_trains_rows_with_an_advantage_unless_a_kl_term_covers_every_row(kl_beta, trained):
+def test_grpo_trains_rows_with_an_advantage_unless_a_kl_term_covers_every_row(kl_beta, trained, monkeypatch):
     """Groups: one with a signal, one all wrong, one all right. Without KL only the first group's 4 rows
     train; the mini-batch still stands for every rollout's tokens (its token-mean's normaliser)."""
+    monkeypatch.setattr("popo_megatron.objectives.grpo.TwinParams", lambda model: None)  # no model to copy here
     batch, cfg = _batch([[1, 0, 0, 1], [0, 0, 0, 0], [1, 1, 1, 1]], "algorithm=grpo", f"grpo.kl_beta={kl_beta}")
     rows = rank_rows(batch, cfg, 1, 0)
     assert _real_rows(rows) == trained
@@ -60,3 +71,12 @@ def test_popo_mini_batches_stand_for_an_equal_share_of_every_rollout():
     batch, cfg = _batch([[1, 0, 0, 1], [0, 0, 0, 0]], "train.mini_batches=2")
     rows = rank_rows(batch, cfg, 1, 0)
     assert rows.tokens == [float(batch.loss_mask.sum()) / 2] * 2
+    assert rows.responses == [4.0, 4.0]
+
+
+def test_popo_with_its_entropy_bonus_forwards_every_rollout():
+    """The paper's entropy term covers every completion: the negatives train too, dealt like GRPO's rows."""
+    batch, cfg = _batch([[1, 0, 0, 1], [0, 0, 0, 0]], "popo.beta_ent=0.01", "train.micro_batch_size=8")
+    rows = rank_rows(batch, cfg, 2, 0)
+    assert _real_rows(rows) == 4 and rows.batch.rows.tolist() == [0, 2, 4, 6]
+    assert rows.tokens == [float(batch.loss_mask.sum())] and rows.responses == [8.0]

@@ -150,19 +150,24 @@ def test_rope_theta_from_old_and_new_config_formats():
     "overrides, expected",
     [
         (["popo.is_bound.eps_high=0"], r"popo\.is_bound\.eps_high=0\.0: must be > 0"),
-        (["popo.twin.momentum.m_min=0.99", "popo.twin.momentum.m_max=0.95"], r"m_min=0\.99: must be <= m_max"),
-        (["popo.twin.momentum.m0=1.5"], r"popo\.twin\.momentum\.m0=1\.5: must be in \[0, 1\]"),
-        (["popo.similarity.beta=-1"], r"popo\.similarity\.beta=-1\.0: must be >= 0"),
+        (["popo.target.adaptive.m_min=0.99", "popo.target.adaptive.m_max=0.95"], r"m_min=0\.99: must be <= m_max"),
+        (["popo.target.tau=1.5"], r"popo\.target\.tau=1\.5: must be in \[0, 1\]"),
+        (["popo.alpha=-1"], r"popo\.alpha=-1\.0: must be >= 0"),
+        (["popo.beta_ent=-0.1"], r"popo\.beta_ent=-0\.1: must be >= 0"),
+        (["popo.weight_temperature=0"], r"popo\.weight_temperature=0\.0: must be > 0"),
+        (["popo.predictor.layers=1"], r"popo\.predictor\.layers=1: must be >= 2"),
+        (["popo.predictor.noise_std=-1"], r"popo\.predictor\.noise_std=-1\.0: must be >= 0"),
+        (["popo.target.kl_every=-1"], r"popo\.target\.kl_every=-1: must be >= 0"),
         (["grpo.eps_low=1.2"], r"grpo\.eps_low=1\.2: must be in \(0, 1\)"),
         (["loss.logprob_chunk_tokens=0"], r"loss\.logprob_chunk_tokens=0: must be >= 1"),
         (["optim.ddp_bucket_size=0"], r"optim\.ddp_bucket_size=0: must be >= 1"),
-        (["popo.rollout_correction=tis", "popo.old_logprobs=rollout"], r"needs popo\.old_logprobs=trainer"),
-        (["popo.twin.momentum.d_target=0"], r"popo\.twin\.momentum\.d_target=0\.0: must be in \(0, 2\]"),
-        (["popo.twin.momentum.max_log_step=0"], r"max_log_step=0\.0: must be > 0"),
-        (["popo.similarity.adaptive_beta.beta_min=0"], r"adaptive_beta\.beta_min=0\.0: must be in \(0, beta_max"),
-        (["popo.similarity.predictor_lr=-1"], r"popo\.similarity\.predictor_lr=-1\.0: must be >= 0"),
+        (["loss.rollout_correction=tis", "loss.old_logprobs=rollout"], r"needs loss\.old_logprobs=trainer"),
+        (["popo.target.adaptive.d_target=0"], r"popo\.target\.adaptive\.d_target=0\.0: must be in \(0, 2\]"),
+        (["popo.target.adaptive.max_log_step=0"], r"max_log_step=0\.0: must be > 0"),
+        (["popo.adaptive_alpha.alpha_min=0"], r"adaptive_alpha\.alpha_min=0\.0: must be in \(0, alpha_max"),
+        (["popo.per_token.predictor_lr=-1"], r"popo\.per_token\.predictor_lr=-1\.0: must be >= 0"),
         (["rollout.top_k=-1"], r"rollout\.top_k=-1: must be >= 0"),
-        (["popo.similarity.beta=0"], r"nothing uses the twin.*set popo\.twin\.enabled=false"),
+        (["popo.alpha=0", "popo.target.schedule=adaptive"], r"no drift for the law to follow"),
         (["reward.workers=0"], r"reward\.workers=0: must be >= 1"),
         (["rollout.temperature=0"], r"rollout\.temperature=0\.0: must be > 0"),
         (["train.micro_batch_size=0"], r"train\.micro_batch_size=0: must be >= 1"),
@@ -178,7 +183,7 @@ def test_invalid_algorithm_settings(overrides, expected):
 
 
 # Every config that feeds rollout log-probs into a ratio, with every kind of truncated sampling.
-RATIO_USERS = [["popo.old_logprobs=rollout"], ["popo.rollout_correction=tis"]]
+RATIO_USERS = [["loss.old_logprobs=rollout"], ["loss.rollout_correction=tis"]]
 TRUNCATED = [["rollout.top_p=0.8"], ["rollout.top_k=20"]]
 
 
@@ -192,29 +197,52 @@ def test_rollout_logprobs_in_a_ratio_with_truncated_sampling_are_rejected(user, 
     validate_config(_cfg(*user), 1)  # rollout log-probs in a ratio without truncation
 
 
-def test_beta_zero_is_fine_without_a_twin_or_with_adaptive_beta():
-    validate_config(_cfg("popo.similarity.beta=0", "popo.twin.enabled=false"), 1)
-    validate_config(_cfg("popo.similarity.beta=0", "popo.similarity.adaptive_beta.enabled=true"), 1)
-    validate_config(_cfg("popo.similarity.beta=0", "algorithm=grpo"), 1)
+def test_alpha_zero_is_the_no_target_ablation():
+    validate_config(_cfg("popo.alpha=0"), 1)
+    validate_config(_cfg("popo.alpha=0", "popo.adaptive_alpha.enabled=true", "popo.target.schedule=adaptive"), 1)
+    validate_config(_cfg("popo.alpha=0", "popo.target.schedule=adaptive", "algorithm=grpo"), 1)
 
 
 def test_algorithm_switches_parse():
-    cfg = _cfg("algorithm=grpo", "popo.redistribution=grpo_matched", "popo.twin.momentum.schedule=cosine")
-    assert (cfg.algorithm, cfg.popo.redistribution, cfg.popo.twin.momentum.schedule) == (
+    cfg = _cfg(
+        "algorithm=grpo", "popo.weights=grpo_matched", "popo.target.schedule=cosine", "grpo.aggregation=sequence_mean"
+    )
+    assert (cfg.algorithm, cfg.popo.weights, cfg.popo.target.schedule, cfg.grpo.aggregation) == (
         "grpo",
         "grpo_matched",
         "cosine",
+        "sequence_mean",
     )
     validate_config(cfg, 1, parse_hf_config(QWEN))
     with pytest.raises(ConfigError, match=r"popo\.is_bound\.mode"):
         _cfg("popo.is_bound.mode=soft")
 
 
-def test_twin_of_fp8_weights_is_refused():
+def test_the_defaults_are_the_authors_popo():
+    """configs/popo/default.yaml of momo1443/colm2026-POPO, and their trainer's: the paper's POPO."""
+    popo = _cfg().popo
+    assert (popo.weights, popo.weight_temperature, popo.length_normalize, popo.reward_threshold) == (
+        "softmax",
+        1.0,
+        False,
+        0.0,
+    )
+    assert (popo.alpha, popo.beta_ent, popo.target.tau, popo.target.schedule) == (0.1, 0.01, 0.995, "constant")
+    assert (popo.predictor.hidden, popo.predictor.layers, popo.predictor.noise_std, popo.predictor.lr) == (
+        1024,
+        2,
+        0.02,
+        None,
+    )
+    assert (popo.target.kl_every, popo.low_entropy_warning) == (10, 0.5)
+    assert (popo.normalizer, popo.is_bound.mode, popo.similarity) == ("positive_tokens", "none", "pooled")
+
+
+def test_a_policy_copy_of_fp8_weights_is_refused():
     msg = _invalid(_cfg("model.fp8.enabled=true", "model.fp8.fp8_weights=true"), cuda=True)
-    assert "the twin needs high-precision parameters" in msg
+    assert "a copy of the policy (its EMA or swap) needs high-precision parameters" in msg
     validate_config(
-        _cfg("model.fp8.enabled=true", "model.fp8.fp8_weights=true", "popo.twin.enabled=false"),
+        _cfg("model.fp8.enabled=true", "model.fp8.fp8_weights=true", "popo.alpha=0"),
         1,
         parse_hf_config(QWEN),
         cuda_available=True,

@@ -1,8 +1,9 @@
 """What POPO does to a real model (megatron-core over gloo), and the edge cases of a step.
 
-- The implicit negative gradient: one positive-only step raises the
-  log-probability of the positive responses and lowers that of sampled
-  negative responses that never entered the batch.
+- The implicit negative gradient: one step of the paper's POPO, where only the
+  positives carry weight (the negatives are forwarded for the entropy bonus
+  alone), raises the log-probability of the positive responses and lowers that
+  of the sampled negatives.
 - A step without positives, with only all-correct groups, with only empty
   responses, or with a positive cut at the length limit runs cleanly: finite
   loss, the gradient the rule implies (zero or not), metrics that say so.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 import torch
 from model_helpers import build_model, perturb
 
@@ -60,39 +62,67 @@ def _token_logprobs(ddp, batch, settings) -> torch.Tensor:
     return torch.cat([o.logprobs for o in forward_only(ddp, batch.micro_batches(1), settings)])
 
 
+def _objective(ddp, args, cfg, group_size: int = G):
+    from popo_megatron.objectives import ObjectiveContext, build_objective
+
+    context = ObjectiveContext(cfg.loss, cfg.optim, args.vocab_size, args.hidden_size, 1.0, 0, 1, group_size, 1, False)
+    return build_objective(cfg, context, ddp)
+
+
+def _popo_step(ddp, objective, full, cfg, settings, dp=1, dp_rank=0):
+    """The trainer's update of one mini-batch: deal, prepare, context, forward-backward. Returns the
+    context and the metrics (None and {} when the mini-batch has nothing to learn from)."""
+    from popo_megatron.algo.step import Forwards, forward_backward
+    from popo_megatron.metrics import MetricAccumulator
+    from popo_megatron.trainer.batching import rank_rows
+
+    forwards = Forwards(ddp, settings, cfg.train.micro_batch_size)
+    rows = rank_rows(full, objective.dealt(full), objective.carries_gradient(full), cfg, dp, dp_rank)
+    metrics = MetricAccumulator()
+    batch, weights = objective.prepare(full, rows.batch, forwards, metrics)
+    context = objective.mini_context(batch, rows.tokens[0], rows.responses[0], forwards, 1)
+    ddp.zero_grad_buffer()
+    if context.learns:
+        forward_backward(
+            ddp,
+            context.micro_batches,
+            lambda i, mb, lg, h: objective.loss(i, mb, lg, h, context, metrics),
+            context.captures_hidden,
+        )
+        if objective.head is not None:
+            objective.head.finish_grad_sync()
+    return context, metrics.reduce(count_keys=True), weights
+
+
 def _implicit_negative_worker(hf: str, prompts, answers, out: str) -> None:
     import torch.distributed as dist
 
-    from popo_megatron.algo.advantages import popo_weights
-    from popo_megatron.algo.batch import PolicyBatch, pack_rows
-    from popo_megatron.algo.step import LossSettings, forward_backward, loss_normalizers
+    from popo_megatron.algo.batch import make_policy_batch
+    from popo_megatron.algo.step import LogprobSettings
     from popo_megatron.model.training import wrap_ddp
     from popo_megatron.weights import load_hf_weights
 
-    model, args, cfg = build_model(Path(hf), 2, 1, overrides=("popo.twin.enabled=false", "popo.redistribution=uniform"))
+    # The paper's POPO at its defaults (the entropy bonus forwards the negatives; their weight is 0).
+    model, args, cfg = build_model(Path(hf), 2, 1, overrides=("train.micro_batch_size=64",))
     load_hf_weights(model, hf, args, cfg)
     ddp = wrap_ddp(model, args, cfg)
-    settings = LossSettings.from_config(cfg, args.vocab_size)
+    objective = _objective(ddp, args, cfg)
+    settings = LogprobSettings(args.vocab_size, 1.0, 1024)
 
     # An arbitrary but consistent verifier: an answer is correct when its token id is even.
     rewards = torch.tensor([float(a[0] % 2 == 0) for a in answers]).view(GROUPS, G)
-    tokens, mask = pack_rows(prompts, answers)
-    positive = (rewards > 0).reshape(-1)
-    everything = PolicyBatch(tokens, mask, popo_weights(rewards, "uniform").reshape(-1), positive)
-    before = _token_logprobs(ddp, everything, settings)[mask]
-
-    # The training batch holds the positives only: the negatives never enter the loss.
-    train = PolicyBatch(tokens[positive], mask[positive], everything.sample_weights[positive], positive[positive])
-    train = train.with_fields(old_logprobs=_token_logprobs(ddp, train, settings))
-    normalizers = loss_normalizers(train, settings, all_response_tokens=float(mask.sum()))
-    forward_backward(ddp, train.micro_batches(1), settings, normalizers)
+    full = make_policy_batch(prompts, answers, objective.row_values(rewards), objective.positive(rewards))
+    before = _token_logprobs(ddp, full, settings)[full.loss_mask]
+    context, reported, weights = _popo_step(ddp, objective, full, cfg, settings)
+    assert context.learns and torch.all(weights[~full.positive] == 0), "only the positives carry weight"
+    assert reported["loss/entropy"] < 0, "the negatives were forwarded for the entropy bonus"
     # One plain gradient step (Adam's per-parameter normalisation would blur what the gradient itself does).
     with torch.no_grad():
         for param in model.parameters():
             param.sub_(LEARNING_RATE * param.main_grad)
-    after = _token_logprobs(ddp, everything, settings)[mask]
+    after = _token_logprobs(ddp, full, settings)[full.loss_mask]
     if dist.get_rank() == 0:
-        torch.save({"before": before, "after": after, "positive": positive}, out)
+        torch.save({"before": before, "after": after, "positive": full.positive}, out)
 
 
 def test_positive_only_step_lowers_sampled_negatives(tiny_models, tmp_path):
@@ -105,7 +135,7 @@ def test_positive_only_step_lowers_sampled_negatives(tiny_models, tmp_path):
     positive = result["positive"]
     assert change[positive].mean() > 0, f"the positive answers became more likely: {change[positive]}"
     negatives = change[~positive]
-    assert negatives.mean() < 0, f"the sampled negatives, never in the loss, became less likely: {negatives}"
+    assert negatives.mean() < 0, f"the sampled negatives, weighted 0, became less likely: {negatives}"
     mass_before = result["before"][~positive].exp().sum()
     mass_after = result["after"][~positive].exp().sum()
     assert mass_after < mass_before, f"total probability of the negative answers: {mass_before} -> {mass_after}"
@@ -113,66 +143,54 @@ def test_positive_only_step_lowers_sampled_negatives(tiny_models, tmp_path):
 
 def _edge_worker(hf: str) -> None:
     """Degenerate batches through the real step on one rank."""
-    from popo_megatron.algo.advantages import group_stats, popo_weights
-    from popo_megatron.algo.batch import PolicyBatch, pack_rows
-    from popo_megatron.algo.step import LossSettings, forward_backward, forward_only, loss_normalizers
-    from popo_megatron.algo.twin import TwinParams
+    from popo_megatron.algo.batch import make_policy_batch
+    from popo_megatron.algo.step import LogprobSettings
+    from popo_megatron.config import load_config
     from popo_megatron.model.training import wrap_ddp
     from popo_megatron.weights import load_hf_weights
 
-    model, args, cfg = build_model(Path(hf), 1, 1, overrides=("popo.similarity.beta=0.5",))
-    load_hf_weights(model, hf, args, cfg)
-    ddp = wrap_ddp(model, args, cfg)
-    twin = TwinParams(ddp)
-    perturb(model)  # the twin differs from the online weights, so the similarity term has a gradient
-    settings = LossSettings.from_config(cfg, args.vocab_size)
+    model, args, _ = build_model(Path(hf), 1, 1)
+    load_hf_weights(model, hf, args, _)
+    ddp = wrap_ddp(model, args, _)
+    settings = LogprobSettings(args.vocab_size, 1.0, 1024)
     prompts = [[3, 4, 5], [6, 7], [8, 9, 10], [11, 12]]
 
-    def step(rewards, responses, redistribution="success_scaled", drop=None):
-        tokens, mask = pack_rows(prompts, responses)
-        batch = PolicyBatch(tokens, mask, popo_weights(rewards, redistribution).reshape(-1), (rewards > 0).reshape(-1))
+    def step(rewards, responses, *overrides, drop=None):
+        cfg = load_config(overrides=[f"model.hf_path={hf}", "train.micro_batch_size=2", *overrides])
+        objective = _objective(ddp, args, cfg, group_size=2)  # its EMA target: the current weights
+        perturb(model)  # the online policy moves on, so the similarity term has a gradient
+        full = make_policy_batch(prompts, responses, objective.row_values(rewards), objective.positive(rewards))
         if drop is not None:
-            batch = batch.without_rows(drop)
-        with twin.swapped_in():
-            outputs = forward_only(ddp, batch.micro_batches(2), settings, hidden=True)
-        batch = batch.with_fields(old_logprobs=torch.cat([o.logprobs for o in outputs]))
-        ddp.zero_grad_buffer()
-        metrics = forward_backward(
-            ddp,
-            batch.micro_batches(2),
-            settings,
-            loss_normalizers(batch, settings, all_response_tokens=float(batch.response_lengths().sum())),
-            [o.hidden for o in outputs],
-        )
+            full = full.without_rows(drop)
+        context, reported, weights = _popo_step(ddp, objective, full, cfg, settings)
         grad = torch.sqrt(sum(p.main_grad.double().pow(2).sum() for p in model.parameters())).item()
-        return metrics.reduce(count_keys=True), grad, group_stats(rewards)
+        return context, reported, weights, grad
 
     responses = [[20, 21, 22], [23], [24, 25], [26, 27, 28, 29]]
-    none = torch.zeros(2, 2)
-    reported, grad, stats = step(none, responses)
-    assert reported["loss/total"] == 0.0 and math.isfinite(grad) and grad == 0.0, "no positives: no gradient"
-    assert reported["popo/ratio/count"] == 0 and "popo/ratio" not in reported, "no ratio statistics without tokens"
-    assert reported["popo/similarity/count"] == 0 and stats.groups_without_positives == 2
+    context, reported, weights, grad = step(torch.zeros(2, 2), responses)
+    assert not context.learns and torch.all(weights == 0), "no positives: nothing to learn, no optimiser step"
 
     all_correct = torch.ones(2, 2)
-    reported, grad, stats = step(all_correct, responses)  # success_scaled: all-correct groups weigh 0 ...
-    assert reported["loss/policy"] == 0.0 and reported["popo/ratio/count"] == 0 and stats.groups_all_positive == 2
-    assert grad > 0 and reported["popo/similarity"] > 0, "... but their representations are still anchored"
-    reported, grad, _ = step(all_correct, responses, "uniform")  # uniform: every prompt weighs the same
-    assert reported["popo/ratio/count"] == sum(len(r) for r in responses) and grad > 0
+    context, reported, weights, grad = step(all_correct, responses)  # the paper: each group's weights sum to 1
+    assert context.learns and weights.view(2, 2).sum(-1).tolist() == pytest.approx([1.0, 1.0]) and grad > 0
+    assert math.isfinite(reported["loss/total"]) and reported["popo/weight_max"] < 1.0
+    context, reported, weights, grad = step(
+        all_correct, responses, "popo.weights=success_scaled", "popo.similarity=per_token", "popo.beta_ent=0"
+    )  # success_scaled: all-correct groups weigh 0 ...
+    assert torch.all(weights == 0) and reported["loss/policy"] == 0.0
+    assert grad > 0 and reported["popo/drift"] > 0, "... but their representations are still anchored"
 
     empty = [[], [], [24, 25], []]
-    only_empty_positives = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
-    reported, grad, _ = step(only_empty_positives, empty)
-    assert reported["loss/total"] == 0.0 and grad == 0.0, "positives without tokens: nothing to learn"
+    context, _, _, grad = step(torch.tensor([[1.0, 1.0], [0.0, 0.0]]), empty, "popo.beta_ent=0")
+    assert not context.learns, "positives without tokens: nothing to learn"
 
     # A positive cut at the length limit (it fills its row): in the loss by default, out with mask_truncated.
     long = [[20, 21], [23, 30, 31, 32, 33, 34], [24, 25], [26]]
     rewards = torch.tensor([[0.0, 1.0], [0.0, 0.0]])
-    reported, grad, _ = step(rewards, long)
-    assert reported["popo/ratio/count"] == 6 and grad > 0
-    reported, grad, _ = step(rewards, long, drop=torch.tensor([False, True, False, False]))
-    assert reported["popo/ratio/count"] == 0 and grad == 0.0
+    context, reported, _, grad = step(rewards, long, "popo.beta_ent=0")
+    assert context.learns and reported["popo/weight/count"] == 1 and reported["loss/nll"] > 0 and grad > 0
+    context, _, _, _ = step(rewards, long, "popo.beta_ent=0", drop=torch.tensor([False, True, False, False]))
+    assert not context.learns
 
 
 def test_degenerate_batches_run_cleanly(tiny_models):

@@ -23,28 +23,26 @@ STEPS = 3
 EMA_TOL = 1e-6
 
 
-def _batch(dp_rank: int, dp: int):
+def _batch():
     from popo_megatron.algo.advantages import popo_weights
-    from popo_megatron.algo.batch import PolicyBatch, pack_rows
+    from popo_megatron.algo.batch import make_policy_batch
 
     gen = torch.Generator().manual_seed(3)
     prompts = [torch.randint(1, 1000, (4,), generator=gen).tolist() for _ in range(8)]
     responses = [torch.randint(1, 1000, (n,), generator=gen).tolist() for n in (3, 5, 2, 4, 6, 1, 3, 2)]
     rewards = torch.tensor([[1.0, 0.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0]])
-    tokens, mask = pack_rows(prompts, responses, length_multiple=2)
-    batch = PolicyBatch(tokens, mask, popo_weights(rewards, "uniform").reshape(-1), (rewards > 0).reshape(-1))
-    rows = batch.size // dp
-    return batch[dp_rank * rows : (dp_rank + 1) * rows]
+    return make_policy_batch(prompts, responses, popo_weights(rewards > 0, "uniform"), rewards > 0, length_multiple=2)
 
 
 def _train(hf: Path, tp: int, distributed_optimizer: bool, record: bool):
-    """STEPS POPO steps with the twin (EMA with the adaptive law); returns the model, twin and history."""
+    """STEPS steps of the paper's POPO with its EMA target (here under the adaptive law, so that the momentum
+    changes); returns the model, the target and the history."""
     from megatron.core import parallel_state
 
-    from popo_megatron.algo.drift import TwinMomentum
-    from popo_megatron.algo.step import LossSettings, forward_backward, forward_only, loss_normalizers
-    from popo_megatron.algo.twin import TwinParams
+    from popo_megatron.algo.step import Forwards, LogprobSettings, forward_backward
+    from popo_megatron.metrics import MetricAccumulator
     from popo_megatron.model.training import build_optimizer, wrap_ddp
+    from popo_megatron.objectives import ObjectiveContext, build_objective
     from popo_megatron.weights import load_hf_weights
 
     parallel_state.destroy_model_parallel()
@@ -52,43 +50,44 @@ def _train(hf: Path, tp: int, distributed_optimizer: bool, record: bool):
         f"optim.use_distributed_optimizer={distributed_optimizer}",
         "optim.lr=1e-3",
         "optim.ddp_bucket_size=4000",  # several buckets, so parameters straddle data-parallel slices
-        "popo.similarity.beta=0.5",
-        "popo.loss_normalizer=positive_tokens",  # the batch alone gives the normaliser
-        "popo.twin.momentum.m0=0.8",  # a fast twin: visible movement in three steps
-        "popo.twin.momentum.m_min=0.5",
+        "popo.alpha=0.5",
+        "popo.predictor.hidden=16",
+        "popo.target.tau=0.8",  # a fast target: visible movement in three steps
+        "popo.target.schedule=adaptive",
+        "popo.target.adaptive.m_min=0.5",
     )
     model, args, cfg = build_model(hf, tp, 1, overrides=overrides)
     load_hf_weights(model, str(hf), args, cfg)
     ddp = wrap_ddp(model, args, cfg)
     optimizer = build_optimizer(ddp, cfg)
-    twin = TwinParams(ddp)
-    momentum = TwinMomentum(cfg.popo.twin.momentum)
-    settings = LossSettings.from_config(cfg, args.vocab_size)
-    batch = _batch(parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size())
+    context = ObjectiveContext(cfg.loss, cfg.optim, args.vocab_size, args.hidden_size, 1.0, 0, STEPS, 4, 1, False)
+    objective = build_objective(cfg, context, ddp)
+    forwards = Forwards(ddp, LogprobSettings(args.vocab_size, 1.0, 1024), 2)
+    full = _batch()
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    rows = full.size // dp
+    mine = full[dp_rank * rows : (dp_rank + 1) * rows]
     history = {"params": [], "momenta": []}
     if record:
         history["params"].append({n: p.detach().double().clone() for n, p in model.named_parameters()})
-    for _ in range(STEPS):
-        with twin.swapped_in():
-            twin_out = forward_only(ddp, batch.micro_batches(2), settings, hidden=True)
-        old = torch.cat([o.logprobs for o in forward_only(ddp, batch.micro_batches(2), settings)])
-        step_batch = batch.with_fields(old_logprobs=old)
+    for step in range(STEPS):
+        batch, _ = objective.prepare(full, mine, forwards, MetricAccumulator())
+        mini = objective.mini_context(batch, float(full.response_lengths().sum()), 8.0, forwards, step + 1)
+        metrics = MetricAccumulator()
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
-        metrics = forward_backward(
+        forward_backward(
             ddp,
-            step_batch.micro_batches(2),
-            settings,
-            loss_normalizers(step_batch, settings),
-            twin_hidden=[o.hidden for o in twin_out],
+            mini.micro_batches,
+            lambda i, mb, lg, h, c=mini, mt=metrics: objective.loss(i, mb, lg, h, c, mt),
+            True,
         )
         assert optimizer.step()[0]
-        history["momenta"].append(momentum.value)
-        twin.update(momentum.value)
-        momentum.advance(metrics.reduce(parallel_state.get_data_parallel_group()).get("popo/similarity"))
+        history["momenta"].append(objective.momentum.value)
+        objective.after_update(True, metrics)
         if record:
             history["params"].append({n: p.detach().double().clone() for n, p in model.named_parameters()})
-    return model, ddp, twin, args, cfg, history
+    return model, ddp, objective.target, args, cfg, history
 
 
 def _closed_form_ema(history: dict) -> dict[str, torch.Tensor]:
@@ -150,7 +149,7 @@ def _sliced_worker(hf: str, out: str) -> None:
     # TP=2: save policy and twin, and the twin's HF stream, for the reload at TP=1.
     model2, ddp2, twin2, args2, cfg2, _ = _train(hf, 2, distributed_optimizer=True, record=False)
     save_model_weights(model2, Path(out) / "ckpt_tp2", args2, cfg2, hf, twin=twin2)
-    _save_trained_predictor(args2.hidden_size, Path(out) / "predictor_tp2")
+    _save_trained_predictors(args2.hidden_size, Path(out) / "predictor_tp2")
     with twin2.swapped_in():
         tp2_stream = {k: v.clone() for k, v in iter_hf_weights(ddp2, args2, cfg2)}
     if dist.get_rank() == 0:
@@ -160,25 +159,35 @@ def _sliced_worker(hf: str, out: str) -> None:
         )
 
 
-def _save_trained_predictor(hidden_size: int, out: Path) -> None:
-    """One Adam step of the `linear` similarity predictor (SP at TP=2), saved in a Megatron checkpoint."""
+def _heads(hidden_size: int):
+    """The two predictor heads: the paper's MLP (pooled features) and ours, the per-token linear one (SP)."""
+    from popo_megatron.algo.predictor import LinearPredictor, MLPPredictor
+
+    return {"mlp": MLPPredictor(hidden_size, 16, 3, seed=5), "linear": LinearPredictor(hidden_size, True)}
+
+
+def _save_trained_predictors(hidden_size: int, out: Path) -> None:
+    """One AdamW step of each predictor head at TP=2, saved in a Megatron checkpoint."""
     from megatron.core import dist_checkpointing
 
-    from popo_megatron.algo.predictor import SimilarityPredictor, build_predictor_optimizer
+    from popo_megatron.algo.predictor import build_head_optimizer
     from popo_megatron.config import load_config
 
-    predictor = SimilarityPredictor(hidden_size, sequence_parallel=True)
-    optimizer = build_predictor_optimizer(predictor, load_config(overrides=["model.hf_path=/x", "optim.lr=0.01"]))
-    start = predictor.linear.weight.detach().clone()
-    # Each TP rank sees its own slice of the sequence (SP): their gradients are summed.
-    h = torch.randn(6, hidden_size, generator=torch.Generator().manual_seed(torch.distributed.get_rank()))
-    predictor(h).square().sum().backward()
-    predictor.finish_grad_sync()
-    optimizer.step()
-    assert not torch.equal(predictor.linear.weight, start)
-    out.mkdir(exist_ok=True)
-    dist_checkpointing.save(predictor.sharded_state_dict(), str(out))
-    torch.save({k: v.detach() for k, v in predictor.state_dict().items()}, out.parent / "predictor_expected.pt")
+    optim = load_config(overrides=["model.hf_path=/x"]).optim
+    expected = {}
+    for name, head in _heads(hidden_size).items():
+        optimizer = build_head_optimizer(head, 0.01, optim)
+        start = [p.detach().clone() for p in head.parameters()]
+        # Each TP rank its own inputs (the linear head under SP sees its slice of the sequence: summed).
+        h = torch.randn(6, hidden_size, generator=torch.Generator().manual_seed(torch.distributed.get_rank()))
+        head(h).square().sum().backward()
+        head.finish_grad_sync()
+        optimizer.step()
+        assert any(not torch.equal(p, s) for p, s in zip(head.parameters(), start, strict=True))
+        (out / name).mkdir(parents=True, exist_ok=True)
+        dist_checkpointing.save(head.sharded_state_dict(), str(out / name))
+        expected[name] = {k: v.detach() for k, v in head.state_dict().items()}
+    torch.save(expected, out.parent / "predictor_expected.pt")
 
 
 def _reload_worker(hf: str, out: str) -> None:
@@ -198,16 +207,14 @@ def _reload_worker(hf: str, out: str) -> None:
     with twin.swapped_in():
         torch.save({k: v.clone() for k, v in iter_hf_weights(ddp, args, cfg)}, Path(out) / "tp1_stream.pt")
 
-    # The similarity predictor, saved at TP=2 with sequence parallelism, reloads at TP=1.
+    # The predictor heads, trained and saved at TP=2 (the linear one with sequence parallelism), reload at TP=1.
     from megatron.core import dist_checkpointing
 
-    from popo_megatron.algo.predictor import SimilarityPredictor
-
-    predictor = SimilarityPredictor(args.hidden_size)
-    loaded = dist_checkpointing.load(predictor.sharded_state_dict(), str(Path(out) / "predictor_tp2"))
     expected = torch.load(Path(out) / "predictor_expected.pt", weights_only=True)
-    for name, tensor in expected.items():
-        assert torch.equal(loaded[f"predictor.{name}"], tensor), f"predictor {name} changed through the checkpoint"
+    for name, head in _heads(args.hidden_size).items():
+        loaded = dist_checkpointing.load(head.sharded_state_dict(), str(Path(out) / "predictor_tp2" / name))
+        for key, tensor in expected[name].items():
+            assert torch.equal(loaded[f"predictor.{key}"], tensor), f"{name} predictor {key} changed"
 
     # FP8: the swap marks Transformer Engine's cached FP8 weights stale on both sides (Megatron's
     # set_is_first_microbatch). No TE on CPU: modules carrying TE's flag stand in for TE layers.
