@@ -22,6 +22,7 @@ ARITHMETIC = {"architectures": ["Qwen2ForCausalLM"], **ARITHMETIC_QWEN2}
         ("tiny_cpu.yaml", ARITHMETIC, [1], False),
         ("tiny_cpu_grpo.yaml", ARITHMETIC, [1], False),
         ("tiny_cpu_grpo_vanilla.yaml", ARITHMETIC, [1], False),
+        ("tiny_cpu_grpo_trl.yaml", ARITHMETIC, [1], False),
         ("smollm2_arithmetic.yaml", PUBLIC_SHAPES["smollm2-135m-instruct"], [1], False),
         ("qwen2.5-math-7b_popo.yaml", PUBLIC_SHAPES["qwen2.5-math-7b"], [8, 16], True),
         ("qwen2.5-32b_popo.yaml", PUBLIC_SHAPES["qwen2.5-32b"], [32, 64], True),
@@ -39,17 +40,20 @@ def test_examples_are_all_covered():
         "tiny_cpu.yaml",
         "tiny_cpu_grpo.yaml",
         "tiny_cpu_grpo_vanilla.yaml",
+        "tiny_cpu_grpo_trl.yaml",
         "smollm2_arithmetic.yaml",
         "qwen2.5-math-7b_popo.yaml",
         "qwen2.5-32b_popo.yaml",
     }
 
 
-@pytest.mark.parametrize("name", ["tiny_cpu_grpo.yaml", "tiny_cpu_grpo_vanilla.yaml"])
+@pytest.mark.parametrize("name", ["tiny_cpu_grpo.yaml", "tiny_cpu_grpo_vanilla.yaml", "tiny_cpu_grpo_trl.yaml"])
 def test_grpo_baselines_share_the_main_jobs_task_and_budget(name):
     """A comparison with the main job is fair only on the same task, sampling, evaluation and budget."""
     main, baseline = load_config(EXAMPLES / "tiny_cpu.yaml"), load_config(EXAMPLES / name)
-    for section in ("model", "data", "eval", "reward", "rollout", "optim"):
+    for section in ("model", "data", "eval", "reward", "rollout", "loss"):
         assert baseline[section] == main[section], section
     assert {**baseline.train, "output_dir": None} == {**main.train, "output_dir": None}
-    assert baseline.popo.old_logprobs == main.popo.old_logprobs and baseline.seed == main.seed
+    # Each method at its own learning rate from the same grid (bench/bench_train.py --lr-grid).
+    assert {**baseline.optim, "lr": None} == {**main.optim, "lr": None}
+    assert baseline.seed == main.seed

@@ -109,14 +109,9 @@ def _check_produced(history: list[dict], algorithm: str) -> None:
     assert not missing, f"{algorithm}: documented but never produced: {missing}"
 
 
-def _expected_weights(rewards: list[float], algorithm: str) -> list[float]:
-    """The loss's per-response weights from a group's rewards, written from their definitions: POPO's
-    success_scaled (1 - p) / k on the k positives of G (p = k / G), GRPO's (r - mean) / (std + 1e-6) with
-    the population std (the defaults of both examples used here)."""
+def _grpo_advantages(rewards: list[float]) -> list[float]:
+    """GRPO's (r - mean) / (std + 1e-6) with the population std (the DAPO-style example's), written out."""
     G = len(rewards)
-    if algorithm == "popo":
-        k = sum(r > 0 for r in rewards)
-        return [(1 - k / G) / k if r > 0 else 0.0 for r in rewards]
     mean = sum(rewards) / G
     std = (sum((r - mean) ** 2 for r in rewards) / G) ** 0.5
     return [(r - mean) / (std + 1e-6) for r in rewards]
@@ -143,11 +138,23 @@ def _check_rollout_records(out: Path, history: list[dict], algorithm: str, respo
         for group in range(responses // group_size):
             mine = [r for r in rows if r["group"] == group]
             assert len(mine) == group_size and len({tuple(r["prompt_ids"]) for r in mine}) == 1
-            expected = _expected_weights([r["reward"] for r in mine], algorithm)
-            assert [r[key] for r in mine] == pytest.approx(expected, abs=1e-5), f"step {record['step']} {group}"
-            carries = [r["reward"] > 0 if algorithm == "popo" else r[key] != 0 for r in mine]
+            values = [r[key] for r in mine]
+            if algorithm == "popo":  # the paper's softmax over the positives: 0 elsewhere, 1 in all
+                assert all((v > 0) == (r["reward"] > 0) for v, r in zip(values, mine, strict=True)), values
+                assert sum(values) == pytest.approx(1.0 if any(v > 0 for v in values) else 0.0, abs=1e-5)
+            else:
+                expected = _grpo_advantages([r["reward"] for r in mine])
+                assert values == pytest.approx(expected, abs=1e-5), f"step {record['step']} group {group}"
+            # POPO with its entropy bonus trains on every rollout; GRPO without KL on those with an advantage.
+            carries = [True] * group_size if algorithm == "popo" else [v != 0 for v in values]
             trained_tokens += sum(len(r["response_ids"]) for r, c in zip(mine, carries, strict=True) if c)
         assert trained_tokens == record["trained_tokens"], "the rows trained on are the records' with a gradient"
+        if algorithm == "popo" and record["positive_frac"] > 0:  # the weights the loss reported
+            weights = [r[key] for r in rows if r[key] > 0]
+            groups_with_a_positive = record["all"]["reward/groups"] - record["groups_without_positive"]
+            assert sum(weights) == pytest.approx(groups_with_a_positive, abs=1e-4)
+            assert max(weights) == pytest.approx(record["all"]["popo/weight_max"], abs=1e-6)
+            assert min(weights) == pytest.approx(record["all"]["popo/weight_min"], abs=1e-6)
 
 
 @pytest.mark.slow
@@ -158,8 +165,9 @@ def test_popo_steps_produce_every_documented_metric(tmp_path):
         out,
         EXAMPLES / "tiny_cpu.yaml",
         *SMALL,
-        "popo.old_logprobs=trainer",
-        "popo.rollout_correction=tis",
+        "loss.old_logprobs=trainer",
+        "loss.rollout_correction=tis",
+        "popo.is_bound.mode=clip",  # the ratio's metrics (an extension's)
         "train.save_rollouts=true",
         *heldout,
     )
@@ -183,8 +191,8 @@ def test_grpo_steps_through_the_loop_at_tp2(tmp_path):
         EXAMPLES / "tiny_cpu_grpo_vanilla.yaml",
         *SMALL,
         "parallel.tensor_model_parallel_size=2",
-        "popo.old_logprobs=trainer",
-        "popo.rollout_correction=tis",
+        "loss.old_logprobs=trainer",
+        "loss.rollout_correction=tis",
         nproc=2,
     )
     _check_produced(history, "grpo")
@@ -193,7 +201,7 @@ def test_grpo_steps_through_the_loop_at_tp2(tmp_path):
         assert record["trained_tokens"] == pytest.approx(record["response_len_mean"] * 8 * 4)
     kl = [r["all"]["grpo/kl"] for r in history if "grpo/kl" in r["all"]]
     assert all(k >= 0 for k in kl) and max(kl) > 0, f"the KL to the frozen reference: {kl}"
-    assert all(math.isnan(r["sim_penalty"]) and math.isnan(r["twin_momentum"]) for r in history), "GRPO has no twin"
+    assert all(math.isnan(r["drift"]) and math.isnan(r["twin_momentum"]) for r in history), "GRPO has no EMA target"
 
 
 @pytest.mark.slow

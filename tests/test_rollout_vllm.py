@@ -43,11 +43,11 @@ def _megatron_logprobs(model, args, cfg, prompts, responses) -> torch.Tensor | N
     from megatron.core import parallel_state
 
     from popo_megatron.algo.batch import PolicyBatch, pack_rows
-    from popo_megatron.algo.step import LossSettings, forward_only
+    from popo_megatron.algo.step import LogprobSettings, forward_only
 
     tokens, mask = pack_rows(prompts, responses)
     batch = PolicyBatch(tokens, mask, torch.zeros(len(prompts)), torch.zeros(len(prompts), dtype=torch.bool))
-    settings = LossSettings.from_config(cfg, args.vocab_size, temperature=TEMPERATURE)
+    settings = LogprobSettings(args.vocab_size, TEMPERATURE, cfg.loss.logprob_chunk_tokens)
     outputs = forward_only(model, [batch], settings)
     if not parallel_state.is_pipeline_last_stage():
         return None

@@ -67,7 +67,7 @@ def _vllm_worker(hf: str, out: str) -> None:
     from transformers import AutoTokenizer
 
     from popo_megatron.algo.batch import PolicyBatch, pack_rows
-    from popo_megatron.algo.step import LossSettings, forward_only
+    from popo_megatron.algo.step import LogprobSettings, forward_only
     from popo_megatron.data.prompts import render_prompt
     from popo_megatron.rollout.engine import SamplingSettings
     from popo_megatron.rollout.vllm_engine import vllm_engine
@@ -94,7 +94,7 @@ def _vllm_worker(hf: str, out: str) -> None:
                 assert len(r.token_ids) == MAX_TOKENS and tokenizer.eos_token_id not in r.token_ids
         tokens, mask = pack_rows([p for p in prompts for _ in range(sampling.n)], [r.token_ids for r in responses])
         batch = PolicyBatch(tokens, mask, torch.zeros(len(responses)), torch.zeros(len(responses), dtype=torch.bool))
-        settings = LossSettings.from_config(cfg, args.vocab_size, temperature=TEMPERATURE)
+        settings = LogprobSettings(args.vocab_size, TEMPERATURE, cfg.loss.logprob_chunk_tokens)
         trainer = forward_only(model, [batch], settings)[0].logprobs[mask]
         served = torch.tensor([lp for r in responses for lp in r.logprobs])
         texts = [tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in responses]
