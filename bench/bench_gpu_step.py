@@ -5,7 +5,7 @@ One rank, the local (torch) layer spec, random bf16 weights, micro-batches of `-
 `--seq` tokens. Forward and backward through Megatron's schedule (`model.forward.forward_logits` with a
 scalar loss) after a warm-up, timed with the device synchronised; tokens/s, and MFU against `--peak-tflops`
 (the H200's dense bf16 peak by default) from the usual count of 6 x parameters + 12 x layers x hidden x
-sequence FLOPs per token. The twin (fp32, `popo.twin`): one EMA update and one swap in and out, each as
+sequence FLOPs per token. The EMA target (fp32, `popo.target`): one EMA update and one swap in and out, each as
 GB/s of the twin's bytes, next to a copy of a buffer of the same size on the same device (the floor, with
 its own GB/s). Writes OUT/gpu_step.json and prints a table.
 

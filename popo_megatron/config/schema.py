@@ -54,11 +54,11 @@ class AmaxComputeAlgo(str, Enum):
 class FP8Config:
     """Transformer Engine FP8 settings (GPU only; rejected on a machine without CUDA)."""
 
-    enabled: bool = False
-    format: FP8Format = FP8Format.hybrid
-    recipe: FP8Recipe = FP8Recipe.delayed
-    margin: int = 0
-    amax_history_len: int = 1024
+    enabled: bool = False  # FP8 compute in the linear layers
+    format: FP8Format = FP8Format.hybrid  # the FP8 formats of the forward and the backward
+    recipe: FP8Recipe = FP8Recipe.delayed  # Transformer Engine's scaling recipe
+    margin: int = 0  # the scaling factor's margin (powers of 2)
+    amax_history_len: int = 1024  # steps of amax history (delayed scaling)
     amax_compute_algo: AmaxComputeAlgo = AmaxComputeAlgo.max  # delayed scaling only
     fp8_weights: bool = False  # keep the parameters themselves in FP8 (TE fp8_model_init)
 
@@ -67,11 +67,11 @@ class FP8Config:
 class ModelConfig:
     # A Hugging Face checkpoint directory: config.json plus *.safetensors (sharded or not).
     hf_path: str = "???"
-    params_dtype: ParamsDtype = ParamsDtype.float32
+    params_dtype: ParamsDtype = ParamsDtype.float32  # the parameters' dtype (bf16 on GPU; fp32 on CPU)
     # The vocabulary is padded to a multiple of lcm(this, TP) so that the padded
     # size does not change with TP whenever TP divides it (checkpoints reshard freely).
     make_vocab_size_divisible_by: int = 128
-    spec: LayerSpec = LayerSpec.auto
+    spec: LayerSpec = LayerSpec.auto  # the layer implementation
     fp8: FP8Config = field(default_factory=FP8Config)
     # Run the checkpoint's own tokenizer code (never by default; only config.json is read for the model).
     trust_remote_code: bool = False
@@ -79,9 +79,9 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    sequence_parallel: bool = False
+    tensor_model_parallel_size: int = 1  # TP: each layer's weights split over this many ranks
+    pipeline_model_parallel_size: int = 1  # PP: the layers split into this many stages
+    sequence_parallel: bool = False  # split the activations outside attention and MLP along the sequence (needs TP > 1)
 
 
 # --- The algorithm (docs/algorithm.md). `algorithm` picks the objective (popo_megatron/objectives/); each
@@ -116,7 +116,7 @@ class LossConfig:
     # update, or the engine's sampled-token log-probs (saves the forward; their mismatch is logged).
     old_logprobs: OldLogprobs = OldLogprobs.trainer
     rollout_correction: RolloutCorrection = RolloutCorrection.none  # the engine's mismatch, corrected
-    tis_cap: float = 2.0
+    tis_cap: float = 2.0  # the TIS weight's cap
 
 
 # --- POPO. The defaults are the authors' (momo1443/colm2026-POPO, configs/popo/default.yaml); the
@@ -173,8 +173,8 @@ class PredictorConfig:
     and out, Xavier-uniform weights and zero biases at init, trained with the policy (its optimiser settings,
     LR schedule and gradient clip)."""
 
-    hidden: int = 1024
-    layers: int = 2
+    hidden: int = 1024  # the hidden layers' width
+    layers: int = 2  # the number of Linear layers (at least 2)
     noise_std: float = 0.02  # Gaussian noise added to the EMA target's features (the loss only)
     lr: Optional[float] = None  # null: the policy's learning rate (the paper)
 
@@ -195,7 +195,7 @@ class AdaptiveMomentumConfig:
     max_log_step: float = 0.2
     # Bounds: m_min = 0.9 keeps the target at least a 10-step average; m_max = 0.9999 a 10^4-step one.
     m_min: float = 0.9
-    m_max: float = 0.9999
+    m_max: float = 0.9999  # the momentum's upper bound
 
 
 @dataclass
@@ -204,27 +204,28 @@ class TargetConfig:
     exists when the similarity term is on (alpha > 0, or the adaptive alpha)."""
 
     tau: float = 0.995  # the momentum (constant), the start (cosine, adaptive)
-    dtype: TwinDtype = TwinDtype.float32
+    dtype: TwinDtype = TwinDtype.float32  # the target's dtype (bf16 halves its memory; the EMA blends in fp32)
     # Keep the target in host memory (pinned on CUDA); it visits the device in pieces.
     cpu_offload: bool = False
     # Log the k3 KL between the target and the policy every this many steps (monitoring only; 0: never).
     kl_every: int = 10
+    # The momentum's schedule: constant (the paper), cosine (BYOL), adaptive (ours).
     schedule: MomentumSchedule = MomentumSchedule.constant
     adaptive: AdaptiveMomentumConfig = field(default_factory=AdaptiveMomentumConfig)
 
 
 @dataclass
 class ISBoundConfig:
-    mode: ISBoundMode = ISBoundMode.none
-    eps_high: float = CLIP_HIGH
-    truncate_c: float = 2.0
+    mode: ISBoundMode = ISBoundMode.none  # the policy term: the weighted NLL (the paper) or a bounded ratio (ours)
+    eps_high: float = CLIP_HIGH  # clip: the ratio's upper bound 1 + eps_high
+    truncate_c: float = 2.0  # truncate: the ratio's cap
 
 
 @dataclass
 class PerTokenConfig:
     """similarity=per_token (ours)."""
 
-    predictor: PerTokenPredictor = PerTokenPredictor.identity
+    predictor: PerTokenPredictor = PerTokenPredictor.identity  # the head on the online side
     # Adam's learning rate of the linear predictor (it follows the policy's LR schedule and is clipped with
     # its gradients). The head starts at the identity: at the policy's rate (1e-6) it would stay there.
     predictor_lr: float = 1.0e-4
@@ -236,7 +237,7 @@ class AdaptiveAlphaConfig:
     alpha <- clamp(alpha exp(clamp(kappa (d / d_target - 1), -max_log_step, max_log_step)), alpha_min,
     alpha_max)."""
 
-    enabled: bool = False
+    enabled: bool = False  # adapt alpha towards the drift target
     kappa: float = 0.1  # the same gain as the target law's, for the same reason
     max_log_step: float = 0.2  # PPO clips the controller's error to +-0.2 per update
     alpha_min: float = 1.0e-3  # > 0: a multiplicative law cannot leave 0
@@ -248,7 +249,7 @@ class PopoConfig:
     """POPO: L = L_NLL + alpha L_sim + beta_ent L_ent over each group's positives (docs/algorithm.md)."""
 
     # --- the paper's POPO (the authors' defaults)
-    weights: PopoWeights = PopoWeights.softmax
+    weights: PopoWeights = PopoWeights.softmax  # w_i over each group's positives
     weight_temperature: float = 1.0  # T_w of the softmax weights
     length_normalize: bool = False  # w_i / |o_i|, renormalised over the group's positives
     reward_threshold: float = 0.0  # tau_r: a rollout is positive when its reward is above it
@@ -258,9 +259,9 @@ class PopoConfig:
     target: TargetConfig = field(default_factory=TargetConfig)
     low_entropy_warning: float = 0.5  # a console warning when the step's mean entropy falls below it (0: off)
     # --- what this project adds
-    normalizer: PopoNormalizer = PopoNormalizer.positive_tokens
+    normalizer: PopoNormalizer = PopoNormalizer.positive_tokens  # what the policy term is divided by
     is_bound: ISBoundConfig = field(default_factory=ISBoundConfig)
-    similarity: SimilarityForm = SimilarityForm.pooled
+    similarity: SimilarityForm = SimilarityForm.pooled  # the form of the similarity term
     per_token: PerTokenConfig = field(default_factory=PerTokenConfig)
     adaptive_alpha: AdaptiveAlphaConfig = field(default_factory=AdaptiveAlphaConfig)
 
@@ -283,11 +284,11 @@ class GrpoConfig:
     authors' baseline (TRL, loss_type grpo): eps_high=0.2, kl_beta=0.01, advantage_std=sample,
     aggregation=sequence_mean (examples/tiny_cpu_grpo_trl.yaml)."""
 
-    eps_low: float = 0.2
+    eps_low: float = 0.2  # the ratio's lower clip 1 - eps_low
     eps_high: float = CLIP_HIGH  # DAPO's clip-higher, the same bound POPO's clip uses
     kl_beta: float = 0.0  # > 0: k3 KL to the frozen initial policy (a reference forward per step)
     advantage_std: AdvantageStd = AdvantageStd.population  # advantages (r - mean) / (std + eps)
-    aggregation: GrpoAggregation = GrpoAggregation.token_mean
+    aggregation: GrpoAggregation = GrpoAggregation.token_mean  # how the per-token losses become the loss
 
 
 class LRDecayStyle(str, Enum):
@@ -298,15 +299,15 @@ class LRDecayStyle(str, Enum):
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-6
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
+    lr: float = 1e-6  # the peak learning rate (AdamW)
+    weight_decay: float = 0.01  # decoupled weight decay
+    adam_beta1: float = 0.9  # Adam's first-moment decay
+    adam_beta2: float = 0.999  # Adam's second-moment decay
+    adam_eps: float = 1e-8  # Adam's epsilon
     clip_grad: float = 1.0  # global gradient-norm clip; 0 switches it off
     lr_warmup_steps: int = 0  # optimiser steps of linear warm-up
     lr_decay_style: LRDecayStyle = LRDecayStyle.constant  # over the run's optimiser steps, down to min_lr
-    min_lr: float = 0.0
+    min_lr: float = 0.0  # the rate the decay ends at
     # ZeRO-1: optimiser state (and the twin) sliced across data-parallel ranks.
     use_distributed_optimizer: bool = True
     # Parameters per gradient-reduction bucket (Megatron DDP); None: one bucket per dtype.
@@ -323,9 +324,9 @@ class SyntheticConfig:
     """The arithmetic task (popo_megatron.data.synthetic): every problem of the operand range, split into
     `synthetic` (train) and `synthetic:heldout`; its difficulty is the operand range and count."""
 
-    min_operand: int = 0
+    min_operand: int = 0  # the smallest operand
     max_operand: int = 19  # operands 0..19: 400 problems (330 train, 70 held out)
-    operands: int = 2
+    operands: int = 2  # operands per problem
     operations: str = "+"  # any of "+-*"
     size: int = 0  # at most this many problems per split (a fixed shuffled order); 0: all
     seed: int = 0  # that order
@@ -336,27 +337,28 @@ class DataConfig:
     # A bundled set (synthetic, math_train_slice, math500) or a .jsonl / .parquet file.
     train: str = "synthetic"
     # Field names; None: the first present of problem/question, answer, solution (answer in its \boxed{}).
-    problem_key: Optional[str] = None
-    answer_key: Optional[str] = None
-    solution_key: Optional[str] = None
-    on_malformed: OnMalformed = OnMalformed.error
+    problem_key: Optional[str] = None  # the problem's field
+    answer_key: Optional[str] = None  # the answer's field
+    solution_key: Optional[str] = None  # the solution's field (its last \boxed{} is the answer)
+    on_malformed: OnMalformed = OnMalformed.error  # what a malformed data row does
     # "{problem}" is replaced by the problem; None: the tokenizer's chat template (with `instruction`),
     # or the bare problem when the tokenizer has none.
     prompt_template: Optional[str] = None
+    # The user message's instruction after the problem (chat template).
     instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."
-    shuffle_seed: int = 0
+    shuffle_seed: int = 0  # the prompt order: reshuffled each epoch from (this, epoch)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     # DAPO's dynamic sampling: drop groups without a learning signal (POPO: no positive; GRPO: all
     # rewards equal) and sample more prompts until the step has prompts_per_step groups, at most
     # dynamic_sampling_max_rounds generation rounds.
     dynamic_sampling: bool = False
-    dynamic_sampling_max_rounds: int = 4
+    dynamic_sampling_max_rounds: int = 4  # at most this many generation rounds per step
 
 
 @dataclass
 class RolloutConfig:
     n: int = 8  # responses per prompt: the group size G
-    temperature: float = 1.0
+    temperature: float = 1.0  # the sampling temperature (the loss divides the logits by it too)
     # Truncated sampling. The engine's log-probs are then renormalised over the kept tokens, the trainer's
     # are not: a config that puts rollout log-probs into a ratio with them is rejected (config/validate.py).
     top_p: float = 1.0
@@ -371,11 +373,11 @@ class RolloutConfig:
     # The scheduler's limits per engine step (None: vLLM's defaults; on CPU 256 sequences and 4096 tokens).
     # Higher limits run a step's rollouts in fewer engine steps; the KV cache must hold max_num_seqs
     # sequences for the limit to take effect.
-    max_num_seqs: Optional[int] = None
-    max_num_batched_tokens: Optional[int] = None
+    max_num_seqs: Optional[int] = None  # sequences per engine step
+    max_num_batched_tokens: Optional[int] = None  # tokens per engine step
     enforce_eager: bool = False  # GPU: no CUDA graphs (CPU engines are always eager)
     sleep_level: int = 1  # GPU: 1 offloads weights and drops the KV cache while training; 2 drops both
-    seed: int = 0
+    seed: int = 0  # the engine's seed (each prompt is sampled with its own seed from the run's)
 
 
 @dataclass
@@ -394,7 +396,7 @@ class RewardConfig:
 
 @dataclass
 class TrainConfig:
-    output_dir: str = "outputs/popo"
+    output_dir: str = "outputs/popo"  # where the run writes everything (docs/training.md: the run directory)
     steps: int = 50  # rollout steps
     prompts_per_step: int = 16  # prompts per step over all ranks; each gets rollout.n responses
     mini_batches: int = 1  # optimiser steps per rollout step
@@ -435,6 +437,7 @@ class RunConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # The objective: popo (docs/algorithm.md) or grpo, the baseline, from the same trainer.
     algorithm: Algorithm = Algorithm.popo
     popo: PopoConfig = field(default_factory=PopoConfig)
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
@@ -445,4 +448,4 @@ class RunConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    seed: int = 1234
+    seed: int = 1234  # the run's random streams: rollout seeds, a generated model, the predictor's init, the noise
