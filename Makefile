@@ -1,7 +1,7 @@
 # One entry point per job. Each target sets up .venv first (fast when nothing changed).
 PY := .venv/bin/python
 
-.PHONY: setup setup-system demo parity test lint bench
+.PHONY: setup setup-system demo parity test test-fast lint bench
 
 setup:
 	bash scripts/setup.sh
@@ -21,6 +21,12 @@ parity: setup
 
 test: setup setup-system
 	$(PY) -m pytest tests
+
+# The edit loop: the tests that run in one process (no torchrun world, no popo train), a few minutes.
+FAST_TESTS := architecture batching config convert_errors data docs drift_control dynamic_sampling examples \
+	literal_answers losses mapping optimizer_state resume_plan signals word_problems
+test-fast: setup
+	$(PY) -m pytest $(foreach t,$(FAST_TESTS),tests/test_$(t).py)
 
 lint: setup
 	$(PY) -m ruff check popo_megatron tests bench tools

@@ -13,7 +13,7 @@ every rank receives every tensor (each TP rank's row of a bucket is broadcast
 to the matching TP rank of the other stages, then every stage all-gathers the
 rows in its TP group), as the colocated vLLM rank needs full HF tensors to cut
 its own shard. Per-GPU memory is the
-formula of slurm/README.md (bf16 weights and fp32 gradients over TP x PP; the
+formula of docs/slurm.md (bf16 weights and fp32 gradients over TP x PP; the
 distributed optimiser's fp32 master and Adam moments and the fp32 twin also
 over DP) plus the vLLM rank's bf16 weights over its TP; activations and the KV
 cache come on top.

@@ -18,6 +18,7 @@ LAYERS = [
     ["model"],
     ["weights"],
     ["data", "reward", "rollout", "algo"],
+    ["objectives"],
     ["config.validate"],
     ["checkpoint", "convert", "evaluate"],
     ["trainer", "parity"],
