@@ -362,3 +362,20 @@ def test_similarity_penalty_stops_the_gradient_at_the_twin():
     without_detach = torch.nn.functional.cosine_similarity(online, twin_source * 1.5, dim=-1)
     torch.where(mask, 1.0 - without_detach, 0.0).sum().backward()
     assert twin_source.grad is not None and twin_source.grad.abs().max() > 0, "the check could not fail"
+
+
+def test_target_noise_has_its_std_and_is_reproducible_from_the_seed():
+    """The paper's eps ~ N(0, sigma^2) on the EMA target's features: drawn per rollout from (seed, optimiser
+    step, the rollout's index in the step), so the same at every layout and in a resumed run."""
+    from popo_megatron.objectives.popo import target_noise
+
+    rows = torch.arange(64)
+    noise = target_noise(rows, 512, 0.02, seed=1234, update=7)
+    assert noise.shape == (64, 512)
+    assert noise.std().item() == pytest.approx(0.02, rel=0.02) and abs(noise.mean().item()) < 1e-3
+    assert torch.equal(noise, target_noise(rows, 512, 0.02, seed=1234, update=7)), "reproducible"
+    # A row's noise does not depend on which other rows are drawn with it (another deal, another layout).
+    assert torch.equal(target_noise(torch.tensor([5, 40]), 512, 0.02, 1234, 7), noise[[5, 40]])
+    assert not torch.equal(target_noise(rows, 512, 0.02, seed=1234, update=8), noise), "a new draw each step"
+    assert not torch.equal(target_noise(rows, 512, 0.02, seed=1, update=7), noise), "and per seed"
+    assert torch.all(target_noise(rows, 8, 0.0, 1234, 7) == 0)

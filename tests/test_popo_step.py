@@ -40,6 +40,8 @@ CASES = {
         ["popo.predictor.noise_std=0", "popo.predictor.hidden=24", "popo.alpha=0.5", "popo.beta_ent=0.05"],
         False,
     ),
+    # The same with the noise on: drawn per rollout from the seed, so every layout sees the same noise.
+    "popo_noise": (["popo.predictor.noise_std=0.3", "popo.predictor.hidden=24", "popo.alpha=0.5"], False),
     # The paper's options and our normaliser: uniform weights divided by length, a 3-layer predictor,
     # positives only (no entropy bonus), every rollout's tokens as the normaliser.
     "popo_options": (
@@ -223,6 +225,13 @@ def _hf_reference(hf: Path, cfg, stale: bool, tokens, mask, rewards: torch.Tenso
         if popo.similarity == "pooled":
             head = _reference_predictor(out.hidden_states[-1].shape[-1], cfg, cfg.seed)
             z, target = pooled(out.hidden_states[-1]), pooled(w0_out.hidden_states[-1])
+            if popo.predictor.noise_std > 0:  # the same draw the run makes: seed, optimiser step 0, the row
+                from popo_megatron.objectives.popo import target_noise
+
+                noise = target_noise(
+                    torch.arange(len(weights)), target.shape[-1], popo.predictor.noise_std, cfg.seed, 0
+                )
+                target = target + torch.where((weights > 0)[:, None], noise, 0.0)
             cos = F.cosine_similarity(head(z), target, dim=-1)
             sim = -(torch.where(weights > 0, weights * cos, 0.0)).sum() / weights.sum()
         else:
