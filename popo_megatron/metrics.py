@@ -129,6 +129,7 @@ POPO_KL = _declare(
         f"{_TARGET}, every popo.target.kl_every steps",
     )
 )
+POPO_POLICY_SCALE = _declare(Metric("popo/policy_scale", Reduce.mean, _LAST, None, ("popo",), "an update"))
 POPO_WEIGHT = _declare(Metric("popo/weight", Reduce.mean, _LAST, None, ("popo",), "an update"), True)
 POPO_RATIO = _declare(
     Metric("popo/ratio", Reduce.mean, _LAST, "ratio_mean", ("popo",), "an update with popo.is_bound.mode != none"),

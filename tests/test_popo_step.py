@@ -245,8 +245,7 @@ def _hf_reference(hf: Path, cfg, stale: bool, tokens, mask, rewards: torch.Tenso
                 h = head(h)
             sim_mask = mask & (rewards.reshape(-1) > 0)[:, None]
             distance = 1 - F.cosine_similarity(h, w0_out.hidden_states[-1], dim=-1)
-            count = lengths.sum() if popo.normalizer == "all_tokens" else sim_mask.sum()
-            sim = torch.where(sim_mask, distance, 0.0).sum() / count
+            sim = torch.where(sim_mask, distance, 0.0).sum() / sim_mask.sum()
         loss = policy + popo.alpha * sim + popo.beta_ent * ent
         kl_x = torch.where(ent_mask, target_logprobs(w0_out.logits) - lp.detach(), 0.0)
         result.update(

@@ -95,7 +95,7 @@ class PopoContext(MiniContext):
     positive_tokens: float = 0.0  # N+: response tokens of the rows with w > 0
     weight_sum: float = 0.0  # sum_i w_i
     entropy_tokens: float = 0.0  # response tokens of every row forwarded (the entropy's mean)
-    similarity_norm: float = 0.0  # per_token similarity: its token count
+    similarity_norm: float = 0.0  # per_token similarity: its token count (the positives' response tokens)
     target_features: torch.Tensor | None = None  # [mini rows, H] pooled target features (0 where w = 0)
     noisy_target: torch.Tensor | None = None  # the same plus the noise (what L_sim compares with)
     target_hidden: list[torch.Tensor] = field(default_factory=list)  # per micro-batch (per_token)
@@ -220,9 +220,6 @@ class PopoObjective(Objective):
             PopoNormalizer.weighted_tokens: weighted_tokens,
             PopoNormalizer.all_tokens: tokens,
         }[self.cfg.normalizer]
-        # The per-token similarity is divided by the same token count as the policy term (all_tokens: every
-        # rollout's; otherwise the positives'), so the two keep their relative weight alpha.
-        all_tokens = self.cfg.normalizer == PopoNormalizer.all_tokens
         per_token_learns = not self.pooled and self.target is not None and similarity_tokens > 0
         context = PopoContext(
             learns=positive_tokens > 0 or per_token_learns,
@@ -232,7 +229,7 @@ class PopoObjective(Objective):
             positive_tokens=positive_tokens,
             weight_sum=weight_sum,
             entropy_tokens=entropy_tokens,
-            similarity_norm=tokens if all_tokens else similarity_tokens,
+            similarity_norm=similarity_tokens,
         )
         if self.target is not None and context.learns:
             self._target_forward(mini, forwards, update, context)
@@ -297,6 +294,10 @@ class PopoObjective(Objective):
         else:
             policy_sum = nll_sum
         policy = policy_sum / safe_denominator(context.policy_norm)
+        # Each term is a mean over its own support (the paper's convention); a normaliser other than N+ scales
+        # the policy term against the others by this factor, reported so that the scale is never silent.
+        scale = context.positive_tokens / safe_denominator(context.policy_norm)
+        add_loss_share(metrics, m.POPO_POLICY_SCALE, torch.tensor(scale, dtype=torch.float64), context)
         loss = policy
         if self.target is not None:
             similarity = self._similarity(index, mb, hidden, context, metrics)

@@ -66,9 +66,7 @@ def train(cfg: DictConfig) -> RunSummary:
         clear_run_state(Path(cfg.train.output_dir))
     heldout = HeldoutEvaluator(cfg) if cfg.eval.data else None  # its data loads (or fails) before the engine starts
     recipe = Recipe(cfg).setup()
-    logbook = Logbook(
-        cfg.train.output_dir, cfg.train.steps, recipe.step, rank0, recipe.objective.low_entropy_warning
-    )
+    logbook = Logbook(cfg.train.output_dir, cfg.train.steps, recipe.step, rank0, recipe.objective.low_entropy_warning)
     rewards = []
     stopped_by = None
     try:
