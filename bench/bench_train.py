@@ -117,18 +117,23 @@ def overrides_of(variant: str) -> list[str]:
     return [*METHODS[method], *extra]
 
 
+def run_command(example: Path, overrides: list[str]) -> float:
+    """`popo train EXAMPLE OVERRIDES...` in its own process; its wall seconds (raises with its log's tail)."""
+    command = [sys.executable, "-m", "popo_megatron", "train", str(example), *overrides]
+    start = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
 def run(
     example: Path, variant: str, seed: int, steps: int, out: Path, extra: tuple[str, ...] = ()
 ) -> tuple[list[dict], list[dict], float]:
     """(metrics records, held-out evaluations, wall seconds) of one run (`extra`: more overrides)."""
-    command = [sys.executable, "-m", "popo_megatron", "train", str(example), *overrides_of(variant), *extra]
-    command += [f"seed={seed}", f"train.steps={steps}", f"train.output_dir={out}", "train.checkpoint_every=0"]
-    command.append("train.save_rollouts=true")  # what was rewarded: summarise() keeps examples of it
-    start = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(command)} failed:\n{proc.stderr[-3000:]}")
+    overrides = [*overrides_of(variant), *extra, f"seed={seed}", f"train.steps={steps}", f"train.output_dir={out}"]
+    # train.save_rollouts: what was rewarded, of which summarise() keeps examples
+    seconds = run_command(example, [*overrides, "train.checkpoint_every=0", "train.save_rollouts=true"])
     return read_metrics(out / "metrics.jsonl"), read_metrics(out / EVAL_JSONL), seconds
 
 

@@ -80,6 +80,8 @@ def test_evaluate_a_checkpoint(tmp_path):
         last = [re.findall(r"-?\d+", text) for text in record["responses"]]
         regraded.append(sum(bool(n) and n[-1] == record["answer"] for n in last))
         assert regraded[-1] == record["correct"], record
+        # What the grader read from each response: its last number, kept for the reader.
+        assert record["extracted"] == [n[-1] if n else None for n in last], record
     assert result["avg_at_k"] == pytest.approx(sum(regraded) / (K * len(records)))
     assert result["pass_at_k"] == pytest.approx(sum(c > 0 for c in regraded) / len(records))
     assert sum(result["reasons"].values()) == K * len(records)

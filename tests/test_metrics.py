@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from run_helpers import records
 
+from popo_megatron.config import load_config
 from popo_megatron.metrics import METRICS, SKIPPED_UPDATES, Reduce
 
 ROOT = Path(__file__).parents[1]
@@ -145,8 +146,13 @@ def _check_rollout_records(out: Path, history: list[dict], algorithm: str, respo
             else:
                 expected = _grpo_advantages([r["reward"] for r in mine])
                 assert values == pytest.approx(expected, abs=1e-5), f"step {record['step']} group {group}"
-            # POPO with its entropy bonus trains on every rollout; GRPO without KL on those with an advantage.
-            carries = [True] * group_size if algorithm == "popo" else [v != 0 for v in values]
+            # POPO with its entropy bonus trains on every rollout (else on its positives); GRPO without KL on
+            # those with an advantage.
+            if algorithm == "popo":
+                entropy_bonus = load_config(EXAMPLES / "tiny_cpu.yaml").popo.beta_ent > 0
+                carries = [entropy_bonus or r["reward"] > 0 for r in mine]
+            else:
+                carries = [v != 0 for v in values]
             trained_tokens += sum(len(r["response_ids"]) for r, c in zip(mine, carries, strict=True) if c)
         assert trained_tokens == record["trained_tokens"], "the rows trained on are the records' with a gradient"
         if algorithm == "popo" and record["positive_frac"] > 0:  # the weights the loss reported
