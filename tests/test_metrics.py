@@ -174,6 +174,7 @@ def test_popo_steps_produce_every_documented_metric(tmp_path):
         "loss.old_logprobs=trainer",
         "loss.rollout_correction=tis",
         "popo.is_bound.mode=clip",  # the ratio's metrics (an extension's)
+        "popo.target.kl_every=1",  # the KL to the target at every optimiser step
         "train.save_rollouts=true",
         *heldout,
     )

@@ -27,6 +27,8 @@ def step_record(step: int, metrics: dict[str, float], values: dict[str, float], 
             if algorithm in metric.algorithms or metric.jsonl not in record:
                 record[metric.jsonl] = metrics.get(metric.name, float("nan"))
     record.update(values)
+    for column in STEP_VALUES:  # another objective's values (GRPO has no EMA target)
+        record.setdefault(column, float("nan"))
     record["all"] = metrics
     return record
 
