@@ -55,14 +55,15 @@ def _check_engine_serves_trainer_weights(state, step: int) -> None:
     from popo_megatron.rollout.engine import SamplingSettings
 
     prompts = [[3, 12, 4, 15], [5, 13, 2, 15]]
-    sampling = SamplingSettings(n=3, temperature=state.settings.temperature, top_p=1.0, max_tokens=4, top_k=0)
+    settings = state.forwards.settings
+    sampling = SamplingSettings(n=3, temperature=settings.temperature, top_p=1.0, max_tokens=4, top_k=0)
     generation = state.engine.generate(prompts, sampling, seed=77)
     rows_p = [p for p, g in zip(prompts, generation.responses, strict=True) for _ in g]
     rows_r = [r.token_ids for g in generation.responses for r in g]
     served = torch.tensor([lp for g in generation.responses for r in g for lp in r.logprobs])
     tokens, mask = pack_rows(rows_p, rows_r)
     batch = PolicyBatch(tokens, mask, torch.zeros(len(rows_p)), torch.zeros(len(rows_p), dtype=torch.bool))
-    outputs = forward_only(state.ddp, [batch], state.settings)
+    outputs = forward_only(state.ddp, [batch], settings)
     if parallel_state.is_pipeline_last_stage():
         diff = (outputs[0].logprobs[mask] - served).abs().max().item()
         assert diff < LOGPROB_TOLERANCE, f"after step {step}: vLLM serves other weights than the trainer's ({diff})"
@@ -228,6 +229,7 @@ def test_linear_predictor_learns_at_its_own_rate(arith_model, tmp_path):
     popo.per_token.predictor_lr (1e-4) it really moves."""
     out = tmp_path / "predictor"
     per_token = ["popo.similarity=per_token", "popo.per_token.predictor=linear", "optim.lr=1e-6"]
+    per_token.append("optim.lr_warmup_steps=0")  # the peak rate from the first step
     _finish(_popo_train(out, arith_model, *per_token, "train.steps=10"), out)
     tensors = checkpoint_tensors(out / "checkpoints" / "step_000010")
     weight = tensors["predictor.linear.weight"]
@@ -292,7 +294,7 @@ def _popo_train_now(out: Path, model: Path, *overrides: str) -> subprocess.Compl
 
 def test_resume_says_what_changed_and_refuses_what_it_cannot_continue(arith_model, tmp_path):
     out = tmp_path / "run"
-    base = ["train.checkpoint_every=0", "optim.lr_decay_style=constant", *SMALL]
+    base = ["train.checkpoint_every=0", "optim.lr_decay_style=constant", "optim.lr_warmup_steps=0", *SMALL]
     _finish(_popo_train(out, arith_model, "train.steps=1", *base), out)
 
     again = _popo_train_now(out, arith_model, *base, "train.steps=1")

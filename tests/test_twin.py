@@ -178,8 +178,10 @@ def _save_trained_predictors(hidden_size: int, out: Path) -> None:
     for name, head in _heads(hidden_size).items():
         optimizer = build_head_optimizer(head, 0.01, optim)
         start = [p.detach().clone() for p in head.parameters()]
-        # Each TP rank its own inputs (the linear head under SP sees its slice of the sequence: summed).
-        h = torch.randn(6, hidden_size, generator=torch.Generator().manual_seed(torch.distributed.get_rank()))
+        # The linear head under SP sees its rank's slice of the sequence (summed over TP); the MLP reads pooled
+        # features, the same on every TP rank.
+        seed = torch.distributed.get_rank() if head.tp_partial else 0
+        h = torch.randn(6, hidden_size, generator=torch.Generator().manual_seed(seed))
         head(h).square().sum().backward()
         head.finish_grad_sync()
         optimizer.step()
@@ -187,7 +189,8 @@ def _save_trained_predictors(hidden_size: int, out: Path) -> None:
         (out / name).mkdir(parents=True, exist_ok=True)
         dist_checkpointing.save(head.sharded_state_dict(), str(out / name))
         expected[name] = {k: v.detach() for k, v in head.state_dict().items()}
-    torch.save(expected, out.parent / "predictor_expected.pt")
+    if torch.distributed.get_rank() == 0:
+        torch.save(expected, out.parent / "predictor_expected.pt")
 
 
 def _reload_worker(hf: str, out: str) -> None:

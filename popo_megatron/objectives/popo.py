@@ -249,12 +249,11 @@ class PopoObjective(Objective):
                     mini, 1, logprobs=kl_step, hidden=not self.pooled, pooled=self.pooled
                 )
                 pooled = torch.cat([o.pooled for o in outputs]) if outputs and self.pooled else None
-            else:  # only the rows whose features the loss reads
-                pooled = forwards.rows(mini[active], pooled=True).pooled
-                if pooled is not None:
-                    full = torch.zeros(mini.size, pooled.shape[-1], dtype=pooled.dtype, device=pooled.device)
-                    full[active.to(pooled.device)] = pooled
-                    pooled = full
+            else:  # only the rows whose features the loss reads (maybe none on this data-parallel rank)
+                read = forwards.rows(mini[active], pooled=True).pooled
+                pooled = torch.zeros(mini.size, self.context.hidden_size, device=_device())
+                if read is not None:
+                    pooled[active.to(pooled.device)] = read.to(pooled.device)
         if not parallel_state.is_pipeline_last_stage():
             return
         if kl_step:
