@@ -166,15 +166,19 @@ def _check_the_target_follows_the_papers_law(history: list[dict]) -> None:
     assert all(0 <= r["drift"] <= 2 for r in history if math.isfinite(r["drift"]))
 
 
-# The main job takes 4.5 min on a 2-core CI machine, and took 10.5-11 min on their slow days: the limits
-# catch a hang, not a slow machine.
+# The main job's schedule cut to the steps where its held-out curve rises (250 of 450: 0.739 at the end
+# with this seed, bench/results/main_job_length.json), the warm-up its 10%. About 4 min on a 2-core
+# machine; the limits catch a hang, not a slow machine.
+MAIN_JOB_TEST = ["train.steps=250", "optim.lr_warmup_steps=50", "train.checkpoint_every=0"]
+
+
 @pytest.mark.timeout(1800)
 def test_main_job_learns_and_its_target_follows_the_papers_law(arith_model, tmp_path):
-    """The embedded default as configured (the demo's seed and model): on problems it never trained on, the
-    policy beats the best prompt-blind answer by a wide margin, in the run's own evaluation and in
-    `popo eval` of the exported checkpoint (another process, another engine, other seeds)."""
+    """The embedded default (the demo's seed, model and settings, on a shorter schedule): on problems it never
+    trained on, the policy beats the best prompt-blind answer by a wide margin, in the run's own evaluation
+    and in `popo eval` of the exported checkpoint (another process, another engine, other seeds)."""
     out = tmp_path / "learn"
-    _finish(_popo_train(out, arith_model, "train.checkpoint_every=0"), out, timeout=1500)
+    _finish(_popo_train(out, arith_model, *MAIN_JOB_TEST), out, timeout=1500)
     history = records(out)
     steps = len(history)
     assert [r["step"] for r in history] == list(range(1, steps + 1)) and steps >= 100
@@ -207,12 +211,19 @@ def test_main_job_learns_and_its_target_follows_the_papers_law(arith_model, tmp_
 @pytest.mark.parametrize("tp", [1, 2], ids=["tp1", "tp2"])
 def test_first_mini_batch_ratio_is_exactly_one(arith_model, tmp_path, tp):
     """The old log-probs come from a forward with the training forward's micro-batch shapes: with one
-    mini-batch per step every ratio is exactly 1, not 1 up to kernel noise (several micro-batches per step)."""
+    mini-batch per step every ratio is exactly 1, not 1 up to kernel noise (several micro-batches per step).
+    TP=1 also trains the per-token similarity's linear predictor (an extension): it starts at the identity,
+    and at the policy's rate of the 7B example (1e-7) its weights could move by 1e-6 at most in these updates; at
+    popo.per_token.predictor_lr (1e-4) it really moves."""
     out = tmp_path / f"ratio_tp{tp}"
-    overrides = ["train.steps=3", "train.mini_batches=1", "train.micro_batch_size=2", "train.checkpoint_every=0"]
+    overrides = ["train.steps=4", "train.mini_batches=1", "train.micro_batch_size=2", "optim.lr_warmup_steps=0"]
     # The bounded ratio (an extension: the paper has none) against the trainer's pi_old (the main job takes
     # the engine's).
     overrides += ["popo.is_bound.mode=clip", "loss.old_logprobs=trainer"]
+    if tp == 1:
+        overrides += ["popo.similarity=per_token", "popo.per_token.predictor=linear", "train.checkpoint_every=4"]
+    else:
+        overrides.append("train.checkpoint_every=0")
     _finish(
         _popo_train(out, arith_model, f"parallel.tensor_model_parallel_size={tp}", *overrides, *SMALL[:2], *EASY), out
     )
@@ -221,20 +232,11 @@ def test_first_mini_batch_ratio_is_exactly_one(arith_model, tmp_path, tp):
     for r in measured:
         assert r["ratio_max"] == 1.0 and r["all"]["popo/ratio_min"] == 1.0, r["step"]
         assert r["clip_frac"] == 0.0
-
-
-def test_linear_predictor_learns_at_its_own_rate(arith_model, tmp_path):
-    """The per-token similarity's linear predictor (an extension) starts at the identity; at the policy's rate
-    of the 7B example (1e-6) twenty Adam steps could move a weight by 2e-5 at most. At
-    popo.per_token.predictor_lr (1e-4) it really moves."""
-    out = tmp_path / "predictor"
-    per_token = ["popo.similarity=per_token", "popo.per_token.predictor=linear", "optim.lr=1e-6"]
-    per_token.append("optim.lr_warmup_steps=0")  # the peak rate from the first step
-    _finish(_popo_train(out, arith_model, *per_token, "train.steps=10"), out)
-    tensors = checkpoint_tensors(out / "checkpoints" / "step_000010")
-    weight = tensors["predictor.linear.weight"]
-    change = (weight - torch.eye(weight.shape[0])).abs().max().item()
-    assert change > 5e-4, f"after 20 updates the predictor moved by {change} at most"
+    if tp == 1:
+        weight = checkpoint_tensors(out / "checkpoints" / "step_000004")["predictor.linear.weight"]
+        change = (weight - torch.eye(weight.shape[0])).abs().max().item()
+        updates = sum(r["all"].get("train/skipped_updates", 0) == 0 for r in records(out))
+        assert updates >= 2 and change > 2e-5, f"after {updates} updates the predictor moved by {change} at most"
 
 
 def test_exact_resume_after_sigterm(arith_model, tmp_path):
@@ -267,15 +269,16 @@ def test_exact_resume_after_sigterm(arith_model, tmp_path):
 
 
 def test_resume_at_another_layout(arith_model, tmp_path):
-    tp2 = ["parallel.tensor_model_parallel_size=2", "train.checkpoint_every=0", *SMALL]
-    reference = tmp_path / "tp2"
-    _finish(_popo_train(reference, arith_model, "train.steps=4", *tp2), reference)
-    first = tmp_path / "first"
-    _finish(_popo_train(first, arith_model, "train.steps=3", *tp2), first)
+    tp2 = ["parallel.tensor_model_parallel_size=2", *SMALL]
+    reference = tmp_path / "tp2"  # its checkpoint after step 3, and its step 4 to compare with
+    _finish(
+        _popo_train(reference, arith_model, "train.steps=4", "train.checkpoint_every=3", "train.keep_last=2", *tp2),
+        reference,
+    )
     # Another run picks the TP=2 checkpoint up at TP=1 (train.resume_from), in its own directory.
     moved = tmp_path / "moved"
     tp1 = ["parallel.tensor_model_parallel_size=1", "train.checkpoint_every=0", *SMALL]
-    resume = f"train.resume_from={first / 'checkpoints' / 'step_000003'}"
+    resume = f"train.resume_from={reference / 'checkpoints' / 'step_000003'}"
     _finish(_popo_train(moved, arith_model, "train.steps=4", resume, *tp1), moved)
     assert [r["step"] for r in records(moved)] == [4], "the new run starts where the checkpoint stopped"
     expected, resumed = records(reference)[3], records(moved)[0]
