@@ -19,8 +19,11 @@ demo: setup
 parity: setup
 	.venv/bin/popo parity
 
+# Two pytest workers: a torchrun world of two ranks keeps the 2-core CI machine busy only part of the time
+# (start-up, vLLM's engine, evaluation run on one core). TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: setup setup-system
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup tests
 
 # The edit loop: the tests that run in one process (no torchrun world, no popo train), a few minutes.
 FAST_TESTS := architecture batching config convert_errors data docs drift_control dynamic_sampling examples \

@@ -14,3 +14,29 @@ from tiny_models import VARIANTS, save_tiny_model  # noqa: E402
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
     return {name: save_tiny_model(name, root) for name in VARIANTS}
+
+
+# `make test` runs on pytest-xdist workers (`--dist loadgroup`): tests go to whichever worker is free, except
+# the modules below, each kept on one worker: their module fixtures are costly to build (a trained
+# checkpoint, an exported model, SmolLM2) and would be built once per worker, and the Slurm tests share one
+# test cluster.
+ONE_WORKER_MODULES = {
+    "test_convert",
+    "test_convert_memory",
+    "test_rollout_vllm",
+    "test_slurm",
+    "test_smollm2",
+    "test_twin",
+    "test_weight_sync_vllm",
+}
+# The longest tests start first, so that no worker is left with one of them at the end while the other idles.
+LONGEST_FIRST = ("test_main_job_learns_and_its_target_follows_the_papers_law",)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2]
+        if module in ONE_WORKER_MODULES:
+            item.add_marker(pytest.mark.xdist_group(module))
+    items.sort(key=lambda item: getattr(item, "originalname", item.name) not in LONGEST_FIRST)

@@ -26,7 +26,7 @@ def missing_binaries() -> list[str]:
     return [name for name in BINARIES if shutil.which(name) is None]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -63,8 +63,8 @@ class SlurmCluster:
             "AuthInfo": f"socket={self.root / 'munge.socket'}",
             "SlurmUser": user,
             "SlurmdUser": user,
-            "SlurmctldPort": _free_port(),
-            "SlurmdPort": _free_port(),
+            "SlurmctldPort": free_port(),
+            "SlurmdPort": free_port(),
             "StateSaveLocation": self.root / "state",
             "SlurmdSpoolDir": self.root / "spool",
             "SlurmctldPidFile": self.root / "slurmctld.pid",
@@ -143,9 +143,10 @@ class SlurmCluster:
 
     # -- jobs --------------------------------------------------------------------------------------------
     def sbatch(self, *args: str, cwd: Path, env: dict[str, str]) -> int:
-        proc = subprocess.run(
-            ["sbatch", "--parsable", *args], cwd=cwd, env={**self.env, **env}, capture_output=True, text=True
-        )
+        # The scripts' default rendezvous port (29500 + job id) can be held by another test's world on this
+        # machine: every job gets a free one.
+        env = {"MASTER_PORT": str(free_port()), **self.env, **env}
+        proc = subprocess.run(["sbatch", "--parsable", *args], cwd=cwd, env=env, capture_output=True, text=True)
         assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
         return int(proc.stdout.strip().split(";")[0])
 

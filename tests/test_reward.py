@@ -17,7 +17,9 @@ from popo_megatron.reward.grade import add_grade_metrics
 from popo_megatron.reward.math_verifier import MathVerifier, warm_up_math_verify
 from popo_megatron.reward.pool import GradingPool
 
-TIMEOUT_S = 2.0
+# Long enough for the slowest honest comparison here ((x+1)^2 against its expansion) on a loaded 2-core
+# machine (2 s timed out next to another pytest worker); the adversarial rows each cost about this much.
+TIMEOUT_S = 5.0
 MILLION_DIGITS = r"\boxed{" + "7" * 1_000_000 + "}"
 NESTED_BRACES = r"\boxed{" + "{" * 5000 + "1" + "}" * 5000 + "}"
 POWER_TOWER = r"\boxed{9^{9^{9^{9^{9}}}}}"

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from run_helpers import assert_same_run, records
-from slurm_cluster import SlurmCluster, missing_binaries
+from slurm_cluster import SlurmCluster, free_port, missing_binaries
 
 ROOT = Path(__file__).parent.parent
 SCRIPTS = sorted((ROOT / "slurm").glob("*.sbatch"))
@@ -35,18 +34,12 @@ def test_there_are_train_convert_and_eval_scripts():
     assert {p.name for p in SCRIPTS} == {"train.sbatch", "convert.sbatch", "eval.sbatch"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_torchrun_agents_on_loopback_form_one_world_and_train(tmp_path):
     from popo_megatron.data.synthetic import save_arithmetic_model
 
     model = save_arithmetic_model(tmp_path / "model", seed=3)
     out = tmp_path / "run"
-    port = _free_port()
+    port = free_port()
     agents = []
     for node in range(2):
         command = [
