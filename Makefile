@@ -25,7 +25,7 @@ TEST_WORKERS ?= 2
 test: setup setup-system
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup tests
 
-# The edit loop: the tests that run in one process (no torchrun world, no popo train), a few minutes.
+# The edit loop: the tests that run in one process (no torchrun world, no popo train), under a minute.
 FAST_TESTS := architecture batching config convert_errors data docs drift_control dynamic_sampling examples \
 	literal_answers losses mapping optimizer_state resume_plan signals word_problems
 test-fast: setup
