@@ -108,7 +108,10 @@ TRAINED_TOKENS = _declare(Metric("data/trained_tokens", Reduce.total, _EVERY, "t
 LOSS_TOTAL = _declare(Metric("loss/total", Reduce.mean, _LAST, "loss", when="an update"))
 LOSS_POLICY = _declare(Metric("loss/policy", Reduce.mean, _LAST, "pos_loss", when="an update"))
 ENTROPY = _declare(Metric("entropy", Reduce.mean, _LAST, "entropy", when="an update"))
-SKIPPED_UPDATES = _declare(Metric("train/skipped_updates", Reduce.total, _LAST, when="a mini-batch without signal"))
+SKIPPED_UPDATES = _declare(Metric("train/skipped_updates", Reduce.total, _EVERY, when="a mini-batch without signal"))
+NONFINITE_STEPS = _declare(
+    Metric("train/nonfinite_steps", Reduce.total, _EVERY, "nonfinite_steps", when="a non-finite gradient norm")
+)
 # The paper's three terms as it defines them (unweighted by alpha and beta_ent): L = L_NLL + alpha L_sim +
 # beta_ent L_ent.
 LOSS_NLL = _declare(Metric("loss/nll", Reduce.mean, _LAST, "nll", ("popo",), "an update"))

@@ -16,6 +16,14 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {name: save_tiny_model(name, root) for name in VARIANTS}
 
 
+@pytest.fixture(scope="session")
+def arith_model(tmp_path_factory) -> Path:
+    """The main job's tiny model (generated for the synthetic arithmetic task, seed 1234)."""
+    from popo_megatron.data.synthetic import save_arithmetic_model
+
+    return save_arithmetic_model(tmp_path_factory.mktemp("model") / "arith", seed=1234)
+
+
 # `make test` runs on pytest-xdist workers (`--dist loadgroup`): tests go to whichever worker is free, except
 # the modules below, each kept on one worker: their module fixtures are costly to build (a trained
 # checkpoint, an exported model, SmolLM2) and would be built once per worker, and the Slurm tests share one

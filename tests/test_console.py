@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 EXAMPLE = Path(__file__).parent.parent / "examples" / "tiny_cpu.yaml"
 SMALL = [
     "train.prompts_per_step=8",
@@ -24,13 +22,6 @@ LIBRARY_LINE = re.compile(
     r"\b(INFO|WARNING|DEBUG)\b|Warning\b|Traceback|vllm|megatron|EngineCore|tcmalloc|iomp|NUMA|oneDNN|gloo",
     re.IGNORECASE,
 )
-
-
-@pytest.fixture(scope="module")
-def arith_model(tmp_path_factory) -> Path:
-    from popo_megatron.data.synthetic import save_arithmetic_model
-
-    return save_arithmetic_model(tmp_path_factory.mktemp("model") / "arith", seed=1234)
 
 
 def _train(out: Path, model: Path, *overrides: str, verbose: bool = False) -> subprocess.CompletedProcess:

@@ -9,16 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 EXAMPLE = Path(__file__).parent.parent / "examples" / "tiny_cpu.yaml"
-
-
-@pytest.fixture(scope="module")
-def arith_model(tmp_path_factory) -> Path:
-    from popo_megatron.data.synthetic import save_arithmetic_model
-
-    return save_arithmetic_model(tmp_path_factory.mktemp("model") / "arith", seed=1234)
 
 
 def _popo(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -580,7 +580,7 @@ def _joint_clip_worker(hf: str) -> None:
     joint = norm(model_grads + predictor_grads)
 
     clip = joint / 4
-    reported = clip_with_head(optimizer, ddp, predictor, clip)
+    reported = clip_with_head(optimizer, predictor, clip)
     assert reported == pytest.approx(joint, rel=1e-5)
     coefficient = clip / (joint + 1e-6)
     for param, grad in zip(model.parameters(), model_grads, strict=True):
@@ -588,7 +588,12 @@ def _joint_clip_worker(hf: str) -> None:
     for param, grad in zip(predictor.parameters(), predictor_grads, strict=True):
         torch.testing.assert_close(param.grad, grad * coefficient, rtol=1e-5, atol=1e-8)
     # Measured again (as the step that follows would), the joint norm is at the bound: nothing left to clip.
-    assert clip_with_head(optimizer, ddp, predictor, clip) == pytest.approx(clip, rel=1e-4)
+    assert clip_with_head(optimizer, predictor, clip) == pytest.approx(clip, rel=1e-4)
+    # A NaN anywhere makes the norm NaN and scales nothing: the caller refuses the update.
+    next(model.parameters()).main_grad.view(-1)[0] = float("nan")
+    kept = [p.grad.clone() for p in predictor.parameters()]
+    assert math.isnan(clip_with_head(optimizer, predictor, clip / 10))
+    assert all(torch.equal(p.grad, g) for p, g in zip(predictor.parameters(), kept, strict=True))
 
 
 def test_predictor_is_clipped_with_the_policy(tiny_models):

@@ -25,26 +25,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from run_helpers import assert_same_run, checkpoint_tensors, records
+from run_helpers import EASY, EXAMPLE, SMALL, assert_same_run, checkpoint_tensors, records
 
 from popo_megatron.config import load_config
 from popo_megatron.launch import run_local
 from popo_megatron.trainer.logbook import EVAL_JSONL, read_metrics
 
-EXAMPLE = Path(__file__).parent.parent / "examples" / "tiny_cpu.yaml"
 LOGPROB_TOLERANCE = 1e-4
-# The main job's task and grading leave a random model right in ~0.5% of its samples: a step of 32 samples
-# would often have no positive. These checks are of the mechanics, not of learning: the old, easy setting
-# (answers 0-8, the last number of 4 tokens graded) gives positives in most small steps.
-EASY = ["data.synthetic.max_operand=4", "reward.answer_fallbacks=[last_number]", "rollout.max_tokens=4"]
-SMALL = ["train.prompts_per_step=8", "rollout.n=4", "train.micro_batch_size=8", "reward.workers=1", *EASY]
-
-
-@pytest.fixture(scope="module")
-def arith_model(tmp_path_factory) -> Path:
-    from popo_megatron.data.synthetic import save_arithmetic_model
-
-    return save_arithmetic_model(tmp_path_factory.mktemp("model") / "arith", seed=1234)
 
 
 def _check_engine_serves_trainer_weights(state, step: int) -> None:

@@ -20,6 +20,8 @@ optimiser settings and LR schedule, clipped together with the policy's gradients
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -126,19 +128,21 @@ def build_head_optimizer(head: ReplicatedHead, lr: float, optim_cfg) -> torch.op
 
 
 @torch.no_grad()
-def clip_with_head(optimizer, ddp, head: ReplicatedHead | None, clip_grad: float) -> float:
-    """Clip the policy's and the head's gradients together, by their joint norm; returns that norm
-    (before clipping). Collective over the model-parallel group: every rank calls it, the head
-    (after `finish_grad_sync`) is on the last pipeline stage only.
+def clip_with_head(optimizer, head: ReplicatedHead | None, clip_grad: float) -> float:
+    """Prepare the optimiser's main gradients, measure the joint norm of the policy's and the head's, and
+    clip both by one coefficient, clip / (norm + 1e-6) when below 1 (Megatron's formula). Returns the norm
+    before clipping; a non-finite norm scales nothing, so the caller can refuse the update (then call
+    `optimizer.step_with_ready_grads()` only for a finite one).
 
-    Megatron's optimiser clips the model's gradients by the model's norm alone. So the joint norm is
-    computed first (the optimiser's own norm, plus the head's), both gradients are scaled down by
-    clip / norm, and the optimiser's step then finds a norm under `clip_grad` and clips no further.
-    The model's gradients are scaled in the DDP buffers, from which the optimiser's step copies them.
+    Megatron's optimiser step clips the model's gradients by the model's norm alone; with a head, that would
+    leave the head's share of an update unlike the authors' single optimiser over both. Collective over the
+    model-parallel group: every rank calls it, the head (after `finish_grad_sync`) is on the last pipeline
+    stage only; without a head (GRPO) the norm is the optimiser's own.
     """
     from megatron.core import parallel_state
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 
-    optimizer.prepare_grads()  # the main gradients the norm is computed from (the step prepares them again)
+    optimizer.prepare_grads()
     model_norm = float(optimizer.get_grad_norm())
     local = torch.zeros((), dtype=torch.float64, device=collective_device())
     if head is not None:
@@ -146,10 +150,14 @@ def clip_with_head(optimizer, ddp, head: ReplicatedHead | None, clip_grad: float
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         dist.all_reduce(local, group=parallel_state.get_pipeline_model_parallel_group())
     joint = (model_norm**2 + float(local)) ** 0.5
-    coefficient = clip_grad / (joint + 1.0e-6)  # Megatron's own formula
-    if clip_grad > 0 and coefficient < 1.0:
-        ddp.scale_gradients(coefficient)
-        if head is not None:
-            for param in head.parameters():
-                param.grad.mul_(coefficient)
+    coefficient = clip_grad / (joint + 1.0e-6)
+    if not math.isfinite(joint) or clip_grad <= 0 or coefficient >= 1.0:
+        return joint
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = part.get_parameters()
+        if params and not getattr(part, "is_stub_optimizer", False):
+            clip_grad_by_total_norm_fp32(params, clip_grad, joint)
+    if head is not None:
+        for param in head.parameters():
+            param.grad.mul_(coefficient)
     return joint

@@ -198,6 +198,10 @@ class TwinParams:
                     bucket.segment.twin[start - lo : end - lo].copy_(source)
 
     # --- bookkeeping --------------------------------------------------------------------
+    def local_tensors(self) -> list[torch.Tensor]:
+        """This rank's twin storage (its slice when sliced), flat."""
+        return [s.twin for s in self._segments]
+
     @property
     def nbytes(self) -> int:
         """Memory the twin holds on this rank."""

@@ -25,12 +25,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from omegaconf import DictConfig
 
 from popo_megatron.algo.predictor import ReplicatedHead
 from popo_megatron.algo.twin import TwinParams
 from popo_megatron.checkpoint.format import MEGATRON_DIR, CheckpointError, checkpoint_directory, read_checkpoint
-from popo_megatron.checkpoint.runs import CHECKPOINTS, TRAINER_STATE, point_latest, read_trainer_state, remove_old
+from popo_megatron.checkpoint.runs import (
+    CHECKPOINTS,
+    TRAINER_STATE,
+    latest_checkpoint,
+    point_latest,
+    read_trainer_state,
+    remove_old,
+)
 from popo_megatron.checkpoint.weights import (
     layout_info,
     load_checkpoint_state,
@@ -40,7 +48,7 @@ from popo_megatron.checkpoint.weights import (
     weights_sharded_state_dict,
 )
 from popo_megatron.model.hf_config import HFModelArgs
-from popo_megatron.platform import barrier, capture_rng_state, global_rank, restore_rng_state
+from popo_megatron.platform import barrier, capture_rng_state, collective_device, global_rank, restore_rng_state
 from popo_megatron.platform.optimizer_state import materialise_optimizer_state
 from popo_megatron.platform.signals import stop_signals_held
 
@@ -80,6 +88,13 @@ def save_training_checkpoint(trained: Trained, trainer_state: dict, args: HFMode
 
     root = Path(cfg.train.output_dir) / CHECKPOINTS
     name = f"step_{trainer_state['step']:06d}"
+    bad = non_finite_tensors(trained)  # collective
+    if bad:
+        raise CheckpointError(
+            f"not saving {root / name}: {bad} weight tensor(s) hold NaN or inf (the run diverged); the last"
+            f" checkpoint is {latest_checkpoint(cfg.train.output_dir) or 'none'}: resume from it with a lower"
+            f" optim.lr (popo train CONFIG train.resume_from=PATH)"
+        )
     materialise_optimizer_state(trained.optimizer)
     sharded = _sharded_state(trained, loading=False)
     weights = ["model"] + (["twin"] if trained.twin is not None else [])
@@ -99,6 +114,19 @@ def save_training_checkpoint(trained: Trained, trainer_state: dict, args: HFMode
         remove_old(root, cfg.train.keep_last)
     barrier()
     return root / name
+
+
+def non_finite_tensors(trained: Trained) -> int:
+    """How many of the run's weight tensors (policy, twin, head) hold a NaN or inf on any rank (collective
+    over the world; every rank gets the same count)."""
+    tensors = list(trained.model.parameters())
+    tensors += trained.twin.local_tensors() if trained.twin is not None else []
+    tensors += list(trained.predictor.parameters()) if trained.predictor is not None else []
+    device = collective_device()
+    bad = torch.stack([~torch.isfinite(t).all() for t in tensors]).sum().to(device, torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(bad)
+    return int(bad)
 
 
 def load_training_checkpoint(ckpt: Path, trained: Trained, args: HFModelArgs, cfg: DictConfig) -> dict:

@@ -415,6 +415,9 @@ class TrainConfig:
     # Stop with a checkpoint once the next step might end later than this many seconds after start
     # (slurm/train.sbatch sets it from the job's time limit); None: no limit.
     max_wall_time_s: Optional[float] = None
+    # An update whose gradient norm is NaN or inf is refused (weights, optimiser state and LR schedule kept,
+    # counted as train/nonfinite_steps); after this many in a row the run stops, naming the last checkpoint.
+    max_nonfinite_steps: int = 3
 
 
 @dataclass

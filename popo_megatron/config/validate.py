@@ -139,6 +139,7 @@ def _algorithm_problems(cfg: DictConfig) -> list[str]:
         ("train.mini_batches", cfg.train.mini_batches >= 1, "must be >= 1"),
         ("train.micro_batch_size", cfg.train.micro_batch_size >= 1, "must be >= 1"),
         ("train.keep_last", cfg.train.keep_last >= 1, "must be >= 1"),
+        ("train.max_nonfinite_steps", cfg.train.max_nonfinite_steps >= 1, "must be >= 1"),
         (
             "train.max_wall_time_s",
             cfg.train.max_wall_time_s is None or cfg.train.max_wall_time_s > 0,

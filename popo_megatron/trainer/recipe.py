@@ -14,6 +14,7 @@ of its group must all reach it, the same number of times.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING
 
@@ -26,11 +27,12 @@ from popo_megatron.algo.advantages import group_stats
 from popo_megatron.algo.batch import PolicyBatch
 from popo_megatron.algo.predictor import build_head_optimizer, clip_with_head
 from popo_megatron.algo.step import Forwards, LogprobSettings, forward_backward, from_last_stage
-from popo_megatron.checkpoint.runs import plan_resume
+from popo_megatron.checkpoint.runs import latest_checkpoint, plan_resume
 from popo_megatron.checkpoint.training import Trained, load_training_checkpoint, save_training_checkpoint
 from popo_megatron.config.schema import setting_value
 from popo_megatron.data.problems import ProblemSet
 from popo_megatron.data.sampler import PromptSampler
+from popo_megatron.errors import UserError
 from popo_megatron.logs import get_logger
 from popo_megatron.metrics import MetricAccumulator
 from popo_megatron.model.hf_config import HFModelArgs
@@ -75,6 +77,7 @@ class Recipe:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.step = 0
+        self.nonfinite_in_a_row = 0  # updates refused for a non-finite gradient norm since the last applied one
         self._closed = False
 
     @property
@@ -159,16 +162,18 @@ class Recipe:
         # once per data-parallel rank.
         rollout_values = rollout_metrics(rollouts, self.objective).reduce(local=True)
         metrics = MetricAccumulator()
+        counts = MetricAccumulator()  # what every rank decided alike: whole on each, not reduced
+        counts.add_total(m.NONFINITE_STEPS, 0)  # a column of every step: 0 is the news
         train_start = time.perf_counter()
         step_rows = step_batch(self._trained_groups(rollouts), self.objective, self.cfg, self.pad_id)
-        grad_norm, phase_times, values = self.update(step, step_rows, metrics)
+        grad_norm, phase_times, values = self.update(step, step_rows, metrics, counts)
         sync_start = time.perf_counter()
         if self.cfg.train.save_rollouts and dist.get_rank() == 0:
             self._save_rollouts(step + 1, rollouts, step_rows, values)
         self.sync()
         sync_end = time.perf_counter()
         # collective: data-parallel all-reduce, last stage's broadcast
-        reduced = {**rollout_values, **reduce_step_metrics(metrics)}
+        reduced = {**rollout_values, **counts.reduce(local=True), **reduce_step_metrics(metrics)}
         step_s = time.perf_counter() - start
         extra = {
             **self.objective.step_values(),
@@ -200,12 +205,13 @@ class Recipe:
         return rollouts
 
     def update(
-        self, step: int, step_rows: PolicyBatch, metrics: MetricAccumulator
+        self, step: int, step_rows: PolicyBatch, metrics: MetricAccumulator, counts: MetricAccumulator
     ) -> tuple[float, dict[str, float], torch.Tensor]:
         """Train on the step's rows: this rank's share, the objective's forwards before the update, then per
         mini-batch its context (normalisers, a target's features), one optimiser step and what follows it.
-        Returns the last gradient norm, the time of the extra forward passes, and the step's per-row values as
-        the loss used them (every rank)."""
+        `metrics` gets this rank's share of the loss side, `counts` what every rank decides alike (updates
+        skipped or refused). Returns the last gradient norm, the time of the extra forward passes, and the
+        step's per-row values as the loss used them (every rank)."""
         from megatron.core import parallel_state
 
         cfg, objective = self.cfg, self.objective
@@ -224,14 +230,40 @@ class Recipe:
             context = objective.mini_context(mini, tokens, responses, self.forwards, step * len(minis) + k)
             context_s += time.perf_counter() - context_start
             mini_metrics = MetricAccumulator()
+            stepped = False
             if context.learns:  # global sums: every rank agrees
                 # collective: pipeline forward-backward, gradient all-reduce, optimiser step
                 grad_norm = self._optimizer_step(context, mini_metrics)
+                stepped = math.isfinite(grad_norm)
+                if not stepped:
+                    self._refused(step, grad_norm, counts)
+                else:
+                    self.nonfinite_in_a_row = 0
             else:  # nothing to learn from: no gradient, and no Adam step that would move the weights anyway
-                mini_metrics.add_total(m.SKIPPED_UPDATES, 1)
-            objective.after_update(context.learns, mini_metrics)  # collective where it keeps state
+                counts.add_total(m.SKIPPED_UPDATES, 1)
+            objective.after_update(stepped, mini_metrics)  # collective where it keeps state
             metrics.merge(mini_metrics)
         return grad_norm, {"time_old_logprobs_s": prepare_s, "time_twin_forward_s": context_s}, values
+
+    def _refused(self, step: int, grad_norm: float, counts: MetricAccumulator) -> None:
+        """Count an update refused for a non-finite gradient norm; stop the run (a UserError on every rank)
+        after train.max_nonfinite_steps of them in a row."""
+        self.nonfinite_in_a_row += 1
+        counts.add_total(m.NONFINITE_STEPS, 1)
+        limit = self.cfg.train.max_nonfinite_steps
+        if dist.get_rank() == 0:
+            log.warning(
+                f"step {step + 1}: gradient norm {grad_norm}: update refused, weights and optimiser state unchanged"
+                f" ({self.nonfinite_in_a_row} in a row; the run stops at train.max_nonfinite_steps={limit})"
+            )
+        if self.nonfinite_in_a_row >= limit:
+            last = latest_checkpoint(self.cfg.train.output_dir)
+            raise UserError(
+                f"training diverged: {self.nonfinite_in_a_row} updates in a row up to step {step + 1} had a"
+                f" non-finite gradient norm (NaN or inf in the loss or the gradients), none was applied. Last"
+                f" checkpoint: {last or 'none (train.checkpoint_every)'}; resume from it with a lower optim.lr"
+                f" (or another fix of what diverged): popo train CONFIG train.resume_from={last or 'PATH'}"
+            )
 
     def sync(self) -> None:
         """Stream the trainer's weights into the rollout engine."""
@@ -259,7 +291,9 @@ class Recipe:
 
     def _optimizer_step(self, context: MiniContext, metrics: MetricAccumulator) -> float:
         """Loss, backward and one optimiser step on a mini-batch (and the objective's head's, clipped together
-        with the policy's gradients); returns the gradient norm before clipping."""
+        with the policy's gradients); returns the gradient norm before clipping. A non-finite norm (a NaN or
+        inf loss or gradient: every rank sees the same all-reduced norm) refuses the step: the weights, the
+        optimiser state and the LR schedule stay as they were."""
         objective = self.objective
         self.ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -268,19 +302,21 @@ class Recipe:
             return objective.loss(index, mb, logits, hidden, context, metrics)
 
         forward_backward(self.ddp, context.micro_batches, loss_of, context.captures_hidden)
-        joint_norm = None
-        if objective.uses_head:
-            head = objective.head
+        head = objective.head if objective.uses_head else None
+        if head is not None:
+            head.finish_grad_sync()
+        norm = clip_with_head(self.optimizer, head, self.cfg.optim.clip_grad)  # collective: model-parallel
+        if not math.isfinite(norm):
             if head is not None:
-                head.finish_grad_sync()
-            joint_norm = clip_with_head(self.optimizer, self.ddp, head, self.cfg.optim.clip_grad)
-            if head is not None:
-                self.head_optimizer.step()
                 self.head_optimizer.zero_grad()
-        _, grad_norm, _ = self.optimizer.step()
+            return norm
+        if head is not None:
+            self.head_optimizer.step()
+            self.head_optimizer.zero_grad()
+        self.optimizer.step_with_ready_grads()
         self.scheduler.step(1)
         self._follow_lr_schedule()
-        return joint_norm if joint_norm is not None else grad_norm
+        return norm
 
     def _follow_lr_schedule(self) -> None:
         """Give the objective's head the policy's schedule (warm-up, decay) at its own peak rate:

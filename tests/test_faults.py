@@ -1,0 +1,110 @@
+"""Faults the trainer survives without applying or saving anything broken (the real trainer on the tiny
+model, two data-parallel ranks on CPU):
+
+- a NaN in one micro-batch of one rank: every rank refuses the update (weights, Adam moments, the EMA
+  target, the predictor and the LR schedule stay bit-identical), counts it, and trains on afterwards;
+- train.max_nonfinite_steps refused updates in a row stop the run with one line naming the last checkpoint;
+- weights that are not finite are never saved: the save refuses and `latest` stays where it was.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from run_helpers import EXAMPLE, SMALL, checkpoint_tensors
+
+from popo_megatron.launch import run_local
+
+
+def _snapshot(state) -> dict[str, torch.Tensor]:
+    """Everything an optimiser step changes on this rank, copied."""
+    tensors = {f"model.{n}": p.detach().clone() for n, p in state.model.named_parameters()}
+    for i, part in enumerate(getattr(state.optimizer, "chained_optimizers", [state.optimizer])):
+        for j, per_param in enumerate(part.optimizer.state.values()):
+            for key, value in per_param.items():
+                tensors[f"adam{i}.{j}.{key}"] = torch.as_tensor(value).clone()
+    objective = state.objective
+    tensors |= {f"target.{i}": t.clone() for i, t in enumerate(objective.target.local_tensors())}
+    if objective.head is not None:
+        tensors |= {f"head.{n}": p.detach().clone() for n, p in objective.head.named_parameters()}
+    tensors["lr"] = torch.tensor(state.optimizer.param_groups[0]["lr"])
+    return tensors
+
+
+def _nonfinite_worker(model: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from popo_megatron.checkpoint.format import CheckpointError
+    from popo_megatron.checkpoint.runs import latest_checkpoint
+    from popo_megatron.config import load_config
+    from popo_megatron.errors import UserError
+    from popo_megatron.trainer.recipe import Recipe
+
+    overrides = [f"model.hf_path={model}", f"train.output_dir={out}", "train.max_nonfinite_steps=3", *SMALL]
+    cfg = load_config(EXAMPLE, overrides)
+    state = Recipe(cfg).setup()
+    poisoned = False
+    real_loss = state.objective.loss
+
+    def loss(index, mb, *rest):  # a NaN in micro-batch 0 of rank 1's share, while `poisoned`
+        value = real_loss(index, mb, *rest)
+        return value * float("nan") if poisoned and dist.get_rank() == 1 and index == 0 else value
+
+    state.objective.loss = loss
+    minis = cfg.train.mini_batches
+    try:
+        state.train_step(0)
+        state.step = 1
+        state.save()
+
+        before = _snapshot(state)
+        poisoned = True
+        record = state.train_step(1)
+        refused, skipped = record["nonfinite_steps"], record["all"].get("train/skipped_updates", 0)
+        assert refused >= 1 and refused + skipped == minis, record["all"]
+        assert math.isnan(record["grad_norm"])
+        after = _snapshot(state)
+        changed = [k for k in before if not torch.equal(before[k], after[k])]
+        assert not changed, f"a refused update changed {changed[:5]}"
+
+        poisoned = False
+        step = 2
+        while True:  # on until an update is applied (a step without a positive has nothing to update)
+            record = state.train_step(step)
+            step += 1
+            assert record["nonfinite_steps"] == 0 and step < 10, record["all"]
+            if record["all"].get("train/skipped_updates", 0) < minis:
+                break
+        assert state.nonfinite_in_a_row == 0
+        assert any(not torch.equal(before[k], v) for k, v in _snapshot(state).items() if k.startswith("model."))
+        state.step = step
+        state.save()
+        last = f"step_{step:06d}"
+
+        poisoned = True
+        with pytest.raises(UserError, match=rf"training diverged: 3 updates in a row .* Last checkpoint: .*{last}"):
+            for later in range(step, step + 10):
+                state.train_step(later)
+
+        with torch.no_grad():
+            if dist.get_rank() == 0:  # one rank's weights: every rank refuses the save
+                next(state.model.parameters()).view(-1)[0] = float("inf")
+        state.step = step + 1
+        with pytest.raises(CheckpointError, match=r"not saving .*: 1 weight tensor\(s\) hold NaN or inf"):
+            state.save()
+        assert latest_checkpoint(out).name == last
+    finally:
+        state.close()
+
+
+def test_a_nan_in_one_micro_batch_is_refused_everywhere_and_never_saved(arith_model, tmp_path):
+    out = tmp_path / "run"
+    run_local(_nonfinite_worker, 2, str(arith_model), str(out))
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert len(kept) == 3 and kept[:2] == ["latest", "step_000001"], f"nothing from the refused save: {kept}"
+    for name in kept[1:]:
+        tensors = checkpoint_tensors(out / "checkpoints" / name)
+        bad = [k for k, t in tensors.items() if torch.is_tensor(t) and t.is_floating_point() and not t.isfinite().all()]
+        assert not bad, f"{name} holds non-finite {bad[:5]}"
