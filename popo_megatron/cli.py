@@ -127,7 +127,8 @@ def _complete_run(cfg, resume, rank0: bool) -> int:
     changes = [c for c in resume.changes if c.key != "train.steps"]
     how = (
         f"raise train.steps above {resume.step} to continue it (e.g. train.steps={2 * resume.step}), or start "
-        "a new run: another train.output_dir, or train.resume=false (which overwrites this run's checkpoints)"
+        "a new run: another train.output_dir, or train.resume=false (which sets this run's checkpoints aside in "
+        "checkpoints/superseded/)"
     )
     if changes:
         changed = ", ".join(map(str, changes))

@@ -4,12 +4,16 @@ model, two data-parallel ranks on CPU):
 - a NaN in one micro-batch of one rank: every rank refuses the update (weights, Adam moments, the EMA
   target, the predictor and the LR schedule stay bit-identical), counts it, and trains on afterwards;
 - train.max_nonfinite_steps refused updates in a row stop the run with one line naming the last checkpoint;
-- weights that are not finite are never saved: the save refuses and `latest` stays where it was.
+- weights that are not finite are never saved: the save refuses and `latest` stays where it was;
+- a rollback (train.resume_from an earlier checkpoint of the same directory) sets the later history aside
+  instead of colliding with it, and `keep_last` then prunes by step without touching what `latest` names.
 """
 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -108,3 +112,33 @@ def test_a_nan_in_one_micro_batch_is_refused_everywhere_and_never_saved(arith_mo
         tensors = checkpoint_tensors(out / "checkpoints" / name)
         bad = [k for k, t in tensors.items() if torch.is_tensor(t) and t.is_floating_point() and not t.isfinite().all()]
         assert not bad, f"{name} holds non-finite {bad[:5]}"
+
+
+def _popo_train(out, model, *overrides: str) -> str:
+    command = [sys.executable, "-m", "popo_megatron", "train", str(EXAMPLE), f"model.hf_path={model}"]
+    command += [f"train.output_dir={out}", "eval.data=null", *SMALL, *overrides]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 0, console[-3000:]
+    return console
+
+
+def test_a_rollback_sets_the_later_history_aside_and_keep_last_prunes_by_step(arith_model, tmp_path):
+    from popo_megatron.checkpoint.runs import latest_checkpoint, run_checkpoints
+
+    out = tmp_path / "run"
+    root = out / "checkpoints"
+    every = ["train.checkpoint_every=1", "train.keep_last=2"]
+    _popo_train(out, arith_model, "train.steps=3", *every)
+    assert [p.name for p in run_checkpoints(root)] == ["step_000002", "step_000003"]
+
+    console = _popo_train(out, arith_model, "train.steps=4", f"train.resume_from={root / 'step_000002'}", *every)
+    assert "step_000003 moved to" in console and "superseded" in console, console[-3000:]
+    assert [p.name for p in run_checkpoints(root)] == ["step_000003", "step_000004"]
+    assert latest_checkpoint(out).name == "step_000004"
+    (aside,) = (root / "superseded").iterdir()
+    assert sorted(p.name for p in aside.iterdir()) == ["step_000003"], "the old history is kept, not deleted"
+
+    console = _popo_train(out, arith_model, "train.steps=5", *every)
+    assert "at step 4/5" in console, console[-3000:]
+    assert [p.name for p in run_checkpoints(root)] == ["step_000004", "step_000005"]

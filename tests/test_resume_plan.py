@@ -79,3 +79,55 @@ def test_resume_from_another_runs_checkpoint_is_compared_with_that_runs_config(t
     overrides = [f"model.hf_path={model}", f"train.output_dir={tmp_path / 'new'}", "rollout.n=4"]
     plan = plan_resume(load_config(None, [*overrides, "train.steps=5", f"train.resume_from={checkpoint}"]))
     assert plan.checkpoint == checkpoint and plan.changes == [], "output_dir and resume_from are not changes"
+
+
+def _checkpoints(root: Path, steps: list[int], latest: int | None) -> None:
+    for step in steps:
+        (root / f"step_{step:06d}").mkdir(parents=True)
+        (root / f"step_{step:06d}" / "trainer_state.json").write_text(json.dumps({"step": step}))
+    if latest is not None:
+        (root / "latest").write_text(f"step_{latest:06d}\n")
+
+
+def _names(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name != "superseded")
+
+
+def test_keep_last_orders_by_step_and_never_removes_latest(tmp_path):
+    from popo_megatron.checkpoint.runs import remove_old
+
+    root = tmp_path / "checkpoints"
+    # After a rollback to step 2 (`latest`), and past step 999999 where the names stop sorting as numbers.
+    _checkpoints(root, [2, 9, 10, 1_000_000], latest=2)
+    remove_old(root, keep=2)
+    assert _names(root) == ["latest", "step_000002", "step_000010", "step_1000000"]
+
+
+def test_a_rollback_sets_the_later_history_aside(tmp_path):
+    from popo_megatron.checkpoint.runs import LATEST, latest_checkpoint, set_aside_later
+
+    out = tmp_path / "run"
+    root = out / "checkpoints"
+    _checkpoints(root, [1, 2, 3, 4], latest=4)
+    (root / ".step_000005.deleting").mkdir()  # a deletion a crash interrupted
+    moved = set_aside_later(out, 2, root / "step_000002")  # train.resume_from=.../step_000002
+    assert _names(root) == ["latest", "step_000001", "step_000002"]
+    assert latest_checkpoint(out).name == "step_000002", "latest names the checkpoint resumed from"
+    assert moved.parent == root / "superseded" and sorted(p.name for p in moved.iterdir()) == [
+        "step_000003",
+        "step_000004",
+    ]
+    # Resumed from latest while a later save's `latest` never moved: that save is set aside, latest stays.
+    _checkpoints(root, [3], latest=None)
+    assert set_aside_later(out, 2, root / "step_000002") is not None
+    assert _names(root) == ["latest", "step_000001", "step_000002"]
+    # Nothing after the start: nothing moves.
+    assert set_aside_later(out, 2, root / "step_000002") is None
+    # From another run's checkpoint at step 1: this directory's later ones and its latest go aside.
+    elsewhere = tmp_path / "other" / "checkpoints" / "step_000001"
+    assert set_aside_later(out, 1, elsewhere) is not None
+    assert _names(root) == ["step_000001"] and not (root / LATEST).exists()
+    # A fresh run (train.resume=false): everything.
+    _checkpoints(root, [7], latest=7)
+    moved = set_aside_later(out, 0, None)
+    assert _names(root) == [] and sorted(p.name for p in moved.iterdir()) == ["latest", "step_000001", "step_000007"]

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from popo_megatron.checkpoint.durable import fsync_dir, fsync_tree
 from popo_megatron.errors import UserError
 from popo_megatron.model.hf_config import HFModelArgs, read_hf_config
 from popo_megatron.model.layout import megatron_query_groups, padded_vocab_size
@@ -152,7 +153,9 @@ def atomic_directory(out: str | Path) -> Iterator[Path]:
         raise
     barrier()
     if global_rank() == 0:
+        fsync_tree(tmp)  # every file and name durable before the complete name appears
         os.rename(tmp, out)
+        fsync_dir(out.parent)
     barrier()
 
 

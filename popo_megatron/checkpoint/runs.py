@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from popo_megatron.checkpoint.durable import fsync_dir, remove_leftovers, remove_tree, write_text_durably
 from popo_megatron.checkpoint.format import HF_DIR, CheckpointError
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+SUPERSEDED = "superseded"  # checkpoints of an earlier history of the run directory, set aside (never deleted)
 TRAINER_STATE = "trainer_state.json"
 
 _DATA_SET = "the prompt sampler's position is a position in the data set and order the run was saved with"
@@ -82,17 +84,68 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def point_latest(root: Path, name: str) -> None:
-    """Make `latest` name the checkpoint `name` (atomically: a crash leaves the old or the new name)."""
-    tmp = root / f".{LATEST}.tmp"
-    tmp.write_text(name + "\n")
-    os.replace(tmp, root / LATEST)
+    """Make `latest` name the checkpoint `name` (atomically and durably: a crash leaves the old or the new
+    name)."""
+    write_text_durably(root / LATEST, name + "\n")
+
+
+def step_of(path: Path) -> int | None:
+    """The step of a checkpoint directory `step_N`; None for anything else."""
+    digits = path.name[len("step_") :]
+    return int(digits) if path.name.startswith("step_") and digits.isdigit() else None
+
+
+def run_checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoints in a run's checkpoints/ directory, oldest step first."""
+    return sorted((p for p in root.iterdir() if p.is_dir() and step_of(p) is not None), key=step_of)
 
 
 def remove_old(root: Path, keep: int) -> None:
-    """Remove all but the newest `keep` checkpoints."""
-    steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
-    for old in steps[: max(0, len(steps) - keep)]:
-        shutil.rmtree(old)
+    """Remove all but the newest `keep` checkpoints by step, never the one `latest` names (each renamed out of
+    sight first: a crash never leaves a half-deleted one under its own name)."""
+    marker = root / LATEST
+    named = marker.read_text().strip() if marker.is_file() else None
+    steps = run_checkpoints(root)
+    kept = {p.name for p in steps[-keep:]} | {named}
+    for old in steps:
+        if old.name not in kept:
+            remove_tree(old)
+
+
+def set_aside_later(output_dir: str | Path, step: int, resumed: Path | None) -> Path | None:
+    """Begin at `step` in OUTPUT_DIR (0: a fresh run), resumed from checkpoint `resumed`: the checkpoints
+    saved after `step` belong to another history (a rollback with train.resume_from, train.resume=false, a
+    save whose `latest` never moved), so they are moved, not deleted, to checkpoints/superseded/TIME/ (with
+    the `latest` that named one of them). No later save then collides with them, and `keep_last` never
+    weighs them against this run's. Returns that directory, or None when nothing was moved. Rank 0 only,
+    before the run's first save."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return None
+    remove_leftovers(root)
+    later = [p for p in run_checkpoints(root) if step_of(p) > step]
+    marker = root / LATEST
+    named = marker.read_text().strip() if marker.is_file() else None
+    moved_names = {p.name for p in later}
+    in_root = resumed is not None and resumed.absolute().parent == root.absolute()
+    stale_marker = named is not None and (named in moved_names or step == 0) and not in_root
+    if not later and not stale_marker:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = root / SUPERSEDED / stamp
+    for again in range(2, 1000):  # another set-aside in the same second
+        if not dest.exists():
+            break
+        dest = root / SUPERSEDED / f"{stamp}-{again}"
+    dest.mkdir(parents=True)
+    for path in later:
+        os.rename(path, dest / path.name)
+    if in_root and named != resumed.name:
+        point_latest(root, resumed.name)
+    elif stale_marker:
+        os.rename(marker, dest / LATEST)
+    fsync_dir(root)
+    return dest
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -136,7 +189,8 @@ def plan_resume(cfg: DictConfig) -> ResumePlan | None:
         lines = "; ".join(f"{c} ({_reason(c.key)})" for c in refused)
         raise ResumeError(
             f"{checkpoint} cannot continue with this config: {lines}. Start a new run instead: another "
-            f"train.output_dir, or train.resume=false (which overwrites this run's checkpoints)"
+            "train.output_dir, or train.resume=false (which sets this run's checkpoints aside in "
+            "checkpoints/superseded/)"
         )
     return ResumePlan(checkpoint=checkpoint, step=int(state["step"]), changes=changes)
 

@@ -30,6 +30,7 @@ from omegaconf import DictConfig
 
 from popo_megatron.algo.predictor import ReplicatedHead
 from popo_megatron.algo.twin import TwinParams
+from popo_megatron.checkpoint.durable import fsync_file
 from popo_megatron.checkpoint.format import MEGATRON_DIR, CheckpointError, checkpoint_directory, read_checkpoint
 from popo_megatron.checkpoint.runs import (
     CHECKPOINTS,
@@ -106,9 +107,12 @@ def save_training_checkpoint(trained: Trained, trainer_state: dict, args: HFMode
             (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1) + "\n")
         barrier()
         dist_checkpointing.save(sharded, str(tmp / MEGATRON_DIR))
-        torch.save(capture_rng_state(), tmp / RNG_DIR / f"rank_{global_rank()}.pt")
+        rng_file = tmp / RNG_DIR / f"rank_{global_rank()}.pt"
+        torch.save(capture_rng_state(), rng_file)
+        fsync_file(rng_file)  # by its writer: on a shared file system only it can flush its cache
         if trained.predictor is not None and trained.predictor.is_main_replica():
             torch.save(trained.predictor_optimizer.state_dict(), tmp / PREDICTOR_OPTIMIZER)
+            fsync_file(tmp / PREDICTOR_OPTIMIZER)
     if global_rank() == 0:
         point_latest(root, name)
         remove_old(root, cfg.train.keep_last)

@@ -27,7 +27,7 @@ from popo_megatron.algo.advantages import group_stats
 from popo_megatron.algo.batch import PolicyBatch
 from popo_megatron.algo.predictor import build_head_optimizer, clip_with_head
 from popo_megatron.algo.step import Forwards, LogprobSettings, forward_backward, from_last_stage
-from popo_megatron.checkpoint.runs import latest_checkpoint, plan_resume
+from popo_megatron.checkpoint.runs import latest_checkpoint, plan_resume, set_aside_later
 from popo_megatron.checkpoint.training import Trained, load_training_checkpoint, save_training_checkpoint
 from popo_megatron.config.schema import setting_value
 from popo_megatron.data.problems import ProblemSet
@@ -37,6 +37,7 @@ from popo_megatron.logs import get_logger
 from popo_megatron.metrics import MetricAccumulator
 from popo_megatron.model.hf_config import HFModelArgs
 from popo_megatron.objectives import MiniContext, Objective, ObjectiveContext, build_objective
+from popo_megatron.platform import barrier
 from popo_megatron.reward.grade import Verifier, add_grade_metrics
 from popo_megatron.reward.restated import restates_problem
 from popo_megatron.rollout.engine import RolloutEngine
@@ -140,6 +141,16 @@ class Recipe:
 
     def _resume(self) -> None:
         resume = plan_resume(self.cfg)
+        if dist.get_rank() == 0:  # what was saved after the start belongs to another history: set aside
+            start, checkpoint = (0, None) if resume is None else (resume.step, resume.checkpoint)
+            moved = set_aside_later(self.cfg.train.output_dir, start, checkpoint)
+            if moved is not None:
+                names = ", ".join(sorted(p.name for p in moved.iterdir()))
+                log.warning(
+                    f"{self.cfg.train.output_dir} held checkpoints of another history of this run directory (after"
+                    f" step {start}): {names} moved to {moved} (not deleted: remove it once you do not need it)"
+                )
+        barrier()
         if resume is None:
             return
         state = load_training_checkpoint(resume.checkpoint, self._trained(), self.args, self.cfg)  # collective
