@@ -142,3 +142,34 @@ def test_a_rollback_sets_the_later_history_aside_and_keep_last_prunes_by_step(ar
     console = _popo_train(out, arith_model, "train.steps=5", *every)
     assert "at step 4/5" in console, console[-3000:]
     assert [p.name for p in run_checkpoints(root)] == ["step_000004", "step_000005"]
+
+
+def test_a_second_job_on_the_same_directory_refuses_at_once_naming_the_first(arith_model, tmp_path):
+    import socket
+    import time
+
+    from popo_megatron.checkpoint.runs import latest_checkpoint
+    from popo_megatron.trainer.run_lock import LOCK_FILE
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "popo_megatron", "train", str(EXAMPLE), f"model.hf_path={arith_model}"]
+    command += [f"train.output_dir={out}", "eval.data=null", *SMALL, "train.checkpoint_every=5"]
+    log = open(tmp_path / "first.log", "wb")
+    first = subprocess.Popen([*command, "train.steps=40"], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / LOCK_FILE).exists():
+            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.5)
+        start = time.monotonic()
+        second = subprocess.run([*command, "train.steps=40"], capture_output=True, text=True, timeout=300)
+        seconds = time.monotonic() - start
+        console = second.stdout + second.stderr
+        assert second.returncode == 2 and "Traceback" not in console, console[-3000:]
+        assert f"is in use by another run (host {socket.gethostname()} PID" in console, console[-3000:]
+        assert seconds < 60, f"the second job took {seconds:.0f} s to refuse"
+        assert first.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    finally:
+        first.kill()
+    assert latest_checkpoint(out).name == "step_000040", "the first run finished untouched"
+    assert not (out / LOCK_FILE).exists(), "released at the end"

@@ -13,10 +13,12 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from popo_megatron.errors import UserError
 from popo_megatron.platform import init_distributed
 from popo_megatron.trainer.heldout import HeldoutEvaluator
 from popo_megatron.trainer.logbook import Logbook, clear_run_state, write_run_state
 from popo_megatron.trainer.recipe import Recipe
+from popo_megatron.trainer.run_lock import RunLock
 
 
 @dataclass
@@ -62,6 +64,32 @@ def train(cfg: DictConfig) -> RunSummary:
     """Run (or resume) the configured training on this rank; collective over the world."""
     stop = _StopRequest(cfg.train.max_wall_time_s)
     rank0 = init_distributed().rank == 0
+    lock = _lock_run_directory(cfg.train.output_dir, rank0)  # collective; before anything touches the directory
+    try:
+        return _train(cfg, stop, rank0)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_run_directory(output_dir: str, rank0: bool) -> RunLock | None:
+    """Rank 0 takes the run directory's lock; every rank raises the same UserError when another run holds
+    it (collective)."""
+    lock, refused = None, [None]
+    if rank0:
+        try:
+            lock = RunLock(output_dir)
+            lock.acquire()
+        except UserError as exc:
+            lock, refused = None, [str(exc)]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(refused, src=0)
+    if refused[0]:
+        raise UserError(refused[0])
+    return lock
+
+
+def _train(cfg: DictConfig, stop: _StopRequest, rank0: bool) -> RunSummary:
     if rank0:  # before anything can fail: a job script must not requeue a run that crashed
         clear_run_state(Path(cfg.train.output_dir))
     heldout = HeldoutEvaluator(cfg) if cfg.eval.data else None  # its data loads (or fails) before the engine starts
