@@ -80,3 +80,24 @@ def test_grading_workers_survive_stop_signals():
         grades = pool.map([("c", 0.2), ("d", 0.2)])
         assert [g.score for g in grades] == [1.0, 1.0]
         assert pool.stats.restarts == 0 and pool.stats.crashes == 0
+
+
+def test_the_stop_margin_includes_the_save_and_checkpoints_come_due_by_time():
+    from popo_megatron.trainer.loop import StopRequest
+
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        stop = StopRequest(max_wall_time_s=100.0, checkpoint_every_minutes=None)
+        stop.start -= 50  # 50 s into the job
+        assert stop.agreed(step_s=10.0, save_s=20.0) == (None, False)  # 50 + 2 x 10 + 20 <= 100
+        assert stop.agreed(step_s=10.0, save_s=45.0) == ("time", False), "a slow save no longer fits"
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.agreed(step_s=0.0, save_s=0.0) == ("signal", False)
+
+        timed = StopRequest(max_wall_time_s=None, checkpoint_every_minutes=0.5)
+        assert timed.agreed(step_s=1.0, save_s=1.0) == (None, False)
+        timed.last_save -= 31
+        assert timed.agreed(step_s=1.0, save_s=1.0) == (None, True)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)

@@ -314,6 +314,7 @@ def _crash_worker(model: str, out: str) -> None:
     from megatron.core import dist_checkpointing
 
     from popo_megatron.config import load_config
+    from popo_megatron.trainer.loop import StopRequest, save_or_record_stop
     from popo_megatron.trainer.recipe import Recipe
 
     cfg = load_config(EXAMPLE, [f"model.hf_path={model}", f"train.output_dir={out}", *SMALL])
@@ -330,8 +331,8 @@ def _crash_worker(model: str, out: str) -> None:
 
         real_save, dist_checkpointing.save = dist_checkpointing.save, crash
         try:
-            with pytest.raises(OSError, match="disk full"):
-                state.save()
+            with pytest.raises(OSError, match="disk full"):  # while stopping for a signal: run_state.json still
+                save_or_record_stop(state, StopRequest(None, None), "signal", rank0=True)
         finally:
             dist_checkpointing.save = real_save
     finally:
@@ -345,6 +346,9 @@ def test_crash_while_checkpointing_keeps_the_previous_latest(arith_model, tmp_pa
     run_local(_crash_worker, 1, str(arith_model), str(out))
     assert latest_checkpoint(out).name == "step_000001"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000001"], "nothing partial"
+    # The job script requeues it, to resume from the checkpoint that is there.
+    state = json.loads((out / "run_state.json").read_text())
+    assert state == {"step": 1, "steps": state["steps"], "complete": False, "stopped_by": "signal"}
 
 
 def test_stops_with_a_checkpoint_before_the_wall_time_limit(arith_model, tmp_path):

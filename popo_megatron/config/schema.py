@@ -401,7 +401,10 @@ class TrainConfig:
     prompts_per_step: int = 16  # prompts per step over all ranks; each gets rollout.n responses
     mini_batches: int = 1  # optimiser steps per rollout step
     micro_batch_size: int = 8  # rows per micro-batch on each data-parallel rank (fewer when fewer rows train)
-    checkpoint_every: int = 0  # steps; 0: only at the end and on SIGTERM / SIGUSR1
+    checkpoint_every: int = 0  # steps; 0: only at the end, on SIGTERM / SIGUSR1 and by checkpoint_every_minutes
+    # Also checkpoint once this many minutes have passed since the last save (or the start), so that a crash
+    # loses at most that much; None: by steps only.
+    checkpoint_every_minutes: Optional[float] = 30.0
     keep_last: int = 2  # checkpoints kept in output_dir
     resume: bool = True  # continue from output_dir/latest when there is one
     # Start from this training checkpoint instead (e.g. another run's, at another layout); wins over `resume`.

@@ -141,6 +141,11 @@ def _algorithm_problems(cfg: DictConfig) -> list[str]:
         ("train.keep_last", cfg.train.keep_last >= 1, "must be >= 1"),
         ("train.max_nonfinite_steps", cfg.train.max_nonfinite_steps >= 1, "must be >= 1"),
         (
+            "train.checkpoint_every_minutes",
+            cfg.train.checkpoint_every_minutes is None or cfg.train.checkpoint_every_minutes > 0,
+            "must be > 0 (or null: by steps only)",
+        ),
+        (
             "train.max_wall_time_s",
             cfg.train.max_wall_time_s is None or cfg.train.max_wall_time_s > 0,
             "must be > 0 (or null: no limit)",

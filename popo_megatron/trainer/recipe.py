@@ -54,6 +54,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 log = get_logger("trainer")
+# A conservative write rate per rank for the first checkpoint's time, before one is measured (a parallel file
+# system under a whole job's writes; local disks are faster).
+SAVE_BYTES_PER_S = 200e6
 
 
 class Recipe:
@@ -344,6 +347,15 @@ class Recipe:
         objective = self.objective
         target = objective.target if objective.saves_target else None
         return Trained(self.model, self.optimizer, target, objective.head, self.head_optimizer)
+
+    def estimated_save_s(self) -> float:
+        """What a first checkpoint should take on this rank, before one was measured: its weights, Adam's
+        fp32 master weights and two moments, and the EMA target, at SAVE_BYTES_PER_S."""
+        params = sum(p.numel() for p in self.model.parameters())
+        target = self.objective.target if self.objective.saves_target else None
+        return (params * (self.model.config.params_dtype.itemsize + 12) + (target.nbytes if target else 0)) / (
+            SAVE_BYTES_PER_S
+        )
 
     def save(self) -> None:
         """Checkpoint the run at its current step (collective)."""
