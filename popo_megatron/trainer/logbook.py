@@ -11,6 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from popo_megatron.checkpoint.durable import write_text_durably
 from popo_megatron.logs import get_logger, progress
 from popo_megatron.metrics import METRICS, STEP_VALUES, Reduce
 from popo_megatron.trainer.watch import RunWatch
@@ -177,7 +178,8 @@ def clear_run_state(output_dir: Path) -> None:
 
 def write_run_state(output_dir: Path, step: int, steps: int, stopped_by: str | None) -> None:
     state = {"step": step, "steps": steps, "complete": step >= steps, "stopped_by": stopped_by}
-    (output_dir / RUN_STATE).write_text(json.dumps(state) + "\n")
+    # Durably, in json.dumps's spacing: slurm/train.sbatch greps it to decide whether to requeue.
+    write_text_durably(output_dir / RUN_STATE, json.dumps(state) + "\n")
 
 
 def _run_state_line(output_dir: Path) -> str:
