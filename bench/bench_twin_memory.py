@@ -39,9 +39,9 @@ def measure(shape: str, tp: int, dp: int) -> dict:
     from popo_megatron.model.builder import build_gpt_model
     from popo_megatron.model.hf_config import read_hf_config
     from popo_megatron.model.training import wrap_ddp
-    from popo_megatron.platform import apply_cpu_compat
+    from popo_megatron.platform import apply_compat
 
-    apply_cpu_compat()
+    apply_compat()
     # Megatron places buffers on torch.cuda.current_device(): make that the meta device for this process.
     torch.cuda.current_device = lambda: "meta"
     dist.init_process_group("fake", rank=0, world_size=tp * dp, store=FakeStore())

@@ -16,9 +16,9 @@ def _cfg(*overrides):
     return load_config(overrides=["model.hf_path=/x", *overrides])
 
 
-def _invalid(cfg, world_size=1, hf=QWEN, cuda=False):
+def _invalid(cfg, world_size=1, hf=QWEN, cuda=False, te=True):
     with pytest.raises(ConfigError) as err:
-        validate_config(cfg, world_size, parse_hf_config(hf), cuda_available=cuda)
+        validate_config(cfg, world_size, parse_hf_config(hf), cuda_available=cuda, te_installed=te)
     return str(err.value)
 
 
@@ -105,6 +105,12 @@ def test_invalid_layouts(overrides, world, hf, expected):
     import re
 
     assert re.search(expected, _invalid(_cfg(*overrides), world, hf))
+
+
+@pytest.mark.parametrize("setting", ["model.fp8.enabled=true", "model.spec=te"])
+def test_fp8_and_the_te_spec_need_transformer_engine_installed_on_gpu(setting):
+    msg = _invalid(_cfg(setting), cuda=True, te=False)
+    assert f"{setting} needs Transformer Engine, which is not installed here: install the gpu extra" in msg
 
 
 def test_fp8_needs_te_spec_on_gpu():
@@ -246,6 +252,7 @@ def test_a_policy_copy_of_fp8_weights_is_refused():
         1,
         parse_hf_config(QWEN),
         cuda_available=True,
+        te_installed=True,
     )
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from popo_megatron.platform.cpu_compat import PATCHES
+from popo_megatron.platform.cpu_compat import DEVICE_INDEPENDENT, PATCHES
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU layer is only applied without CUDA")
 
@@ -232,7 +232,18 @@ def test_patch_is_needed_and_sufficient(name):
 
 
 def test_apply_is_idempotent():
-    from popo_megatron.platform.cpu_compat import apply_cpu_compat
+    from popo_megatron.platform.cpu_compat import apply_compat
 
-    apply_cpu_compat()
-    assert apply_cpu_compat() == []  # a second call applies nothing
+    apply_compat()
+    assert apply_compat() == []  # a second call applies nothing
+
+
+def test_on_cuda_only_the_device_independent_fixes_apply():
+    # In a fresh process (the applied set is per process), with CUDA reported present.
+    code = (
+        "import torch; torch.cuda.is_available = lambda: True; "
+        "from popo_megatron.platform.cpu_compat import apply_compat; print('APPLIED', *apply_compat())"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    lines = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("APPLIED")]
+    assert proc.returncode == 0 and lines == [list(DEVICE_INDEPENDENT)], proc.stdout + proc.stderr[-2000:]

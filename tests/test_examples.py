@@ -31,7 +31,7 @@ ARITHMETIC = {"architectures": ["Qwen2ForCausalLM"], **ARITHMETIC_QWEN2}
 def test_example_validates(name, model, worlds, cuda):
     cfg = load_config(EXAMPLES / name)
     for world in worlds:
-        validate_config(cfg, world, parse_hf_config(model), cuda_available=cuda)
+        validate_config(cfg, world, parse_hf_config(model), cuda_available=cuda, te_installed=cuda)
 
 
 def test_examples_are_all_covered():

@@ -16,14 +16,22 @@ from popo_megatron.rollout.seeds import MAX_ROUNDS
 
 
 def validate_config(
-    cfg: DictConfig, world_size: int, model: HFModelArgs | None = None, cuda_available: bool | None = None
+    cfg: DictConfig,
+    world_size: int,
+    model: HFModelArgs | None = None,
+    cuda_available: bool | None = None,
+    te_installed: bool | None = None,
 ) -> None:
     """Raise ConfigError listing every problem of `cfg` for this world size and model
-    (`cuda_available` defaults to what this machine has)."""
+    (`cuda_available` and `te_installed`, Transformer Engine, default to what this machine has)."""
     if cuda_available is None:
         from popo_megatron.platform import cuda_available as machine_has_cuda
 
         cuda_available = machine_has_cuda()
+    if te_installed is None:
+        from popo_megatron.platform.device import transformer_engine_installed
+
+        te_installed = transformer_engine_installed()
     problems: list[str] = []
     par = cfg.parallel
     tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
@@ -54,6 +62,9 @@ def validate_config(
             problems.append("model.spec=te needs CUDA and Transformer Engine; use 'auto' or 'local' on this machine")
         if cfg.model.fp8.enabled:
             problems.append("model.fp8.enabled=true needs CUDA and Transformer Engine (not available on this machine)")
+    elif not te_installed and (spec == "te" or cfg.model.fp8.enabled):
+        what = "model.spec=te" if spec == "te" else "model.fp8.enabled=true"
+        problems.append(f"{what} needs Transformer Engine, which is not installed here: install the gpu extra")
     elif cfg.model.fp8.enabled and spec == "local":
         problems.append("model.fp8.enabled=true needs the Transformer Engine layer spec (model.spec=te or auto)")
 

@@ -3,7 +3,10 @@
 megatron-core assumes CUDA in a handful of well-defined ways (measured on
 0.16.1 under Python 3.11 and on 0.19.2 under Python 3.12, see the project's
 cpu-platform notes). Each is one named patch below;
-`apply_cpu_compat()` applies them all, once, and only when CUDA is absent.
+`apply_compat()` applies them all, once, when CUDA is absent. Two of them fix megatron-core itself in a case
+that is not CPU-specific (torch's Adam, which megatron-core uses on GPU too without Apex or Transformer
+Engine; sequence parallelism with the local layer spec): those (DEVICE_INDEPENDENT) apply on CUDA as well,
+and each acts only in its case.
 Every patch only changes behaviour that would otherwise raise ("Torch not
 compiled with CUDA enabled", an assertion, a type check): nothing that works
 on CPU is altered. Each has a test in tests/test_cpu_compat.py that fails
@@ -286,18 +289,23 @@ PATCHES: dict[str, Callable[[], None]] = {
 }
 
 
-def apply_cpu_compat() -> list[str]:
-    """Apply every CPU patch unless CUDA is available. Idempotent; returns the
-    names applied by this call."""
-    if torch.cuda.is_available():
-        return []
-    # Expected on CPU (no TE/Apex kernels, no CUDA streams); otherwise printed by every rank.
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-    warnings.filterwarnings("ignore", message="Apex is not installed. Falling back to Torch Norm")
-    warnings.filterwarnings("ignore", message="When using async grad allreduce it is recommended")
+# Patches of megatron-core's own behaviour in cases that arise on GPU too; they change nothing outside them
+# (the norm only under sequence parallelism with the local spec, the step only for optimisers that keep one
+# per parameter).
+DEVICE_INDEPENDENT = ("sequence_parallel_norm", "optimizer_step_state")
+
+
+def apply_compat() -> list[str]:
+    """Apply every patch when CUDA is absent, the DEVICE_INDEPENDENT ones when it is present. Idempotent;
+    returns the names applied by this call."""
+    on_cpu = not torch.cuda.is_available()
+    if on_cpu:  # expected on CPU (no TE/Apex kernels, no CUDA streams); otherwise printed by every rank
+        warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+        warnings.filterwarnings("ignore", message="Apex is not installed. Falling back to Torch Norm")
+        warnings.filterwarnings("ignore", message="When using async grad allreduce it is recommended")
     applied = []
     for name, patch in PATCHES.items():
-        if name not in _APPLIED:
+        if name not in _APPLIED and (on_cpu or name in DEVICE_INDEPENDENT):
             patch()
             _APPLIED.add(name)
             applied.append(name)

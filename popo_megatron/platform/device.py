@@ -86,6 +86,18 @@ def engine_can_sleep() -> bool:
     return cuda_available()
 
 
+def release_cached_memory() -> str | None:
+    """Before the colocated engine wakes: give the caching allocator's free blocks (what the backward pass
+    left) back to the device, where vLLM's sleep-mode allocator can map them; otherwise the engine finds
+    less memory than the trainer no longer uses. Returns the device's free memory as a line for the log
+    (None on CPU, where freed memory goes back to the system by itself)."""
+    if not cuda_available():
+        return None
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info()
+    return f"{free / 2**30:.1f} of {total / 2**30:.1f} GiB free on the device"
+
+
 def set_engine_threads(threads: int | None) -> None:
     """CPU: the OpenMP threads of an engine about to start (vLLM reads OMP_NUM_THREADS at start and then
     disables torch.set_num_threads for the whole process)."""

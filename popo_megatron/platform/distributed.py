@@ -22,7 +22,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from popo_megatron.errors import UserError
-from popo_megatron.platform.cpu_compat import apply_cpu_compat
+from popo_megatron.platform.cpu_compat import apply_compat
 from popo_megatron.platform.device import cuda_available, dist_backend
 
 
@@ -105,7 +105,7 @@ def init_model_parallel(parallel: DictConfig) -> None:
     """Create Megatron's TP/PP/DP groups for the config's `parallel` section
     (idempotent for the same layout). Validate the config first. Applies the CPU compatibility layer
     when there is no CUDA: every use of Megatron-Core goes through here first."""
-    apply_cpu_compat()
+    apply_compat()
     from megatron.core import parallel_state
 
     tensor_parallel = parallel.tensor_model_parallel_size

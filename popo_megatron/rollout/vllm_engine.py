@@ -35,10 +35,12 @@ from omegaconf import DictConfig
 
 from popo_megatron.config.schema import setting_value
 from popo_megatron.errors import UserError
+from popo_megatron.logs import get_logger
 from popo_megatron.logs import progress as progress_bar
 from popo_megatron.platform import (
     capture_rng_state,
     engine_can_sleep,
+    release_cached_memory,
     restore_rng_state,
     set_engine_threads,
     vllm_engine_kwargs,
@@ -46,6 +48,8 @@ from popo_megatron.platform import (
 from popo_megatron.platform.vllm_compat import keep_process_group_on_shutdown, shutdown_engine
 from popo_megatron.rollout.engine import Generation, Response, SamplingSettings
 from popo_megatron.rollout.vllm_weights import reload_vllm_weights
+
+log = get_logger("rollout")
 
 
 class VLLMEngine:
@@ -90,6 +94,7 @@ class VLLMEngine:
         self.sleep_level = rollout_cfg.sleep_level
         self.progress = progress
         self._asleep = False
+        self._woken = False  # the first wake's memory is logged at INFO, later ones at DEBUG
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingSettings, seed: int) -> Generation:
         """`sampling.n` responses per prompt; prompt i is sampled with seed `seed + i`, so a batch is
@@ -134,8 +139,11 @@ class VLLMEngine:
 
     def wake(self) -> None:
         if self._asleep:
+            free = release_cached_memory()  # first: the engine maps its memory again from what is free
             self.llm.wake_up()
             self._asleep = False
+            (log.info if not self._woken else log.debug)(f"rollout engine awake; before waking: {free}")
+            self._woken = True
 
     def shutdown(self) -> None:
         shutdown_engine(self.llm)
