@@ -42,3 +42,17 @@ def module_loaded(name: str, settings) -> Grade:
     import sys
 
     return Grade(1.0 if name in sys.modules else 0.0, "correct" if name in sys.modules else "mismatch", name)
+
+
+def hanging_warm_up() -> None:
+    """A start that never ends (an import stuck on a file system)."""
+    time.sleep(3600)
+
+
+def allocating_grade(text: str, settings) -> Grade:
+    """Allocate without bound on "hog" (sympy expanding an adversarial expression, as far as memory goes)."""
+    if text == "hog":
+        blocks = []
+        while True:
+            blocks.append(bytearray(64 * 2**20))
+    return Grade(1.0, "correct", text)

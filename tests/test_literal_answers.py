@@ -178,3 +178,13 @@ def test_the_watch_warns_when_held_out_beats_training_for_several_evaluations():
     for evaluation, gap in enumerate([HELDOUT_MARGIN + 0.05, 0.0, HELDOUT_MARGIN + 0.05, HELDOUT_MARGIN - 0.01]):
         steady.step(_record(evaluation, 0.5))
         assert steady.heldout(evaluation + 1, 0.5 + gap) is None
+
+
+@pytest.mark.parametrize("reason", ["bad_gold", "parse_failure"])
+def test_the_watch_warns_once_when_the_grader_cannot_read_most_of_a_step(reason):
+    watch = RunWatch()
+    half = {"reward/correct": 5, "reward/mismatch": 5, f"reward/{reason}": 10}
+    assert watch.step({**_record(1, 0.2), "all": half}) == [], "half is not most"
+    [warning] = watch.step({**_record(2, 0.2), "all": {**half, f"reward/{reason}": 11}})
+    assert f"step 2: 11 of 21 grades are {reason}" in warning
+    assert watch.step({**_record(3, 0.2), "all": {f"reward/{reason}": 30}}) == [], "once per run"

@@ -8,7 +8,15 @@ import sys
 import time
 
 import pytest
-from grading_helpers import crashing_grade, module_loaded, raising_grade, sleepy_grade, slow_warm_up
+from grading_helpers import (
+    allocating_grade,
+    crashing_grade,
+    hanging_warm_up,
+    module_loaded,
+    raising_grade,
+    sleepy_grade,
+    slow_warm_up,
+)
 
 from popo_megatron.config import load_config
 from popo_megatron.metrics import MetricAccumulator
@@ -177,3 +185,61 @@ def test_a_script_read_from_stdin_is_told_why_workers_cannot_start():
 def test_mismatched_inputs_are_refused(verifier):
     with pytest.raises(ValueError, match="2 responses but 1 gold answers"):
         verifier.grade(["a", "b"], ["1"])
+
+
+def test_last_math_is_the_regex_alternation_in_one_pass():
+    import random
+    import re
+
+    from popo_megatron.reward.extract import _last_math
+
+    regex = re.compile(r"\$([^$]+)\$|\\\((.+?)\\\)", re.DOTALL)  # what it replaces: quadratic
+
+    def reference(text):
+        matches = regex.findall(text)
+        return next((m for m in reversed(matches[-1]) if m), None) if matches else None
+
+    rng = random.Random(0)
+    pieces = ["$", "$$", "\\(", "\\)", "\\", "(", ")", "x", "1", " ", "\n"]
+    for _ in range(5000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        assert _last_math(text) == reference(text), repr(text)
+    # Many openings without a close: one pass (the regex takes minutes here), and the right answer.
+    assert _last_math("\\(" * 200_000) is None
+    assert _last_math("\\(" * 200_000 + "y\\)") == "\\(" * 199_999 + "y"
+    assert _last_math("$" + "a$" * 100_000) == "a"
+
+
+def test_a_worker_stuck_while_starting_is_replaced_then_the_batch_fails(monkeypatch):
+    from popo_megatron.reward import pool as pool_module
+
+    monkeypatch.setattr(pool_module, "STARTUP_S", 1.0)
+    with GradingPool(sleepy_grade, None, workers=1, timeout_s=1.0, warm_up=hanging_warm_up) as pool:
+        with pytest.raises(RuntimeError, match="did not get ready within 1 s of their start, 3 times"):
+            pool.map([("a", 0.0)])
+        assert pool.stats.start_timeouts == 2
+
+
+def test_a_worker_over_its_memory_limit_is_a_crash_not_the_machines():
+    with GradingPool(allocating_grade, None, workers=1, timeout_s=30.0, memory_limit_bytes=1024 * 2**20) as pool:
+        grades = pool.map([("a",), ("hog",), ("b",)])
+        assert [g.reason for g in grades] == ["correct", "worker_crash", "correct"]
+
+
+def test_a_changed_math_verify_is_raised_not_graded_zero(monkeypatch):
+    import math_verify
+
+    from popo_megatron.reward.math_verifier import MathGradeSettings, grade_math
+
+    settings = MathGradeSettings((), TIMEOUT_S)
+
+    def renamed(*args, **kwargs):
+        raise AttributeError("module 'math_verify' has no attribute 'parse_latex'")
+
+    monkeypatch.setattr(math_verify, "parse", renamed)
+    with pytest.raises(AttributeError, match="parse_latex"):
+        grade_math(r"\boxed{x+1}", "1+x", settings)
+    monkeypatch.undo()
+    monkeypatch.setattr(math_verify, "verify", lambda *args, **kwargs: False)  # a changed behaviour
+    with pytest.raises(RuntimeError, match="does not behave as popo_megatron.reward.math_verifier expects"):
+        warm_up_math_verify()

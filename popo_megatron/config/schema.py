@@ -383,7 +383,12 @@ class RolloutConfig:
 @dataclass
 class RewardConfig:
     workers: int = 2  # grading processes
-    timeout_s: float = 5.0  # per response: a worker that overruns is killed and the response scores 0
+    # Per response, all of its grading (math-verify's parses and comparison share it): a worker that overruns
+    # is killed and the response scores 0 (`timeout`).
+    timeout_s: float = 5.0
+    # Each grading worker's memory (its data segment, RLIMIT_DATA): an answer that makes sympy allocate
+    # without bound ends that worker (`worker_crash`, the response scores 0), not the machine.
+    worker_memory_mb: int = 4096
     # Tried in order when a response has no \boxed{}: answer_is, last_math, last_number.
     answer_fallbacks: list[str] = field(default_factory=list)
     # A problem whose gold answer is a literal number accepts only a literal number (432, 432.0, 1,234; a

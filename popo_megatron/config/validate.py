@@ -189,7 +189,8 @@ def _algorithm_problems(cfg: DictConfig) -> list[str]:
         ("eval.k", cfg.eval.k >= 1, "must be >= 1"),
         ("eval.temperature", cfg.eval.temperature is None or cfg.eval.temperature > 0, "must be > 0 (or null)"),
         ("eval.every", cfg.eval.every >= 0, "must be >= 0 (0: only at the start and the end)"),
-        ("reward.timeout_s", cfg.reward.timeout_s > 0, "must be > 0"),
+        ("reward.timeout_s", cfg.reward.timeout_s >= 1, "must be >= 1 (math-verify's alarm counts whole seconds)"),
+        ("reward.worker_memory_mb", cfg.reward.worker_memory_mb >= 256, "must be >= 256"),
     ]
     law = cfg.popo.target.adaptive
     for key in ("m_min", "m_max"):

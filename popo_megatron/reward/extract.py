@@ -21,7 +21,6 @@ from dataclasses import dataclass
 FALLBACKS = ("answer_is", "last_math", "last_number", "only_number")
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
 _ANSWER_IS = re.compile(r"answer is[:\s]*(.+?)(?:\.\s|\.$|\n|$)", re.IGNORECASE)
-_MATH = re.compile(r"\$([^$]+)\$|\\\((.+?)\\\)", re.DOTALL)
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:/\d+)?")
 
 
@@ -77,8 +76,26 @@ def _answer_is(text: str) -> str | None:
 
 
 def _last_math(text: str) -> str | None:
-    matches = _MATH.findall(text)
-    return next((m for m in reversed(matches[-1]) if m), None) if matches else None
+    """The last $...$ (non-empty) or \\(...\\) span, matched left to right as a regex alternation would
+    be, in one pass: each closing delimiter is searched from a pointer that only moves forward (a regex
+    retries the search from every unclosed opening, quadratic in a response of many of them)."""
+    last, i, n = None, 0, len(text)
+    dollar = paren = -2  # the next "$" / "\\)" at or after the position last searched from
+    while i < n:
+        if text[i] == "$":
+            if dollar != -1 and dollar <= i:
+                dollar = text.find("$", i + 1)
+            if dollar > i + 1:  # "$$" is no span: move on by one, as the regex does
+                last, i = text[i + 1 : dollar], dollar + 1
+                continue
+        elif text.startswith("\\(", i):
+            if paren != -1 and paren < i + 3:
+                paren = text.find("\\)", i + 3)
+            if paren != -1:
+                last, i = text[i + 2 : paren], paren + 2
+                continue
+        i += 1
+    return last
 
 
 def _last_number(text: str) -> str | None:

@@ -7,12 +7,21 @@ without delimiters), and compared gold first (`verify` is not symmetric).
 
 math-verify bounds its own parsing and comparison with SIGALRM timeouts,
 which only work in a process's main thread: grading runs in worker processes
-(popo_megatron.reward.pool), which also kill a worker that overruns.
+(popo_megatron.reward.pool), which also kill a worker that overruns. The
+three calls of one sample share one deadline, reward.timeout_s from the
+sample's start, the parent's own deadline (plus its grace): a sample never
+outlives the parent's patience because it was timed three times.
+
+Malformed LaTeX makes math-verify and sympy raise many kinds of errors, all
+graded `parse_failure`; the errors that mean our use of the library is broken
+(a renamed function or argument) are raised, and the warm-up of every worker
+checks the calls this module makes on known answers before it grades.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -25,6 +34,13 @@ from popo_megatron.reward.pool import GradingPool
 
 # Grades keep at most this much of the extracted answer (an adversarial one can be megabytes).
 ANSWER_CHARS = 200
+# Errors that mean the library is not used as it expects (a renamed function or argument), not bad input.
+API_BREAKS = (ImportError, AttributeError, NameError)
+# What every grading worker checks before it grades: each through math-verify (none is literal-only).
+WARM_UP_CASES = (
+    ("\\boxed{0.5}", "\\frac{1}{2}", "correct"),
+    ("\\boxed{\\frac{2}{3}}", "\\frac{1}{2}", "mismatch"),
+)
 
 
 @dataclass(frozen=True)
@@ -82,28 +98,44 @@ def grade_math(response: str, gold: str, settings: MathGradeSettings) -> Grade:
         return quick
     answer = extract_answer(response, settings.fallbacks).answer
     shown = answer[:ANSWER_CHARS]
-    timeout = max(1, round(settings.timeout_s))  # math-verify's alarm counts whole seconds
+    deadline = time.monotonic() + settings.timeout_s
+
+    def seconds_left() -> int:  # math-verify's alarm counts whole seconds
+        left = int(deadline - time.monotonic())
+        if left < 1:
+            raise TimeoutException("the sample's deadline passed")
+        return left
+
     try:
-        gold_parsed = parse(_boxed(gold), parsing_timeout=timeout, raise_on_error=True)
+        gold_parsed = parse(_boxed(gold), parsing_timeout=seconds_left(), raise_on_error=True)
         if not gold_parsed:
             return Grade(0.0, "bad_gold", shown)
-        predicted = parse(_boxed(answer), parsing_timeout=timeout, raise_on_error=True)
+        predicted = parse(_boxed(answer), parsing_timeout=seconds_left(), raise_on_error=True)
         if not predicted:
             return Grade(0.0, "parse_failure", shown)
-        same = verify(gold_parsed, predicted, timeout_seconds=timeout, raise_on_error=True)
+        same = verify(gold_parsed, predicted, timeout_seconds=seconds_left(), raise_on_error=True)
     except TimeoutException:
         return Grade(0.0, "timeout", shown)
-    except Exception:  # sympy / antlr errors on malformed LaTeX, oversized integers, ...
+    except API_BREAKS:
+        raise
+    except Exception:  # sympy / antlr / lark errors on malformed LaTeX, oversized integers, ...
         return Grade(0.0, "parse_failure", shown)
     return Grade(1.0, "correct", shown) if same else Grade(0.0, "mismatch", shown)
 
 
 def warm_up_math_verify() -> None:
-    """Import math-verify and sympy and run one comparison: seconds of first-use cost on a loaded machine,
-    paid before a grading worker reports ready instead of inside a sample's deadline."""
-    from math_verify import parse, verify
-
-    verify(parse(_boxed("\\frac{1}{2}")), parse(_boxed("0.5")))
+    """Import math-verify and sympy and grade known answers with the calls grade_math makes: seconds of
+    first-use cost on a loaded machine, paid before a grading worker reports ready instead of inside a
+    sample's deadline, and a check that the library still answers as this module expects (a changed API or
+    behaviour stops the worker's start with the reason, instead of grading every answer 0)."""
+    settings = MathGradeSettings((), 30.0)
+    for response, gold, reason in WARM_UP_CASES:
+        got = grade_math(response, gold, settings).reason
+        if got != reason:
+            raise RuntimeError(
+                f"math-verify graded {response!r} against {gold!r} as {got!r}, not {reason!r}: this version of"
+                " math-verify does not behave as popo_megatron.reward.math_verifier expects"
+            )
 
 
 class MathVerifier:
@@ -114,7 +146,13 @@ class MathVerifier:
         settings = MathGradeSettings.from_config(reward_cfg, literal_default)
         self.settings = settings
         self.pool = GradingPool(
-            grade_math, settings, reward_cfg.workers, reward_cfg.timeout_s, progress, warm_up=warm_up_math_verify
+            grade_math,
+            settings,
+            reward_cfg.workers,
+            reward_cfg.timeout_s,
+            progress,
+            warm_up=warm_up_math_verify,
+            memory_limit_bytes=reward_cfg.worker_memory_mb * 2**20,
         )
 
     def grade(self, responses: Sequence[str], golds: Sequence[str]) -> list[Grade]:

@@ -4,10 +4,13 @@ A model output can make a verifier hang (a power tower, a million digits,
 thousands of nested braces). Each worker grades one sample at a time; the
 parent waits on all of them at once and, when a sample overruns its timeout,
 kills that worker, records the sample as "timeout" and starts a replacement.
-A worker that dies (a segfault in a native library, an OOM kill) is replaced
-the same way and its sample recorded as "worker_crash". So a batch always
-returns, every sample costs at most its timeout (plus the grace below), and a
-bug in the grading code itself (an exception) is raised, not hidden as a zero.
+A worker that dies (a segfault in a native library, an OOM kill, its memory
+limit) is replaced the same way and its sample recorded as "worker_crash". A
+worker that is not ready STARTUP_S after its start is replaced too (a stuck
+import on a shared file system), and the batch fails after MAX_START_FAILURES
+of them. So a batch always returns, every sample costs at most its timeout
+(plus the grace below), and a bug in the grading code itself (an exception)
+is raised, not hidden as a zero.
 
 Workers are started with "spawn": the trainer's processes hold threads
 (gloo, vLLM) that make fork unsafe. They ignore the stop signals (Ctrl-C and
@@ -23,6 +26,7 @@ from __future__ import annotations
 import atexit
 import multiprocessing as mp
 import os
+import resource
 import sys
 import time
 import traceback
@@ -37,6 +41,11 @@ from popo_megatron.reward.grade import Grade
 
 # Added to the timeout before a worker is killed: process scheduling, not grading.
 GRACE_S = 0.5
+# A worker's start (spawn, imports, warm-up) may take this long before it is replaced, and this many such
+# replacements in one batch fail it.
+STARTUP_S = 180.0
+MAX_START_FAILURES = 3
+MEMORY_EXIT = 75  # a worker's exit status when a sample ran it out of its memory limit
 _UNIMPORTABLE_MAIN = (
     "the calling script was read from standard input, and a 'spawn' worker must import the parent's main "
     "module: run the script from a file (python script.py), or from an importable module"
@@ -50,9 +59,15 @@ def _main_unimportable() -> bool:
 
 
 def _worker_main(
-    conn: Connection, grade: Callable[..., Grade], settings: Any, warm_up: Callable[[], None] | None
+    conn: Connection,
+    grade: Callable[..., Grade],
+    settings: Any,
+    warm_up: Callable[[], None] | None,
+    memory_limit_bytes: int | None,
 ) -> None:
     ignore_stop_signals()
+    if memory_limit_bytes is not None:  # the heap and private mappings: sympy's, not the machine's
+        resource.setrlimit(resource.RLIMIT_DATA, (memory_limit_bytes, memory_limit_bytes))
     if warm_up is not None:  # before "ready": imports must not eat into the first sample's deadline
         warm_up()
     conn.send(("ready", None, None))
@@ -63,6 +78,8 @@ def _worker_main(
         index, args = task
         try:
             conn.send(("done", index, grade(*args, settings)))
+        except MemoryError:  # over the limit: the parent sees a crashed worker and replaces it
+            os._exit(MEMORY_EXIT)
         except Exception:
             conn.send(("error", index, traceback.format_exc()))
 
@@ -71,6 +88,7 @@ def _worker_main(
 class _Worker:
     process: mp.process.BaseProcess
     conn: Connection
+    started: float  # time.monotonic() at its start
     ready: bool = False
     task: int | None = None  # the index being graded
     deadline: float = 0.0
@@ -81,6 +99,7 @@ class PoolStats:
     timeouts: int = 0
     crashes: int = 0
     restarts: int = 0
+    start_timeouts: int = 0
     reasons: Counter = field(default_factory=Counter)
 
 
@@ -96,10 +115,12 @@ class GradingPool:
         timeout_s: float,
         progress: bool = False,
         warm_up: Callable[[], None] | None = None,
+        memory_limit_bytes: int | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"a grading pool needs at least one worker, got {workers}")
         self._grade, self._settings, self._warm_up = grade, settings, warm_up
+        self.memory_limit_bytes = memory_limit_bytes
         self.timeout_s = timeout_s
         self.progress = progress
         self.stats = PoolStats()
@@ -111,14 +132,14 @@ class GradingPool:
         parent, child = self._context.Pipe()
         process = self._context.Process(
             target=_worker_main,
-            args=(child, self._grade, self._settings, self._warm_up),
+            args=(child, self._grade, self._settings, self._warm_up, self.memory_limit_bytes),
             daemon=True,
             name="popo-grader",
         )
         with stop_signals_held():  # until the worker ignores them itself
             process.start()
         child.close()
-        return _Worker(process, parent)
+        return _Worker(process, parent, started=time.monotonic())
 
     def _replace(self, worker: _Worker) -> None:
         if worker.process.is_alive():
@@ -139,14 +160,16 @@ class GradingPool:
             self.stats.reasons[grade.reason] += 1
             bar.update()
 
+        start_failures = 0
         while pending or any(w.task is not None for w in self._workers):
             for worker in self._workers:
                 if worker.ready and worker.task is None and pending:
                     worker.task = pending.popleft()
                     worker.deadline = time.monotonic() + self.timeout_s + GRACE_S
                     worker.conn.send((worker.task, items[worker.task]))
-            busy = [w for w in self._workers if w.task is not None]
-            timeout = max(0.0, min(w.deadline for w in busy) - time.monotonic()) if busy else None
+            deadlines = [w.deadline for w in self._workers if w.task is not None]
+            deadlines += [w.started + STARTUP_S for w in self._workers if not w.ready]
+            timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
             watched = {w.conn: w for w in self._workers} | {w.process.sentinel: w for w in self._workers}
             ready = wait(list(watched), timeout=timeout)
             for worker in {watched[obj] for obj in ready}:
@@ -181,6 +204,16 @@ class GradingPool:
                 if worker.task is not None and now > worker.deadline:
                     finish(worker.task, Grade(0.0, "timeout"))
                     self.stats.timeouts += 1
+                    self._replace(worker)
+                elif not worker.ready and now > worker.started + STARTUP_S:
+                    start_failures += 1
+                    if start_failures >= MAX_START_FAILURES:
+                        raise RuntimeError(
+                            f"grading workers did not get ready within {STARTUP_S:.0f} s of their start, "
+                            f"{start_failures} times in this batch (spawn, imports, the warm-up): see why by "
+                            "running the grading function in a plain process"
+                        )
+                    self.stats.start_timeouts += 1
                     self._replace(worker)
         bar.close()
         return results  # type: ignore[return-value]

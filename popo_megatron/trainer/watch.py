@@ -12,7 +12,11 @@ learned to answer "What is 79 * 51?" with `\\boxed{79 * 51}`):
   0.89 at T=0.6 for one checkpoint), hence the margin. The train reward compared is the mean over the
   steps since the previous evaluation.
 
-The entropy warning is the POPO authors': the step's mean token entropy below a floor
+A grader that cannot read most of a step is a broken reward, not a hard task: a warning when `bad_gold`
+(the data's gold answers do not parse) or `parse_failure` (the answers do not) is the majority of a step's
+grades.
+
+The entropy warning is the POPO authors'': the step's mean token entropy below a floor
 (popo.low_entropy_warning, 0.5 by default; off for other objectives) is a risk of policy collapse.
 
 Each warning is given once per run, naming the step, what was seen and what to do.
@@ -22,12 +26,19 @@ from __future__ import annotations
 
 import math
 
-from popo_megatron.metrics import RESTATED_PROBLEM
+from popo_megatron.metrics import RESTATED_PROBLEM, REWARD_REASONS
 
 RESTATED_SHARE = 0.5
 RESTATED_MIN_CORRECT = 8
 HELDOUT_MARGIN = 0.15
 HELDOUT_EVALS = 2
+# A grade reason that must not be most of a step, and what it means.
+UNREADABLE = {
+    "bad_gold": "the data set's gold answers do not parse as math (check data.answer_key and the answers' "
+    "format); those problems can never be rewarded",
+    "parse_failure": "the extracted answers do not parse as math (read them with train.save_rollouts=true; check "
+    "the prompt's answer-format instruction and reward.answer_fallbacks)",
+}
 
 
 class RunWatch:
@@ -40,7 +51,19 @@ class RunWatch:
     def step(self, record: dict) -> list[str]:
         """The warnings a step's metrics.jsonl record calls for."""
         self._rewards.append(record["reward_mean"])
-        return [w for w in (self._restated(record), self._entropy(record)) if w is not None]
+        warnings = (self._restated(record), self._unreadable(record), self._entropy(record))
+        return [w for w in warnings if w is not None]
+
+    def _unreadable(self, record: dict) -> str | None:
+        measured = record["all"]
+        graded = sum(measured.get(metric.name, 0) for metric in REWARD_REASONS.values())
+        for reason, what in UNREADABLE.items():
+            count = measured.get(REWARD_REASONS[reason].name, 0)
+            if graded and count > graded / 2:
+                return self._once(
+                    reason, f"step {record['step']}: {count:.0f} of {graded:.0f} grades are {reason}: {what}"
+                )
+        return None
 
     def _entropy(self, record: dict) -> str | None:
         entropy = record.get("entropy", float("nan"))
