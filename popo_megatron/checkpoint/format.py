@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from popo_megatron.checkpoint.durable import fsync_dir, fsync_tree
+from popo_megatron.checkpoint.safe_metadata import check_dcp_metadata
 from popo_megatron.errors import UserError
 from popo_megatron.model.hf_config import HFModelArgs, read_hf_config
 from popo_megatron.model.layout import megatron_query_groups, padded_vocab_size
@@ -117,6 +118,7 @@ def read_checkpoint(ckpt_dir: str | Path) -> tuple[CheckpointInfo, HFModelArgs]:
         )
     if not (ckpt_dir / MEGATRON_DIR / ".metadata").is_file():
         raise CheckpointError(f"{ckpt_dir / MEGATRON_DIR}: the Megatron distributed checkpoint is missing")
+    check_dcp_metadata(ckpt_dir / MEGATRON_DIR / ".metadata")  # before anything unpickles it
     return info, read_hf_config(ckpt_dir / HF_DIR)
 
 

@@ -77,7 +77,10 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     marker = Path(output_dir) / CHECKPOINTS / LATEST
     if not marker.is_file():
         return None
-    path = marker.parent / marker.read_text().strip()
+    name = marker.read_text().strip()
+    if step_of(Path(name)) is None or Path(name).name != name:  # a checkpoint of this directory, by name
+        raise CheckpointError(f"{marker} names {name[:100]!r}, not a checkpoint of {marker.parent} (step_N)")
+    path = marker.parent / name
     if not path.is_dir():
         raise CheckpointError(f"{marker} points to {path.name}, which does not exist")
     return path

@@ -75,6 +75,11 @@ def _mapped(path: Path, entry: dict, data_start: int) -> torch.Tensor:
     return flat.view(shape)
 
 
+def _plain_file_name(name: object) -> bool:
+    """A file name of the directory itself: no path separator, not "." or "..", not absolute."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
 class HFCheckpoint:
     """Tensor name -> lazily sliceable tensor, over one or many safetensors files."""
 
@@ -87,6 +92,9 @@ class HFCheckpoint:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError) as exc:
                 raise MappingError(f"{index}: not a safetensors index (needs a 'weight_map'): {exc}") from exc
+            outside = sorted({f for f in weight_map.values() if not _plain_file_name(f)})
+            if outside:  # "../x", "/etc/x": the index may name files of this directory only
+                raise MappingError(f"{index}: names shard files outside its directory: {outside[:3]}")
             self._file_of = {name: self.path / fname for name, fname in weight_map.items()}
         else:
             files = sorted(self.path.glob("*.safetensors"))
