@@ -54,3 +54,16 @@ def test_a_safetensors_index_names_files_of_its_own_directory(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(MappingError, match="names shard files outside its directory"):
         HFCheckpoint(tmp_path)
+
+
+@pytest.mark.parametrize("as_path", [True, False], ids=["path_id", "str_id"])
+def test_metadata_torch_writes_passes_the_check(tmp_path, as_path):
+    """Both ways DCP is given a checkpoint id (a conversion passes a Path, training a str) are admitted."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from popo_megatron.checkpoint.safe_metadata import check_dcp_metadata
+
+    target = tmp_path / "dcp"
+    dcp.save({"w": torch.ones(3, 2), "step": torch.tensor(4)}, checkpoint_id=target if as_path else str(target))
+    check_dcp_metadata(target / ".metadata")

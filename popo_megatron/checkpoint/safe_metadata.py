@@ -3,7 +3,7 @@
 torch's DCP reader unpickles `.metadata` with plain `pickle.load`: a checkpoint from elsewhere could run
 anything when it is loaded. Before any checkpoint is read, its `.metadata` is unpickled here with an
 unpickler that admits only what DCP writes (its metadata and planner classes, torch sizes, dtypes, layouts
-and memory formats, and the one torch function that rebuilds a layout); anything else refuses the
+memory formats and paths, and the one torch function that rebuilds a layout); anything else refuses the
 checkpoint, naming the class, and nothing of it has run. DCP's own load of the same bytes is then safe.
 The other files are read safely already: `common.pt` and the tensor shards with torch's weights-only load.
 """
@@ -19,7 +19,10 @@ import torch
 from popo_megatron.errors import UserError
 
 _DCP_MODULES = ("torch.distributed.checkpoint.",)
-_ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
+# A path is what DCP stores as the checkpoint id when it was given one (a conversion does); building one runs
+# nothing.
+_PATHS = {("pathlib", name) for name in ("Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")}
+_ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"), *_PATHS}
 _TORCH_VALUES = (torch.dtype, torch.layout, torch.memory_format)
 
 
