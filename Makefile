@@ -27,7 +27,7 @@ test: setup setup-system
 
 # The edit loop: the tests that run in one process (no torchrun world, no popo train), under a minute.
 FAST_TESTS := architecture batching config convert_errors data docs drift_control dynamic_sampling examples \
-	gpu_logic literal_answers losses mapping optimizer_state resume_plan run_lock signals untrusted word_problems
+	gpu_logic literal_answers logbook losses mapping optimizer_state resume_plan run_lock signals untrusted word_problems
 test-fast: setup
 	$(PY) -m pytest $(foreach t,$(FAST_TESTS),tests/test_$(t).py)
 

@@ -139,6 +139,11 @@ def _complete_run(cfg, resume, rank0: bool) -> int:
     if rank0:
         message = f"popo train: {out} is a complete run ({resume.step}/{steps} steps): nothing to train; {how}"
         print(message, file=console_out())  # a rank's own standard output is its log file
+        # Recorded again: a run killed after its last checkpoint, before it wrote run_state.json, is
+        # complete (and a job script must not requeue it).
+        from popo_megatron.trainer.logbook import write_run_state
+
+        write_run_state(Path(out), resume.step, steps, None)
     return 0
 
 

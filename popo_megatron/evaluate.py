@@ -24,7 +24,7 @@ from typing import Any, Iterator
 from omegaconf import DictConfig
 
 from popo_megatron.data.problems import ProblemSet
-from popo_megatron.data.prompts import render_prompt
+from popo_megatron.data.prompts import TOO_LONG, fits_context, render_prompt
 from popo_megatron.logs import progress as progress_bar
 from popo_megatron.rollout.engine import RolloutEngine, SamplingSettings
 
@@ -99,8 +99,10 @@ def evaluate(
     seed: int = 0,
     batch_prompts: int = 64,
     progress: bool = True,
+    context: int | None = None,
 ) -> EvalResult:
-    """k samples per problem of `problems` from `engine`, graded by `verifier` (a MathVerifier)."""
+    """k samples per problem of `problems` from `engine`, graded by `verifier` (a MathVerifier); with the
+    engine's `context`, a problem whose prompt does not fit it scores 0 (reason prompt_too_long)."""
     sampling = replace(sampling, n=k)
     records: list[ProblemRecord] = []
     reasons: Counter = Counter()
@@ -110,12 +112,22 @@ def evaluate(
     for first in range(0, len(problems), batch_prompts):
         batch = problems.problems[first : first + batch_prompts]
         prompts = [render_prompt(p.problem, tokenizer, data_cfg.prompt_template, data_cfg.instruction) for p in batch]
-        generation = engine.generate(prompts, sampling, seed + first)
+        # A prompt the engine's context cannot hold is scored as wrong (prompt_too_long), not sent: vLLM
+        # would refuse the whole batch.
+        sent = [i for i, prompt in enumerate(prompts) if context is None or fits_context(prompt, context)]
+        generation = engine.generate([prompts[i] for i in sent], sampling, seed + first)
         tokens += generation.generated_tokens
         texts = [[tokenizer.decode(r.token_ids, skip_special_tokens=True) for r in g] for g in generation.responses]
-        grades = verifier.grade([t for group in texts for t in group], [p.answer for p in batch for _ in range(k)])
-        for i, (problem, group) in enumerate(zip(batch, texts, strict=True)):
-            mine = grades[i * k : (i + 1) * k]
+        grades = verifier.grade(
+            [t for group in texts for t in group], [batch[i].answer for i in sent for _ in range(k)]
+        )
+        graded = {i: (texts[n], grades[n * k : (n + 1) * k]) for n, i in enumerate(sent)}
+        for i, problem in enumerate(batch):
+            if i not in graded:
+                reasons[TOO_LONG] += k
+                records.append(ProblemRecord(problem.source, problem.answer, 0, [], [TOO_LONG] * k, [None] * k))
+                continue
+            group, mine = graded[i]
             reasons.update(g.reason for g in mine)
             correct = sum(g.correct for g in mine)
             reasons_of, extracted = [g.reason for g in mine], [g.answer for g in mine]

@@ -57,7 +57,16 @@ def test_verbose_puts_everything_on_the_console(arith_model, tmp_path):
 
 
 def test_a_vllm_error_reaches_the_console(arith_model, tmp_path):
-    # A context shorter than the prompts: vLLM itself refuses the requests.
+    # A context longer than the model's: vLLM itself refuses to start.
+    proc = _train(tmp_path / "run", arith_model, "train.steps=1", "rollout.max_model_len=100000")
+    assert proc.returncode != 0
+    assert "max_model_len (100000)" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_prompts_longer_than_the_engines_context_stop_the_run_before_it_starts(arith_model, tmp_path):
+    # Every prompt of the task is longer than 4 tokens: vLLM would refuse each batch mid-run.
     proc = _train(tmp_path / "run", arith_model, "train.steps=1", "rollout.max_model_len=4")
     assert proc.returncode != 0
-    assert "maximum context length" in proc.stderr, proc.stderr[-3000:]
+    assert "have a prompt of at least the engine's context (4 tokens" in proc.stderr, proc.stderr[-3000:]
+    assert "none is left: raise rollout.max_model_len" in proc.stderr
+    assert "Traceback" not in proc.stderr

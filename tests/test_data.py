@@ -198,3 +198,23 @@ def test_sampler_resumes_exactly():
     assert PromptSampler(10, seed=4).next_indices(10) != full[:10]
     with pytest.raises(ValueError, match="does not fit this one"):
         PromptSampler(11, seed=3).load_state_dict(first.state_dict())
+
+
+def test_prompts_the_engines_context_cannot_hold_are_left_out_counted_and_named(tmp_path, caplog):
+    from popo_megatron.data.prompts import TOO_LONG, drop_over_long, fits_context
+
+    tokenizer = arithmetic_tokenizer()  # one token per character: a prompt's length is its text's
+    rows = [{"problem": "1+2=", "answer": 3}, {"problem": "11+22+33=", "answer": 66}, {"problem": "4+4=", "answer": 8}]
+    problems = load_problems(_jsonl(tmp_path / "p.jsonl", rows))
+    data = load_config(overrides=["model.hf_path=unused"]).data
+    lengths = [len(render_prompt(p.problem, tokenizer, data.prompt_template, data.instruction)) for p in problems]
+    context = lengths[1]  # the second prompt fills the context: no room for a response
+    assert lengths[0] < context and lengths[2] < context
+    assert fits_context([0] * (context - 1), context) and not fits_context([0] * context, context)
+    with caplog.at_level("WARNING", logger="popo.data"):
+        kept = drop_over_long(problems, tokenizer, data, context)
+    assert [p.answer for p in kept] == ["3", "8"] and kept.skipped[TOO_LONG] == 1
+    assert f"p.jsonl:2 ({context} tokens)" in caplog.text and "1 of 3 problem(s)" in caplog.text
+    assert drop_over_long(problems, tokenizer, data, context + 1) is problems  # all fit: nothing changes
+    with pytest.raises(DataError, match="none is left: raise rollout.max_model_len"):
+        drop_over_long(problems, tokenizer, data, min(lengths))

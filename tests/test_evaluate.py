@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ def _eval_worker(ckpt: str, out: str) -> None:
 
     from popo_megatron.config import load_config
     from popo_megatron.data.datasets import load_dataset
+    from popo_megatron.data.prompts import render_prompt
     from popo_megatron.evaluate import evaluate
     from popo_megatron.reward.math_verifier import MathVerifier
     from popo_megatron.rollout.engine import SamplingSettings
@@ -54,10 +56,17 @@ def _eval_worker(ckpt: str, out: str) -> None:
         problems = load_dataset(cfg.data)
         sampling = SamplingSettings.from_config(cfg.rollout)
         result = evaluate(engine, problems, tokenizer, verifier, cfg.data, sampling, K, batch_prompts=20)
+        # A context the longer half of the first problems' prompts do not fit: scored 0, never sent to vLLM.
+        few = replace(problems, problems=problems.problems[:8])
+        lengths = sorted(
+            len(render_prompt(p.problem, tokenizer, cfg.data.prompt_template, cfg.data.instruction)) for p in few
+        )
+        cut = evaluate(engine, few, tokenizer, verifier, cfg.data, sampling, K, context=lengths[4], progress=False)
     finally:
         verifier.close()
         engine.shutdown()
     result.write(Path(out))
+    cut.write(Path(out).with_name("cut.json"))
 
 
 def test_evaluate_a_checkpoint(tmp_path):
@@ -85,6 +94,12 @@ def test_evaluate_a_checkpoint(tmp_path):
     assert result["avg_at_k"] == pytest.approx(sum(regraded) / (K * len(records)))
     assert result["pass_at_k"] == pytest.approx(sum(c > 0 for c in regraded) / len(records))
     assert sum(result["reasons"].values()) == K * len(records)
+    # The prompts longer than the context were scored as wrong and named so; the others were sampled.
+    cut = json.loads((tmp_path / "cut.json").read_text())
+    too_long = [r for r in cut["records"] if r["reasons"] == ["prompt_too_long"] * K]
+    assert cut["problems"] == 8 and 1 <= len(too_long) <= 4 and cut["reasons"]["prompt_too_long"] == K * len(too_long)
+    assert all(r["correct"] == 0 and r["responses"] == [] for r in too_long)
+    assert all(len(r["responses"]) == K for r in cut["records"] if r not in too_long)
 
 
 def test_a_run_directory_stands_for_its_newest_checkpoint(tmp_path):

@@ -6,7 +6,10 @@ model, two data-parallel ranks on CPU):
 - train.max_nonfinite_steps refused updates in a row stop the run with one line naming the last checkpoint;
 - weights that are not finite are never saved: the save refuses and `latest` stays where it was;
 - a rollback (train.resume_from an earlier checkpoint of the same directory) sets the later history aside
-  instead of colliding with it, and `keep_last` then prunes by step without touching what `latest` names.
+  instead of colliding with it, and `keep_last` then prunes by step without touching what `latest` names;
+- a second job on the same directory refuses at once, naming the first;
+- a disk that fills while a checkpoint is written: the run stops with one line, nothing of the failed save
+  is left, `latest` names the previous checkpoint, and the same command resumes from it.
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
-from run_helpers import EXAMPLE, SMALL, checkpoint_tensors
+from run_helpers import EXAMPLE, SMALL, assert_same_run, checkpoint_tensors
 
 from popo_megatron.launch import run_local
 
@@ -173,3 +179,111 @@ def test_a_second_job_on_the_same_directory_refuses_at_once_naming_the_first(ari
         first.kill()
     assert latest_checkpoint(out).name == "step_000040", "the first run finished untouched"
     assert not (out / LOCK_FILE).exists(), "released at the end"
+
+
+@contextmanager
+def _small_disk(path: Path, mib: int) -> Iterator[Path]:
+    """A tmpfs of `mib` MiB mounted at `path`: a disk that really fills (ENOSPC)."""
+    path.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(path)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"a small disk needs mount (root with CAP_SYS_ADMIN): {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_disk_that_fills_while_saving_leaves_the_previous_checkpoint_latest(arith_model, tmp_path):
+    from popo_megatron.checkpoint.runs import latest_checkpoint, run_checkpoints
+
+    # A checkpoint of the tiny model is about 8 MiB: the disk holds the first, not the second beside it.
+    with _small_disk(tmp_path / "disk", 14) as disk:
+        out = disk / "run"
+        root = out / "checkpoints"
+        _popo_train(out, arith_model, "train.steps=1", "train.checkpoint_every=1")
+        command = [sys.executable, "-m", "popo_megatron", "train", str(EXAMPLE), f"model.hf_path={arith_model}"]
+        command += [f"train.output_dir={out}", "eval.data=null", *SMALL, "train.checkpoint_every=1", "train.steps=2"]
+        full = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        console = full.stdout + full.stderr
+        assert full.returncode != 0, console[-3000:]
+        assert f"saving {root / 'step_000002'} failed" in console, console[-3000:]
+        assert "MiB free there" in console and "Traceback" not in console, console[-3000:]
+        assert f"the last checkpoint is still {root / 'step_000001'}" in console
+        assert latest_checkpoint(out).name == "step_000001"
+        assert [p.name for p in run_checkpoints(root)] == ["step_000001"]
+        assert not list(root.glob(".*")), "nothing of the failed save is left"
+        # With space again the same command resumes from step 1 and saves step 2.
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
+        console = _popo_train(out, arith_model, "train.steps=2", "train.checkpoint_every=1")
+        assert "at step 1/2" in console, console[-3000:]
+        assert latest_checkpoint(out).name == "step_000002"
+
+
+def test_kill_9_at_random_moments_then_resuming_ends_as_the_uninterrupted_run(arith_model, tmp_path):
+    """The whole job (its launcher, ranks, engine and grading processes) killed with SIGKILL at seeded
+    random moments (once in the start-up, then within a random step or the save after it) and started again
+    each time: it ends complete, with the metrics and the bit-identical weights, Adam state and EMA target
+    of a run that never stopped."""
+    import json
+    import os
+    import random
+    import signal
+    import time
+
+    from popo_megatron.checkpoint.format import read_checkpoint
+    from popo_megatron.checkpoint.runs import latest_checkpoint, step_of
+
+    steps = ["train.steps=4", "train.checkpoint_every=1", "train.keep_last=2"]
+    straight = tmp_path / "straight"
+    _popo_train(straight, arith_model, *steps)
+
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "popo_megatron", "train", str(EXAMPLE), f"model.hf_path={arith_model}"]
+    command += [f"train.output_dir={killed}", "eval.data=null", *SMALL, *steps]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    rng = random.Random(20261207)
+    kills: list[str] = []
+
+    def complete() -> bool:
+        state = killed / "run_state.json"
+        return state.is_file() and json.loads(state.read_text())["complete"]
+
+    while not complete():
+        assert len(kills) < 6, f"the run never completed: {kills}"
+        log = tmp_path / f"start_{len(kills) + 1}.log"
+        latest = latest_checkpoint(killed)
+        done = 0 if latest is None else step_of(latest)
+        with open(log, "wb") as out:
+            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        try:
+            if not kills:  # in the start-up
+                moment = rng.uniform(1, 6)
+                process.wait(timeout=moment)
+            elif len(kills) == 1 and done < 3:  # within a step's save, or the step after it
+                step, delay = rng.randint(done + 1, 3), rng.uniform(0, 1.5)
+                moment = f"{delay:.2f} s after step {step}"
+                while f"step {step}/4 |" not in log.read_text(errors="replace") and process.poll() is None:
+                    time.sleep(0.02)
+                process.wait(timeout=delay)
+            elif len(kills) == 2 and done < 3:  # once a new checkpoint is complete: the next start resumes
+                delay = rng.uniform(0, 1.0)
+                moment = f"{delay:.2f} s after a checkpoint past step {done}"
+                while (step_of(latest_checkpoint(killed) or killed) or 0) <= done and process.poll() is None:
+                    time.sleep(0.02)
+                process.wait(timeout=delay)
+            else:
+                moment = "none"
+                process.wait(timeout=600)
+            assert process.returncode == 0, log.read_text()[-3000:]
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            kills.append(str(moment))
+            latest = latest_checkpoint(killed)
+            if latest is not None:  # whatever the moment was, latest names a complete checkpoint
+                read_checkpoint(latest)
+    assert len(kills) >= 2, kills
+    resumed = [p.name for p in sorted(tmp_path.glob("start_*.log")) if "resumed from" in p.read_text()]
+    assert resumed, f"no start resumed from a checkpoint: {kills}"
+    assert_same_run(straight, killed, step=4)

@@ -11,6 +11,7 @@ import pytest
 from grading_helpers import (
     allocating_grade,
     crashing_grade,
+    exit_with_an_open_pool,
     hanging_warm_up,
     module_loaded,
     raising_grade,
@@ -169,6 +170,23 @@ def test_workers_warm_up_before_their_first_deadline():
     # The verifier's workers have math-verify and sympy imported before they take a sample.
     with GradingPool(module_loaded, None, workers=1, timeout_s=5.0, warm_up=warm_up_math_verify) as pool:
         assert [g.score for g in pool.map([("math_verify",), ("sympy",)])] == [1.0, 1.0]
+
+
+def test_a_process_that_exits_without_closing_its_pool_ends_and_so_do_its_graders(tmp_path):
+    """Graders ignore SIGTERM, which is how multiprocessing stops daemonic children at exit before waiting
+    for them: the pool stops them first, or a rank whose set-up failed would hang instead of exiting."""
+    import multiprocessing as mp
+
+    import psutil
+
+    process = mp.get_context("spawn").Process(target=exit_with_an_open_pool, args=(str(tmp_path / "pid"),))
+    process.start()
+    process.join(timeout=60)
+    if process.exitcode is None:
+        process.kill()
+    assert process.exitcode == 3, "the process hung at exit"
+    grader = int((tmp_path / "pid").read_text())
+    assert not psutil.pid_exists(grader) or psutil.Process(grader).status() == psutil.STATUS_ZOMBIE
 
 
 def test_a_script_read_from_stdin_is_told_why_workers_cannot_start():

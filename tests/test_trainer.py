@@ -6,7 +6,8 @@
   (fixed seed, generous margin), and the run leaves metrics.jsonl, eval.jsonl, TensorBoard events, a
   learning curve and checkpoints.
 - Exact resume: a run stopped by SIGTERM and resumed ends bit-identical to one that never stopped.
-- Resume at another layout (TP=2 -> TP=1) gives the same loss at the first resumed step.
+- Resume at another layout (TP=2 -> TP=1) gives the same loss at the first resumed step, also when the
+  layout changes the KV heads' replication (through `popo convert mcore-reshard`).
 - A resumed run reports the settings it changes, refuses those its checkpoint depends on, and a complete
   run says so instead of training nothing.
 - A crash while a checkpoint is written leaves the previous checkpoint as `latest`.
@@ -270,6 +271,58 @@ def test_resume_at_another_layout(arith_model, tmp_path):
     assert [r["step"] for r in records(moved)] == [4], "the new run starts where the checkpoint stopped"
     expected, resumed = records(reference)[3], records(moved)[0]
     assert resumed["step"] == 4 and resumed["reward_mean"] == expected["reward_mean"], "the same rollouts"
+    for key in ("loss", "pos_loss", "nll", "sim_loss", "ent_loss", "drift", "entropy"):
+        if math.isfinite(expected[key]):
+            assert resumed[key] == pytest.approx(expected[key], abs=1e-4), key
+
+
+def _one_kv_head_model(path: Path) -> Path:
+    """The main job's tiny model with one KV head: at TP=2 it is replicated (two query groups), at TP=1 not."""
+    from popo_megatron.data.synthetic import ARITHMETIC_QWEN2, arithmetic_tokenizer
+    from popo_megatron.model.random_model import save_random_hf_model
+
+    save_random_hf_model(path, "Qwen2Config", 1234, **{**ARITHMETIC_QWEN2, "num_key_value_heads": 1})
+    arithmetic_tokenizer().save_pretrained(path)
+    return path
+
+
+def _reshard(ckpt: Path, out: Path, tp: int) -> None:
+    command = [sys.executable, "-m", "popo_megatron", "convert", "mcore-reshard", "--ckpt", str(ckpt)]
+    proc = subprocess.run([*command, "--out", str(out), "--tp", str(tp), "--pp", "1", "--quiet"], capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+
+
+def test_resume_across_a_kv_head_replication_change_through_mcore_reshard(tmp_path):
+    """TP=2 -> TP=1 with one KV head changes the query groups: the direct resume refuses naming the fix,
+    `popo convert mcore-reshard` rewrites the training checkpoint (weights, EMA target, optimiser moments,
+    head), and the run continues from it with the loss of the run that never moved. The rewrite is exact:
+    back at TP=2 every stored tensor equals the original (the replicated heads rebuilt from one copy)."""
+    model = _one_kv_head_model(tmp_path / "mqa")
+    reference = tmp_path / "tp2"
+    # Step 2 of this seed has positives (step 3 has none): the resumed step trains.
+    tp2 = ["parallel.tensor_model_parallel_size=2", "train.checkpoint_every=1", "train.keep_last=2", *SMALL]
+    _finish(_popo_train(reference, model, "train.steps=2", *tp2), reference)
+    saved = reference / "checkpoints" / "step_000001"
+
+    tp1 = ["parallel.tensor_model_parallel_size=1", "train.checkpoint_every=0", "train.steps=2", *SMALL]
+    refused = _popo_train_now(tmp_path / "direct", model, f"train.resume_from={saved}", *tp1)
+    assert refused.returncode != 0 and "popo convert mcore-reshard" in refused.stdout + refused.stderr
+
+    resharded = tmp_path / "tp1_ckpt"
+    _reshard(saved, resharded, tp=1)
+    assert json.loads((resharded / "popo_checkpoint.json").read_text())["query_groups"] == 1
+    _reshard(resharded, tmp_path / "back_at_tp2", tp=2)
+    original, back = checkpoint_tensors(saved), checkpoint_tensors(tmp_path / "back_at_tp2")
+    assert sorted(back) == sorted(original) and any(k.startswith("optimizer.state.exp_avg.") for k in back)
+    for key, tensor in original.items():
+        assert torch.equal(back[key], tensor), key
+
+    moved = tmp_path / "moved"
+    _finish(_popo_train(moved, model, f"train.resume_from={resharded}", *tp1), moved)
+    assert [r["step"] for r in records(moved)] == [2], "the new run starts where the checkpoint stopped"
+    expected, resumed = records(reference)[1], records(moved)[0]
+    assert resumed["reward_mean"] == expected["reward_mean"], "the same rollouts"
+    assert math.isfinite(expected["loss"]), "the compared step trained"
     for key in ("loss", "pos_loss", "nll", "sim_loss", "ent_loss", "drift", "entropy"):
         if math.isfinite(expected[key]):
             assert resumed[key] == pytest.approx(expected[key], abs=1e-4), key

@@ -21,12 +21,14 @@ any of them.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
+from torch.distributed.checkpoint.api import CheckpointException
 
 from popo_megatron.algo.predictor import ReplicatedHead
 from popo_megatron.algo.twin import TwinParams
@@ -100,24 +102,48 @@ def save_training_checkpoint(trained: Trained, trainer_state: dict, args: HFMode
     sharded = _sharded_state(trained, loading=False)
     weights = ["model"] + (["twin"] if trained.twin is not None else [])
     info = layout_info(args, cfg, kind="train", weights=weights)
-    # A stop signal during the save must not kill the processes the checkpoint writer starts.
-    with stop_signals_held(), checkpoint_directory(root / name, cfg.model.hf_path, info) as tmp:
-        if global_rank() == 0:
-            (tmp / RNG_DIR).mkdir()
-            (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1) + "\n")
-        barrier()
-        dist_checkpointing.save(sharded, str(tmp / MEGATRON_DIR))
-        rng_file = tmp / RNG_DIR / f"rank_{global_rank()}.pt"
-        torch.save(capture_rng_state(), rng_file)
-        fsync_file(rng_file)  # by its writer: on a shared file system only it can flush its cache
-        if trained.predictor is not None and trained.predictor.is_main_replica():
-            torch.save(trained.predictor_optimizer.state_dict(), tmp / PREDICTOR_OPTIMIZER)
-            fsync_file(tmp / PREDICTOR_OPTIMIZER)
+    try:
+        # A stop signal during the save must not kill the processes the checkpoint writer starts.
+        with stop_signals_held(), checkpoint_directory(root / name, cfg.model.hf_path, info) as tmp:
+            if global_rank() == 0:
+                (tmp / RNG_DIR).mkdir()
+                (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1) + "\n")
+            barrier()
+            dist_checkpointing.save(sharded, str(tmp / MEGATRON_DIR))
+            rng_file = tmp / RNG_DIR / f"rank_{global_rank()}.pt"
+            torch.save(capture_rng_state(), rng_file)
+            fsync_file(rng_file)  # by its writer: on a shared file system only it can flush its cache
+            if trained.predictor is not None and trained.predictor.is_main_replica():
+                torch.save(trained.predictor_optimizer.state_dict(), tmp / PREDICTOR_OPTIMIZER)
+                fsync_file(tmp / PREDICTOR_OPTIMIZER)
+    except (OSError, CheckpointException) as exc:  # a full disk, a quota, a file system gone
+        raise CheckpointError(
+            f"saving {root / name} failed ({_save_failure(exc, root)}); nothing of it was kept and the last"
+            f" checkpoint is still {latest_checkpoint(cfg.train.output_dir) or 'none'}: free space (or fix the"
+            " file system), then run the same command again to resume from it"
+        ) from exc
     if global_rank() == 0:
         point_latest(root, name)
         remove_old(root, cfg.train.keep_last)
     barrier()
     return root / name
+
+
+def _save_failure(exc: BaseException, root: Path) -> str:
+    """What went wrong in a save, in one line: the first failing rank's own error (DCP gathers them into a
+    CheckpointException whose text is every rank's traceback), and the space left where it was writing (a
+    full disk often surfaces as a writer's short write, not as ENOSPC)."""
+    if isinstance(exc, CheckpointException) and exc.failures:
+        rank, (exc, _) = next(iter(sorted(exc.failures.items(), key=lambda item: item[0])))
+        where = f"rank {rank}: "
+    else:
+        where = ""
+    what = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+    try:
+        free = f"; {shutil.disk_usage(root).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = ""
+    return f"{where}{what}{free}"
 
 
 def non_finite_tensors(trained: Trained) -> int:

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from popo_megatron.checkpoint.format import (
     HF_DIR,
+    INFO_FILE,
     MEGATRON_DIR,
     WEIGHT_PREFIXES,
     CheckpointError,
@@ -94,30 +95,40 @@ def _write_weights(
     num_layers: int,
     desc: str,
     progress: bool,
+    stored_as_is: Sequence[str] = (),
+    stored: StoredTensors | None = None,
 ) -> int:
     """Plan every chunk from meta tensors (which validates the whole source), then write this rank's
-    chunks, each computed by `whole_param(weight_set, param, planning)`: with `planning`, from meta tensors
-    of the sources' shapes and dtypes (nothing is read). Returns bytes written."""
-    planned: dict[tuple[str, tuple[int, ...]], tuple[str, CheckpointParam]] = {}
+    chunks. `weight_sets` maps a key prefix (a weight set's, or an optimiser state's) to its parameters,
+    each computed by `whole_param(prefix, param, planning)`: with `planning`, from meta tensors of the
+    sources' shapes and dtypes (nothing is read). `stored_as_is` are keys of `stored` copied whole (tensors
+    that do not depend on the layout). Returns bytes written."""
+    planned: dict[tuple[str, tuple[int, ...]], tuple[str, CheckpointParam | None]] = {}
     chunks = []
-    for weight_set, params in weight_sets.items():
+    for prefix, params in weight_sets.items():
         for p in params:
-            meta = whole_param(weight_set, p, True)
+            meta = whole_param(prefix, p, True)
             shape, dtype = tuple(meta.shape), meta.dtype
-            key = WEIGHT_PREFIXES[weight_set] + p.key
+            key = prefix + p.key
             if p.layer is None:
                 chunk = Chunk(key, shape, (0,) * len(shape), shape, dtype)
             else:
                 chunk = Chunk(key, (num_layers, *shape), (p.layer,) + (0,) * len(shape), (1, *shape), dtype)
-            planned[(key, chunk.offsets)] = (weight_set, p)
+            planned[(chunk.key, chunk.offsets)] = (prefix, p)
             chunks.append(chunk)
+    for key in stored_as_is:
+        shape = stored.shape(key)
+        chunks.append(Chunk(key, shape, (0,) * len(shape), shape, stored.dtype(key)))
+        planned[(key, chunks[-1].offsets)] = (key, None)
     mine = _split_among_ranks(chunks)
     bar = _progress(sum(c.nbytes for c in mine), desc, progress)
 
     def produce(chunk: Chunk) -> torch.Tensor:
-        weight_set, p = planned[(chunk.key, chunk.offsets)]
-        data = whole_param(weight_set, p, False)
+        prefix, p = planned[(chunk.key, chunk.offsets)]
         bar.update(chunk.nbytes)
+        if p is None:
+            return stored.read(chunk.key)
+        data = whole_param(prefix, p, False)
         return data if p.layer is None else data.unsqueeze(0)
 
     write_chunks(tmp / MEGATRON_DIR, mine, produce)
@@ -158,7 +169,8 @@ def hf_to_mcore(
     dtype_name = str(cast or source.get(params[0].mapping.hf[0]).dtype).removeprefix("torch.")
     info = CheckpointInfo.for_layout(args, tp, pp, make_vocab_size_divisible_by, dtype_name, "weights", ["model"])
     with checkpoint_directory(out, hf_dir, info) as tmp:
-        nbytes = _write_weights(tmp, {"model": params}, whole_param, args.num_layers, "hf-to-mcore", progress)
+        model = {WEIGHT_PREFIXES["model"]: params}
+        nbytes = _write_weights(tmp, model, whole_param, args.num_layers, "hf-to-mcore", progress)
     return dict(bytes=nbytes, seconds=time.perf_counter() - start)
 
 
@@ -222,13 +234,49 @@ def mcore_to_hf(
     return dict(bytes=writer.total_bytes, seconds=time.perf_counter() - start)
 
 
+def _training_state_prefixes(stored: StoredTensors, params: Sequence[CheckpointParam]) -> tuple[list[str], list[str]]:
+    """A training checkpoint's other tensors: the prefixes of the optimiser's per-parameter states
+    (megatron's fully_reshardable format stores each in model space, keyed like the parameter:
+    `optimizer.state.exp_avg.model.<key>`), resharded by the parameter's own transform; and the keys copied
+    as they are (the objective's head: replicated, the same at every layout). Anything else is refused: its
+    layout is not known here."""
+    param_keys = {p.key for p in params}
+    weights = tuple(WEIGHT_PREFIXES.values())
+    prefixes, as_is = set(), []
+    for key in stored.keys():
+        if key.startswith(weights):
+            continue
+        if key.startswith("predictor."):
+            as_is.append(key)
+            continue
+        head, sep, param_key = key.partition(".model.")
+        if not (key.startswith("optimizer.state.") and sep and param_key in param_keys):
+            raise CheckpointError(f"{stored.path}: cannot reshard tensor {key!r}: its layout is not known")
+        prefixes.add(head + sep)
+    return sorted(prefixes), as_is
+
+
+def _copy_training_files(ckpt: Path, tmp: Path) -> None:
+    """What resuming reads beside the tensors (trainer state, RNG, the head's optimiser, megatron's
+    non-sharded state): the same at any layout."""
+    import shutil
+
+    for path in ckpt.iterdir():
+        if path.name not in (INFO_FILE, HF_DIR, MEGATRON_DIR):
+            (shutil.copytree if path.is_dir() else shutil.copy2)(path, tmp / path.name)
+    shutil.copy2(ckpt / MEGATRON_DIR / "common.pt", tmp / MEGATRON_DIR / "common.pt")
+
+
 def mcore_reshard(ckpt: str | Path, out: str | Path, tp: int, pp: int, progress: bool = True) -> dict:
-    """Rewrite a checkpoint's weights for another TP x PP.
+    """Rewrite a checkpoint for another TP x PP.
 
     Megatron loads a checkpoint at another layout directly unless the number of
     query groups (KV heads replicated for TP) or the vocab padding changes;
-    this handles those cases too. Training checkpoints keep only their weights
-    (optimizer state reshards when the trainer resumes).
+    this handles those cases too. A training checkpoint stays one: its optimiser
+    state goes through the same transforms as the weights (replicated KV heads
+    are rebuilt from one saved copy: the copies are kept equal in training), the
+    rest is copied, and `popo train ... train.resume_from=OUT` continues it at the
+    new layout.
     """
     _load_meta_kernels()
     start = time.perf_counter()
@@ -240,17 +288,26 @@ def mcore_reshard(ckpt: str | Path, out: str | Path, tp: int, pp: int, progress:
     src = info.shard_context(args)
     dst = ShardContext.create(args, 0, tp, divisible_by)
     params = WeightMap(args).checkpoint_params()
-    for weight_set in info.weights:
+    prefixes = [WEIGHT_PREFIXES[weight_set] for weight_set in info.weights]
+    as_is: list[str] = []
+    if info.kind == "train":
+        optimizer_prefixes, as_is = _training_state_prefixes(stored, params)
+        prefixes += optimizer_prefixes
+    for prefix in prefixes:
         for p in params:
-            _check_stored(stored, WEIGHT_PREFIXES[weight_set] + p.key, ckpt)
+            _check_stored(stored, prefix + p.key, ckpt)
 
-    def whole_param(weight_set: str, p: CheckpointParam, planning: bool) -> torch.Tensor:
-        key = WEIGHT_PREFIXES[weight_set] + p.key
+    def whole_param(prefix: str, p: CheckpointParam, planning: bool) -> torch.Tensor:
+        key = prefix + p.key
         full = _stored_meta(stored, key, p) if planning else stored.read(key, p.layer)
         return p.mapping.transform.to_checkpoint(p.mapping.transform.from_checkpoint(full, src), dst)
 
-    resharded = CheckpointInfo.for_layout(args, tp, pp, divisible_by, info.dtype, "weights", info.weights)
+    resharded = CheckpointInfo.for_layout(args, tp, pp, divisible_by, info.dtype, info.kind, info.weights)
     with checkpoint_directory(out, ckpt / HF_DIR, resharded) as tmp:
-        weight_sets = {weight_set: params for weight_set in info.weights}
-        nbytes = _write_weights(tmp, weight_sets, whole_param, args.num_layers, "mcore-reshard", progress)
+        sets = {prefix: params for prefix in prefixes}
+        nbytes = _write_weights(
+            tmp, sets, whole_param, args.num_layers, "mcore-reshard", progress, stored_as_is=as_is, stored=stored
+        )
+        if info.kind == "train" and global_rank() == 0:
+            _copy_training_files(ckpt, tmp)
     return dict(bytes=nbytes, seconds=time.perf_counter() - start)

@@ -23,8 +23,8 @@ exits when its pipe closes.
 
 from __future__ import annotations
 
-import atexit
 import multiprocessing as mp
+import multiprocessing.util as mp_util
 import os
 import resource
 import sys
@@ -126,7 +126,10 @@ class GradingPool:
         self.stats = PoolStats()
         self._context = mp.get_context("spawn")
         self._workers = [self._start() for _ in range(workers)]
-        atexit.register(self.close)
+        # At exit, before multiprocessing's own clean-up: that one stops daemonic children with SIGTERM,
+        # which graders ignore, and then waits for them forever (a rank whose set-up failed would hang).
+        # An atexit hook would not do: a multiprocessing child (a rank of `popo train`) exits without them.
+        self._at_exit = mp_util.Finalize(None, self.close, exitpriority=10)
 
     def _start(self) -> _Worker:
         parent, child = self._context.Pipe()
@@ -231,7 +234,7 @@ class GradingPool:
                 worker.process.join()
             worker.conn.close()
         self._workers = []
-        atexit.unregister(self.close)
+        self._at_exit.cancel()
 
     def __enter__(self) -> "GradingPool":
         return self

@@ -48,6 +48,8 @@ def evaluate_checkpoint(
 
     from popo_megatron.checkpoint.runs import resolve_checkpoint
     from popo_megatron.data.datasets import literal_answers_by_default, load_dataset
+    from popo_megatron.data.prompts import engine_context
+    from popo_megatron.model.hf_config import read_hf_config
     from popo_megatron.reward.math_verifier import MathVerifier
     from popo_megatron.rollout.engine import SamplingSettings
     from popo_megatron.rollout.vllm_engine import vllm_engine
@@ -58,6 +60,7 @@ def evaluate_checkpoint(
     with hf_model_dir(checkpoint, weights) as model_dir:
         engine = vllm_engine(cfg, model_dir)
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=cfg.model.trust_remote_code)
+        context = engine_context(cfg.rollout, read_hf_config(model_dir).max_position_embeddings)
     verifier = MathVerifier(cfg.reward, literal_answers_by_default(cfg.data))
     try:
         for name in benchmarks or ["math500"]:
@@ -65,7 +68,9 @@ def evaluate_checkpoint(
             sampling = SamplingSettings.from_config(cfg.rollout)
             if cfg.eval.temperature is not None:  # the run's evaluation temperature, as during training
                 sampling = replace(sampling, temperature=cfg.eval.temperature)
-            result = evaluate(engine, problems, tokenizer, verifier, cfg.data, sampling, k, seed=cfg.seed)
+            result = evaluate(
+                engine, problems, tokenizer, verifier, cfg.data, sampling, k, seed=cfg.seed, context=context
+            )
             results.append((result, result.write(Path(out) / f"{Path(name).stem}.json")))
     finally:
         verifier.close()

@@ -18,7 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from popo_megatron.data.datasets import load_dataset
 from popo_megatron.data.problems import DataError, ProblemSet
+from popo_megatron.data.prompts import drop_over_long, engine_context
 from popo_megatron.evaluate import avg_by_kind, kinds_text, pass_at_k
+from popo_megatron.model.hf_config import read_hf_config
 from popo_megatron.trainer.rollout_records import heldout_file, response_records, write_records
 from popo_megatron.trainer.rollouts import collect_groups
 
@@ -48,7 +50,11 @@ class HeldoutResult:
 
 class HeldoutEvaluator:
     def __init__(self, cfg: DictConfig) -> None:
-        self.problems: ProblemSet = load_dataset(cfg.data, cfg.eval.data)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path, trust_remote_code=cfg.model.trust_remote_code)
+        context = engine_context(cfg.rollout, read_hf_config(cfg.model.hf_path).max_position_embeddings)
+        self.problems: ProblemSet = drop_over_long(load_dataset(cfg.data, cfg.eval.data), tokenizer, cfg.data, context)
         if not len(self.problems):
             raise DataError(f"eval.data={cfg.eval.data}: no problems")
         self.k = cfg.eval.k

@@ -49,6 +49,31 @@ def log_line(record: dict, total: int) -> str:
     )
 
 
+def drop_torn_tail(path: Path, block: int = 1 << 16) -> None:
+    """Cut a JSON-lines file back to its last complete line: a run killed while writing a record (kill -9,
+    a node lost) leaves a torn one, which the next record would be appended to. The step it described is
+    after the last checkpoint, so the resumed run writes it again. Reads only the tail."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        end = f.seek(0, 2)
+        if end == 0:
+            return
+        f.seek(end - 1)
+        if f.read(1) == b"\n":
+            return
+        pos = end
+        while pos > 0:
+            start = max(0, pos - block)
+            f.seek(start)
+            cut = f.read(pos - start).rfind(b"\n")
+            if cut >= 0:
+                f.truncate(start + cut + 1)
+                return
+            pos = start
+        f.truncate(0)
+
+
 class Logbook:
     def __init__(
         self, output_dir: str | Path, total_steps: int, start_step: int, enabled: bool, entropy_floor: float = 0.0
@@ -61,6 +86,8 @@ class Logbook:
         from torch.utils.tensorboard import SummaryWriter
 
         self.dir.mkdir(parents=True, exist_ok=True)
+        for name in ("metrics.jsonl", EVAL_JSONL):
+            drop_torn_tail(self.dir / name)
         self.jsonl = open(self.dir / "metrics.jsonl", "a", encoding="utf-8")
         self.tensorboard = SummaryWriter(str(self.dir / "tensorboard"), purge_step=start_step + 1)
         self.bar = progress(total=total_steps, initial=start_step, desc="train", unit="step")

@@ -31,6 +31,7 @@ from popo_megatron.checkpoint.runs import latest_checkpoint, plan_resume, set_as
 from popo_megatron.checkpoint.training import Trained, load_training_checkpoint, save_training_checkpoint
 from popo_megatron.config.schema import setting_value
 from popo_megatron.data.problems import ProblemSet
+from popo_megatron.data.prompts import drop_over_long, engine_context
 from popo_megatron.data.sampler import PromptSampler
 from popo_megatron.errors import UserError
 from popo_megatron.logs import get_logger
@@ -135,6 +136,8 @@ class Recipe:
         self.problems = load_dataset(cfg.data)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path, trust_remote_code=cfg.model.trust_remote_code)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        context = engine_context(cfg.rollout, self.args.max_position_embeddings)
+        self.problems = drop_over_long(self.problems, self.tokenizer, cfg.data, context)
         self.sampler = PromptSampler(len(self.problems), cfg.data.shuffle_seed)
         self.verifier = MathVerifier(cfg.reward, literal_answers_by_default(cfg.data))
         self.engine = vllm_engine(cfg, cfg.model.hf_path)
