@@ -8,6 +8,8 @@ model, two data-parallel ranks on CPU):
 - a rollback (train.resume_from an earlier checkpoint of the same directory) sets the later history aside
   instead of colliding with it, and `keep_last` then prunes by step without touching what `latest` names;
 - a second job on the same directory refuses at once, naming the first;
+- a run stopped by SIGTERM, or killed with SIGKILL at random moments, resumes bit-identical to one that
+  never stopped;
 - a disk that fills while a checkpoint is written: the run stops with one line, nothing of the failed save
   is left, `latest` names the previous checkpoint, and the same command resumes from it.
 """
@@ -198,10 +200,10 @@ def test_a_disk_that_fills_while_saving_leaves_the_previous_checkpoint_latest(ar
     from popo_megatron.checkpoint.runs import latest_checkpoint, run_checkpoints
 
     # A checkpoint of the tiny model is about 8 MiB: the disk holds the first, not the second beside it.
+    # (The run starts fresh, saving every step: step 1 is saved, step 2's save fills the disk.)
     with _small_disk(tmp_path / "disk", 14) as disk:
         out = disk / "run"
         root = out / "checkpoints"
-        _popo_train(out, arith_model, "train.steps=1", "train.checkpoint_every=1")
         command = [sys.executable, "-m", "popo_megatron", "train", str(EXAMPLE), f"model.hf_path={arith_model}"]
         command += [f"train.output_dir={out}", "eval.data=null", *SMALL, "train.checkpoint_every=1", "train.steps=2"]
         full = subprocess.run(command, capture_output=True, text=True, timeout=600)
@@ -220,11 +222,31 @@ def test_a_disk_that_fills_while_saving_leaves_the_previous_checkpoint_latest(ar
         assert latest_checkpoint(out).name == "step_000002"
 
 
-def test_kill_9_at_random_moments_then_resuming_ends_as_the_uninterrupted_run(arith_model, tmp_path):
-    """The whole job (its launcher, ranks, engine and grading processes) killed with SIGKILL at seeded
-    random moments (once in the start-up, then within a random step or the save after it) and started again
-    each time: it ends complete, with the metrics and the bit-identical weights, Adam state and EMA target
-    of a run that never stopped."""
+def _sigterm_the_ranks_after(process: subprocess.Popen, out: Path, steps_done: int) -> None:
+    """Send SIGTERM to the training rank(s), as Slurm would, once `steps_done` steps are logged."""
+    import signal
+    import time
+
+    import psutil
+    from run_helpers import records
+
+    deadline = time.monotonic() + 300
+    while len(records(out)) < steps_done:
+        assert process.poll() is None and time.monotonic() < deadline, "the run ended before it could be stopped"
+        time.sleep(0.2)
+    for rank in psutil.Process(process.pid).children():
+        rank.send_signal(signal.SIGTERM)
+
+
+def test_stopped_or_killed_at_random_moments_a_run_resumes_as_the_uninterrupted_one(arith_model, tmp_path):
+    """Against one run that never stopped (6 steps):
+    - SIGTERM at step 2 (no periodic checkpoints): the ranks save the last finished step, record
+      run_state.json (stopped by a signal), and the same command resumes from it;
+    - SIGKILL of the whole job (its launcher, ranks, engine and grading processes) at seeded random moments
+      (once in the start-up, then within a random step or the save after it, then just after a checkpoint),
+      checkpoints every step, started again each time.
+    Both end complete with the metrics and the bit-identical weights, Adam state and EMA target of the
+    uninterrupted run."""
     import json
     import os
     import random
@@ -234,14 +256,27 @@ def test_kill_9_at_random_moments_then_resuming_ends_as_the_uninterrupted_run(ar
     from popo_megatron.checkpoint.format import read_checkpoint
     from popo_megatron.checkpoint.runs import latest_checkpoint, step_of
 
-    steps = ["train.steps=4", "train.checkpoint_every=1", "train.keep_last=2"]
+    steps = ["train.steps=6", "train.keep_last=2"]
     straight = tmp_path / "straight"
-    _popo_train(straight, arith_model, *steps)
+    _popo_train(straight, arith_model, *steps, "train.checkpoint_every=0")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+
+    def command(out: Path, every: int) -> list[str]:
+        head = [sys.executable, "-m", "popo_megatron", "train", str(EXAMPLE), f"model.hf_path={arith_model}"]
+        return [*head, f"train.output_dir={out}", "eval.data=null", *SMALL, *steps, f"train.checkpoint_every={every}"]
+
+    stopped = tmp_path / "stopped"
+    with open(tmp_path / "stopped.log", "wb") as log:
+        process = subprocess.Popen(command(stopped, 0), stdout=log, stderr=subprocess.STDOUT, env=env)
+    _sigterm_the_ranks_after(process, stopped, 2)
+    assert process.wait(timeout=600) == 0, (tmp_path / "stopped.log").read_text()[-3000:]
+    state = json.loads((stopped / "run_state.json").read_text())
+    assert not state["complete"] and state["stopped_by"] == "signal" and state["step"] < 6, state
+    assert latest_checkpoint(stopped).name == f"step_{state['step']:06d}", "the last finished step was saved"
+    _popo_train(stopped, arith_model, *steps, "train.checkpoint_every=0")
+    assert_same_run(straight, stopped, step=6)
 
     killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "popo_megatron", "train", str(EXAMPLE), f"model.hf_path={arith_model}"]
-    command += [f"train.output_dir={killed}", "eval.data=null", *SMALL, *steps]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
     rng = random.Random(20261207)
     kills: list[str] = []
 
@@ -255,18 +290,20 @@ def test_kill_9_at_random_moments_then_resuming_ends_as_the_uninterrupted_run(ar
         latest = latest_checkpoint(killed)
         done = 0 if latest is None else step_of(latest)
         with open(log, "wb") as out:
-            process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+            process = subprocess.Popen(
+                command(killed, 1), stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
+            )
         try:
             if not kills:  # in the start-up
                 moment = rng.uniform(1, 6)
                 process.wait(timeout=moment)
-            elif len(kills) == 1 and done < 3:  # within a step's save, or the step after it
-                step, delay = rng.randint(done + 1, 3), rng.uniform(0, 1.5)
+            elif len(kills) == 1 and done < 5:  # within a step's save, or the step after it
+                step, delay = rng.randint(done + 1, 5), rng.uniform(0, 1.5)
                 moment = f"{delay:.2f} s after step {step}"
-                while f"step {step}/4 |" not in log.read_text(errors="replace") and process.poll() is None:
+                while f"step {step}/6 |" not in log.read_text(errors="replace") and process.poll() is None:
                     time.sleep(0.02)
                 process.wait(timeout=delay)
-            elif len(kills) == 2 and done < 3:  # once a new checkpoint is complete: the next start resumes
+            elif len(kills) == 2 and done < 5:  # once a new checkpoint is complete: the next start resumes
                 delay = rng.uniform(0, 1.0)
                 moment = f"{delay:.2f} s after a checkpoint past step {done}"
                 while (step_of(latest_checkpoint(killed) or killed) or 0) <= done and process.poll() is None:
@@ -286,4 +323,4 @@ def test_kill_9_at_random_moments_then_resuming_ends_as_the_uninterrupted_run(ar
     assert len(kills) >= 2, kills
     resumed = [p.name for p in sorted(tmp_path.glob("start_*.log")) if "resumed from" in p.read_text()]
     assert resumed, f"no start resumed from a checkpoint: {kills}"
-    assert_same_run(straight, killed, step=4)
+    assert_same_run(straight, killed, step=6)

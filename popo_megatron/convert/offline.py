@@ -11,6 +11,7 @@ the benchmarks.
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -259,8 +260,6 @@ def _training_state_prefixes(stored: StoredTensors, params: Sequence[CheckpointP
 def _copy_training_files(ckpt: Path, tmp: Path) -> None:
     """What resuming reads beside the tensors (trainer state, RNG, the head's optimiser, megatron's
     non-sharded state): the same at any layout."""
-    import shutil
-
     for path in ckpt.iterdir():
         if path.name not in (INFO_FILE, HF_DIR, MEGATRON_DIR):
             (shutil.copytree if path.is_dir() else shutil.copy2)(path, tmp / path.name)
