@@ -1,0 +1,171 @@
+"""Sequence packing: the packing and balancing algorithms against brute-force optima, the pack's index
+tensors against loops, and a real megatron-core model whose packed forward and backward equal the padded
+ones per sequence (the block-diagonal mask on CPU)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from popo_megatron.algo.packing import (
+    balance_by_tokens,
+    block_causal_mask,
+    pack_by_tokens,
+    positions_in_sequence,
+    sequence_index,
+    split_into,
+    thd_params,
+)
+from popo_megatron.launch import run_local
+
+
+def _fewest_packs(lengths: list[int], budget: int) -> int:
+    """The optimum by brute force: the fewest packs any assignment needs."""
+    for count in range(1, len(lengths) + 1):
+        for assignment in itertools.product(range(count), repeat=len(lengths)):
+            sums = [0] * count
+            for length, pack in zip(lengths, assignment, strict=True):
+                sums[pack] += length
+            if max(sums) <= budget:
+                return count
+    return len(lengths)
+
+
+def _best_balance(lengths: list[int], parts: int) -> int:
+    """The optimum by brute force: the smallest largest group sum over all assignments."""
+    best = sum(lengths)
+    for assignment in itertools.product(range(parts), repeat=len(lengths)):
+        sums = [0] * parts
+        for length, part in zip(lengths, assignment, strict=True):
+            sums[part] += length
+        best = min(best, max(sums))
+    return best
+
+
+def test_packs_hold_every_sequence_once_within_the_budget_and_near_the_fewest():
+    rng = random.Random(0)
+    for _ in range(40):
+        budget = rng.randint(8, 20)
+        lengths = [rng.randint(1, budget) for _ in range(rng.randint(1, 7))]
+        packs = pack_by_tokens(lengths, budget)
+        assert sorted(i for p in packs for i in p) == list(range(len(lengths)))
+        assert all(sum(lengths[i] for i in p) <= budget for p in packs)
+        # First-fit decreasing's bound: at most 11/9 of the optimum plus 6/9.
+        assert len(packs) <= 11 / 9 * _fewest_packs(lengths, budget) + 6 / 9, (lengths, budget, packs)
+
+
+def test_a_sequence_at_the_budget_fits_and_one_over_it_is_refused_by_index():
+    assert pack_by_tokens([5, 8, 3], 8) == [[1], [0, 2]]
+    assert pack_by_tokens([1], 1) == [[0]]
+    with pytest.raises(ValueError, match=r"sequence 2 has 9 tokens, more than the micro-batch budget of 8"):
+        pack_by_tokens([5, 8, 9], 8)
+
+
+def test_balanced_groups_are_near_the_best_split():
+    rng = random.Random(1)
+    for _ in range(30):
+        parts = rng.randint(2, 3)
+        lengths = [rng.randint(1, 50) for _ in range(rng.randint(parts, 8))]
+        groups = balance_by_tokens(lengths, parts)
+        assert len(groups) == parts and sorted(i for g in groups for i in g) == list(range(len(lengths)))
+        largest = max(sum(lengths[i] for i in g) for g in groups)
+        # The largest differencing method's worst case is LPT's: 4/3 - 1/(3k) of the optimum.
+        assert largest <= (4 / 3 - 1 / (3 * parts)) * _best_balance(lengths, parts), (lengths, groups)
+    assert balance_by_tokens([], 2) == [[], []]
+    assert balance_by_tokens([4, 4, 4, 4], 2) in ([[0, 1], [2, 3]], [[0, 2], [1, 3]], [[0, 3], [1, 2]])
+
+
+def test_packs_split_to_a_count_by_halving_the_widest_then_adding_empty_ones():
+    lengths = [6, 5, 4, 1]
+    packs = pack_by_tokens(lengths, 16)  # one pack of 16
+    assert packs == [[0, 1, 2, 3]]
+    three = split_into(packs, lengths, 3)
+    assert sorted(i for p in three for i in p) == [0, 1, 2, 3]
+    # Halved into 5 + 4 and 6 + 1 (the best halves), then the wider half into 5 and 4.
+    assert sorted(sum(lengths[i] for i in p) for p in three) == [4, 5, 7]
+    assert split_into([[0], [1]], [3, 3], 4) == [[0], [1], [], []]
+    with pytest.raises(ValueError):
+        split_into([[0], [1]], [3, 3], 1)
+
+
+def test_a_packs_index_tensors_match_loops():
+    index = torch.stack([sequence_index([3, 1, 2], 8), sequence_index([5], 8)])
+    assert index.tolist() == [[0, 0, 0, 1, 2, 2, -1, -1], [0, 0, 0, 0, 0, -1, -1, -1]]
+    assert positions_in_sequence(index).tolist() == [[0, 1, 2, 0, 0, 1, 0, 1], [0, 1, 2, 3, 4, 0, 1, 2]]
+    mask = block_causal_mask(index)
+    assert mask.shape == (2, 1, 8, 8)
+    for p, q, k in itertools.product(range(2), range(8), range(8)):
+        assert bool(mask[p, 0, q, k]) == (not (index[p, q] == index[p, k] and k <= q)), (p, q, k)
+    with pytest.raises(ValueError, match="do not fit"):
+        sequence_index([5, 4], 8)
+
+
+def test_thd_boundaries_cover_the_pack():
+    params = thd_params([3, 1, 2], 8)
+    assert params.qkv_format == "thd" and params.cu_seqlens_q.tolist() == [0, 3, 4, 6, 8]
+    assert params.cu_seqlens_q.dtype == torch.int32 and params.max_seqlen_q == 3
+    assert thd_params([4, 4], 8).cu_seqlens_kv.tolist() == [0, 4, 8]
+
+
+def _packed_equals_padded_worker(model_dirs: dict[str, str]) -> None:
+    from model_helpers import build_model
+
+    from popo_megatron.weights import load_hf_weights
+
+    vocab = 1000
+    lengths = [9, 3, 14, 6, 2, 11]  # in three packs of 16: 14 + 2, 11 + 3, 9 + 6
+    gen = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(0, vocab, (n,), generator=gen) for n in lengths]
+    for name, path in model_dirs.items():
+        model, args, cfg = build_model(Path(path), 1, 1)
+        load_hf_weights(model, path, args, cfg)
+        longest = max(lengths)
+        padded = torch.zeros(len(lengths), longest, dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            padded[row, : len(seq)] = seq
+        positions = torch.arange(longest).expand_as(padded)
+        model.zero_grad()
+        logits = model(padded, positions, None)
+        loss = sum(
+            torch.nn.functional.cross_entropy(logits[i, : n - 1, :vocab], sequences[i][1:], reduction="sum")
+            for i, n in enumerate(lengths)
+        )
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+
+        packs = pack_by_tokens(lengths, 16)
+        assert len(packs) < len(lengths), "some sequences share a pack"
+        index = torch.stack([sequence_index([lengths[i] for i in p], 16) for p in packs])
+        tokens = torch.zeros(len(packs), 16, dtype=torch.long)
+        where: dict[int, tuple[int, int]] = {}
+        for row, pack in enumerate(packs):
+            start = 0
+            for i in pack:
+                tokens[row, start : start + lengths[i]] = sequences[i]
+                where[i] = (row, start)
+                start += lengths[i]
+        model.zero_grad()
+        packed_logits = model(tokens, positions_in_sequence(index), block_causal_mask(index))
+        packed_loss = 0.0
+        for i, n in enumerate(lengths):
+            row, start = where[i]
+            mine = packed_logits[row, start : start + n]
+            diff = (mine - logits[i, :n]).abs().max().item()
+            assert diff < 1e-4, f"{name}: sequence {i}'s logits differ by {diff}"
+            packed_loss = packed_loss + torch.nn.functional.cross_entropy(
+                mine[: n - 1, :vocab], sequences[i][1:], reduction="sum"
+            )
+        packed_loss.backward()
+        for key, param in model.named_parameters():
+            diff = (param.grad - grads[key]).abs().max().item()
+            assert diff < 1e-4 * max(1.0, grads[key].abs().max().item()), f"{name}: {key} grad differs by {diff}"
+
+
+def test_a_packed_forward_and_backward_equal_the_padded_ones_per_sequence(tiny_models):
+    """Qwen2 (RoPE theta 1e6) and Llama 3.1 (scaled RoPE): rotary attention depends only on distances, so
+    a sequence placed after others in a pack gives its logits and gradients as alone."""
+    run_local(_packed_equals_padded_worker, 1, {k: str(tiny_models[k]) for k in ("qwen2_tied", "llama", "qwen3")})
