@@ -169,3 +169,48 @@ def test_a_packed_forward_and_backward_equal_the_padded_ones_per_sequence(tiny_m
     """Qwen2 (RoPE theta 1e6) and Llama 3.1 (scaled RoPE): rotary attention depends only on distances, so
     a sequence placed after others in a pack gives its logits and gradients as alone."""
     run_local(_packed_equals_padded_worker, 1, {k: str(tiny_models[k]) for k in ("qwen2_tied", "llama", "qwen3")})
+
+
+def _random_batch(rows: int, seed: int):
+    from popo_megatron.algo.batch import make_policy_batch
+
+    rng = random.Random(seed)
+    prompts = [[rng.randint(1, 99) for _ in range(rng.randint(1, 6))] for _ in range(rows)]
+    responses = [[rng.randint(1, 99) for _ in range(rng.randint(0, 7))] for _ in range(rows)]
+    values = torch.tensor([rng.uniform(-1, 1) for _ in range(rows)]).view(-1, 2)
+    logprobs = [[-rng.random() for _ in r] for r in responses]
+    positive = values > 0
+    return make_policy_batch(prompts, responses, values, positive, rollout_logprobs=logprobs)
+
+
+def test_a_packed_batch_holds_each_rows_tokens_and_values_where_its_layout_says():
+    batch = _random_batch(10, seed=3)
+    lengths = batch.row_lengths()
+    assert lengths.tolist() == [
+        0 if not n else int(batch.loss_mask[i].nonzero().max()) + 2 for i, n in enumerate(batch.response_lengths())
+    ]
+    used = [i for i in range(batch.size) if lengths[i] > 0]
+    plan = pack_by_tokens([int(lengths[i]) for i in used], 16)
+    packs = [[used[j] for j in pack] for pack in plan]
+    packed = batch.packed(packs, 16)
+    origin = packed.layout.origin
+    assert packed.size == len(used) and sorted(origin.tolist()) == used
+    assert torch.equal(packed.response_lengths(), batch.response_lengths()[origin])
+    assert torch.equal(packed.sample_weights, batch.sample_weights[origin])
+    weighted = packed.per_sequence_sum(torch.where(packed.loss_mask, packed.per_token(packed.sample_weights), 0.0))
+    assert torch.allclose(weighted, batch.sample_weights[origin] * batch.response_lengths()[origin])
+    width = batch.tokens.shape[1]
+    keep = torch.zeros(batch.size, dtype=torch.bool)
+    keep[used] = True
+    for name in ("loss_mask", "rollout_logprobs"):
+        back = packed.unpacked(getattr(packed, name), batch.size, width)
+        assert torch.equal(back[keep], torch.where(batch.loss_mask, getattr(batch, name), 0)[keep]), name
+    assert torch.equal(
+        packed.unpacked(packed.response_positions(), batch.size, width)[keep], batch.response_positions()[keep]
+    )
+    # Each masked position predicts its own sequence's next token, in the pack as in the row.
+    targets = packed.unpacked(torch.where(packed.loss_mask, packed.targets, 0), batch.size, width)
+    assert torch.equal(targets[keep], torch.where(batch.loss_mask, batch.targets, 0)[keep])
+    assert packed.positions().max() < lengths.max()
+    with pytest.raises(ValueError, match="packed"):
+        packed[0:1]

@@ -1,9 +1,16 @@
-"""The training batch of one data-parallel rank: prompt + response token rows, right-padded.
+"""The training batch of one data-parallel rank: prompt + response token rows, right-padded, or the same
+sequences packed end to end (algo/packing.py).
 
 Position t of a row predicts token t + 1, so every per-token tensor is indexed
 by the position that *predicts* the token: `loss_mask[b, t]` is true when
 `tokens[b, t + 1]` is a response token, and `old_logprobs[b, t]` is the
-log-probability of that token. The last position predicts nothing.
+log-probability of that token. The last position of a sequence predicts nothing
+(it is never in the mask), so sequences laid end to end keep their masks.
+
+A batch holds per-token tensors [P, T] and per-sequence ones [N]. Padded (`layout` None) each row is one
+sequence, P = N; packed, a pack holds several sequences and `layout` says where each lies. Code that goes
+between the two uses `per_token` (a sequence's value at each of its positions) and `per_sequence_sum`
+(a sum over each sequence's positions), and so is the same for both.
 """
 
 from __future__ import annotations
@@ -12,6 +19,24 @@ from dataclasses import dataclass, fields, replace
 from typing import Sequence
 
 import torch
+
+from popo_megatron.algo.packing import positions_in_sequence
+
+PER_SEQUENCE = ("sample_weights", "positive", "rows")
+
+
+@dataclass(frozen=True)
+class PackLayout:
+    """Where each of the N sequences of a packed batch lies."""
+
+    index: torch.Tensor  # [P, T] int64: the sequence of each position (-1: the padding after a pack's last)
+    origin: torch.Tensor  # [N] int64: its row in the padded batch it was packed from
+    pack: torch.Tensor  # [N] int64
+    start: torch.Tensor  # [N] int64: its first position in its pack
+    length: torch.Tensor  # [N] int64: prompt + response tokens
+
+    def to(self, device: torch.device) -> "PackLayout":
+        return PackLayout(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
 @dataclass
@@ -24,6 +49,7 @@ class PolicyBatch:
     old_logprobs: torch.Tensor | None = None  # [B, S] pi_old (trainer forward or rollout engine)
     rollout_logprobs: torch.Tensor | None = None  # [B, S] the engine's sampled-token log-probs
     ref_logprobs: torch.Tensor | None = None  # [B, S] GRPO's frozen reference (KL)
+    layout: PackLayout | None = None  # packed: where each sequence lies (None: padded, a row per sequence)
 
     @property
     def targets(self) -> torch.Tensor:
@@ -32,10 +58,104 @@ class PolicyBatch:
 
     @property
     def size(self) -> int:
-        return self.tokens.shape[0]
+        """The number of sequences."""
+        return self.sample_weights.shape[0]
+
+    def per_token(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-sequence `values` [N] at each position of their sequence, broadcastable against [P, T] (0 or
+        False at a pack's padding)."""
+        if self.layout is None:
+            return values.unsqueeze(-1)
+        index = self.layout.index.to(values.device)
+        picked = values[index.clamp(min=0)]
+        return torch.where(index >= 0, picked, torch.zeros((), dtype=picked.dtype, device=picked.device))
+
+    def per_sequence_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """[N]: the sum of per-token `values` [P, T] over each sequence's positions (bool counts as int)."""
+        if values.dtype == torch.bool:
+            values = values.long()
+        if self.layout is None:
+            return values.sum(-1)
+        index = self.layout.index.to(values.device)
+        valid = index >= 0
+        out = torch.zeros(self.size, *values.shape[2:], dtype=values.dtype, device=values.device)
+        return out.index_add_(0, index[valid], values[valid])
 
     def response_lengths(self) -> torch.Tensor:
-        return self.loss_mask.sum(-1)
+        return self.per_sequence_sum(self.loss_mask)
+
+    def positions(self) -> torch.Tensor:
+        """[P, T] int64: each position's offset in its own sequence (what the model's position ids are)."""
+        if self.layout is None:
+            return torch.arange(self.tokens.shape[1], device=self.tokens.device).expand_as(self.tokens)
+        return positions_in_sequence(self.layout.index.to(self.tokens.device))
+
+    def row_lengths(self) -> torch.Tensor:
+        """[B] int64 of a padded batch: each row's prompt + response tokens as far as a loss needs them (up
+        to the token after its last mask position; 0 for a row with an empty mask, which no pass needs)."""
+        self._padded_only("row_lengths")
+        positions = torch.arange(self.loss_mask.shape[1], device=self.loss_mask.device)
+        last = torch.where(self.loss_mask, positions, -2).max(-1).values
+        return last + 2
+
+    def packed(self, packs: Sequence[Sequence[int]], width: int) -> "PolicyBatch":
+        """The rows `packs` lists (of this padded batch) laid end to end, each list one pack of `width`
+        positions; the per-sequence fields follow their rows. A row enters with `row_lengths` tokens."""
+        self._padded_only("packed")
+        lengths = self.row_lengths().tolist()
+        origin = [row for pack in packs for row in pack]
+        pack_of = [p for p, pack in enumerate(packs) for _ in pack]
+        start, length = [], []
+        index = torch.full((len(packs), width), -1, dtype=torch.long)
+        for p, pack in enumerate(packs):
+            offset = 0
+            for row in pack:
+                start.append(offset)
+                length.append(lengths[row])
+                offset += lengths[row]
+            if offset > width:
+                raise ValueError(f"pack {p} holds {offset} tokens, more than its width {width}")
+        sequence = torch.arange(len(origin))
+        counts = torch.tensor(length, dtype=torch.long)
+        flat_pack = torch.repeat_interleave(torch.tensor(pack_of, dtype=torch.long), counts)
+        flat_col = torch.cat([torch.arange(s, s + n) for s, n in zip(start, length, strict=True)]) if origin else None
+        flat_seq = torch.repeat_interleave(sequence, counts)
+        if flat_col is not None:
+            index[flat_pack, flat_col] = flat_seq
+        origin_t = torch.tensor(origin, dtype=torch.long)
+        layout = PackLayout(index, origin_t, torch.tensor(pack_of, dtype=torch.long), torch.tensor(start), counts)
+        source_rows = origin_t[flat_seq]
+        source_cols = (flat_col - layout.start[flat_seq]) if flat_col is not None else None
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "layout" or value is None:
+                continue
+            if f.name in PER_SEQUENCE:
+                out[f.name] = value[origin_t]
+                continue
+            laid = torch.zeros((len(packs), width), dtype=value.dtype)
+            if flat_col is not None:
+                laid[flat_pack, flat_col] = value[source_rows, source_cols]
+            out[f.name] = laid
+        return PolicyBatch(**out, layout=layout)
+
+    def unpacked(self, values: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+        """Per-token `values` [P, T] of this packed batch in the padded form it was packed from: [rows,
+        width], 0 at the rows and positions no sequence brought."""
+        layout = self.layout
+        out = torch.zeros((rows, width), dtype=values.dtype, device=values.device)
+        index = layout.index.to(values.device)
+        valid = index >= 0
+        sequence = index[valid]
+        columns = torch.arange(index.shape[1], device=values.device).expand_as(index)[valid]
+        columns = columns - layout.start.to(values.device)[sequence]
+        out[layout.origin.to(values.device)[sequence], columns] = values[valid]
+        return out
+
+    def _padded_only(self, what: str) -> None:
+        if self.layout is not None:
+            raise ValueError(f"{what} is defined on a padded batch; this one is packed")
 
     def response_positions(self) -> torch.Tensor:
         """[B, S] bool: the positions that hold a response token (the loss mask shifted by one: position t
@@ -81,12 +201,14 @@ class PolicyBatch:
         return [self[i * step : (i + 1) * step] for i in range(count)]
 
     def __getitem__(self, rows: slice | torch.Tensor) -> "PolicyBatch":
-        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
+        self._padded_only("selecting rows")
+        tensors = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "layout"}
         return PolicyBatch(**{k: None if v is None else v[rows] for k, v in tensors.items()})
 
     def to(self, device: torch.device) -> "PolicyBatch":
-        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
-        return PolicyBatch(**{k: None if v is None else v.to(device, non_blocking=True) for k, v in tensors.items()})
+        tensors = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "layout"}
+        moved = {k: None if v is None else v.to(device, non_blocking=True) for k, v in tensors.items()}
+        return PolicyBatch(**moved, layout=None if self.layout is None else self.layout.to(device))
 
     def with_fields(self, **changes: torch.Tensor) -> "PolicyBatch":
         return replace(self, **changes)
@@ -95,16 +217,17 @@ class PolicyBatch:
         """Without the trailing positions no loss token needs (the longest row's last response token
         is predicted at its last mask position; the token after it closes the row), length rounded up
         to `multiple`."""
+        self._padded_only("trimmed")
         used = self.loss_mask.any(0).nonzero()
         length = int(used[-1]) + 2 if len(used) else 1
         length = min(self.tokens.shape[1], -(-length // multiple) * multiple)
-        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
+        tensors = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "layout"}
         return PolicyBatch(**{k: v if v is None or v.dim() == 1 else v[:, :length] for k, v in tensors.items()})
 
     def without_rows(self, drop: torch.Tensor) -> "PolicyBatch":
-        """The batch with the `drop` [B] rows' loss masks cleared: they stay (shapes are unchanged) but carry
+        """The batch with the `drop` [N] sequences' loss masks cleared: they stay (shapes are unchanged) but carry
         no token into any loss or normaliser (e.g. `loss.mask_truncated`: responses cut at the length limit)."""
-        return replace(self, loss_mask=self.loss_mask & ~drop.unsqueeze(-1))
+        return replace(self, loss_mask=self.loss_mask & ~self.per_token(drop))
 
 
 def pack_rows(
