@@ -167,7 +167,7 @@ def test_popo_loss_and_gradient_match_reference(mode):
     denominator = float((weights * mask.sum(-1)).sum())
     metrics = MetricAccumulator()
     bound = ISBoundConfig(mode, 0.28, 2.0)
-    loss = bounded_is_sum(lp, old, mask, weights, bound, token_weights, metrics) / denominator
+    loss = bounded_is_sum(lp, old, mask, weights.unsqueeze(-1), bound, token_weights, metrics) / denominator
     (grad,) = torch.autograd.grad(loss, lp)
     ref = _reference_popo(lp, old, mask, weights, mode, 0.28, 2.0, denominator, token_weights)
     (ref_grad,) = torch.autograd.grad(ref, lp)
@@ -191,12 +191,12 @@ def test_popo_loss_without_positives_is_zero_and_finite():
     lp, old, mask = _random_case(1)
     weights = torch.zeros(lp.shape[0])
     metrics = MetricAccumulator()
-    loss = bounded_is_sum(lp, old, mask, weights, ISBoundConfig("clip"), metrics=metrics)
+    loss = bounded_is_sum(lp, old, mask, weights.unsqueeze(-1), ISBoundConfig("clip"), metrics=metrics)
     (grad,) = torch.autograd.grad(loss, lp)
     assert loss.item() == 0.0 and torch.all(grad == 0)
     reported = metrics.reduce(count_keys=True)
     assert "popo/ratio" not in reported and reported["popo/ratio/count"] == 0
-    assert weighted_nll_sum(lp, mask, weights).item() == 0.0
+    assert weighted_nll_sum(lp, mask, weights.unsqueeze(-1)).item() == 0.0
 
 
 def test_weighted_nll_is_the_papers_and_shares_the_on_policy_gradient_of_the_bound():
@@ -204,12 +204,12 @@ def test_weighted_nll_is_the_papers_and_shares_the_on_policy_gradient_of_the_bou
     gradient is the same, whatever the bound."""
     lp, _, mask = _random_case(6)
     weights = torch.tensor([0.5, 0.0, 0.25, 1.0, 0.0, 0.3])
-    nll = weighted_nll_sum(lp, mask, weights)
+    nll = weighted_nll_sum(lp, mask, weights.unsqueeze(-1))
     expected = sum(-weights[i] * lp[i, t] for i in range(6) for t in range(7) if mask[i, t] and weights[i] > 0)
     assert nll.item() == pytest.approx(float(expected.detach()), rel=1e-6)
     (grad,) = torch.autograd.grad(nll, lp)
     for mode in ("clip", "truncate"):
-        surrogate = bounded_is_sum(lp, lp.detach(), mask, weights, ISBoundConfig(mode, 0.28, 2.0))
+        surrogate = bounded_is_sum(lp, lp.detach(), mask, weights.unsqueeze(-1), ISBoundConfig(mode, 0.28, 2.0))
         (bounded,) = torch.autograd.grad(surrogate, lp)
         assert torch.allclose(bounded, grad, atol=1e-6), mode
 
@@ -236,7 +236,8 @@ def test_grpo_loss_and_gradient_match_reference():
     ref_lp = old - 0.1 * torch.randn(old.shape, generator=torch.Generator().manual_seed(3))
     denominator = float(mask.sum())
     metrics = MetricAccumulator()
-    loss = grpo_per_token(lp, old, mask, adv, 0.2, 0.28, ref_lp, 0.05, metrics=metrics).sum() / denominator
+    per_token = grpo_per_token(lp, old, mask, adv.unsqueeze(-1), 0.2, 0.28, ref_lp, 0.05, metrics=metrics)
+    loss = per_token.sum() / denominator
     (grad,) = torch.autograd.grad(loss, lp)
     ref = _reference_grpo(lp, old, mask, adv, 0.2, 0.28, denominator, ref_lp, 0.05)
     (ref_grad,) = torch.autograd.grad(ref, lp)
@@ -249,7 +250,7 @@ def test_grpo_sequence_mean_is_trls_grpo_loss():
     """TRL's loss_type grpo: each sequence's mean over its tokens, then the mean over sequences."""
     lp, old, mask = _random_case(7)
     adv = torch.tensor([1.2, -0.7, 0.0, -1.5, 0.4, 2.0])
-    per_token = grpo_per_token(lp, old, mask, adv, 0.2, 0.2)
+    per_token = grpo_per_token(lp, old, mask, adv.unsqueeze(-1), 0.2, 0.2)
     loss = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).sum() / lp.shape[0]
     rows = [
         _reference_grpo(lp[i : i + 1], old[i : i + 1], mask[i : i + 1], adv[i : i + 1], 0.2, 0.2, 1.0) for i in range(6)

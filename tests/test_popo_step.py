@@ -291,8 +291,11 @@ def _objective_context(cfg, args, sp: bool):
     )
 
 
-def _step_case(hf: Path, case: str, tp: int, pp: int, sp: bool, microbatches: int, where: str) -> None:
-    """One step of the case's objective at this layout, checked against the reference."""
+def _step_case(
+    hf: Path, case: str, tp: int, pp: int, sp: bool, microbatches: int, where: str, budget: int | None = None
+) -> None:
+    """One step of the case's objective at this layout (packed into micro-batches of `budget` tokens when
+    given), checked against the reference."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
@@ -314,6 +317,7 @@ def _step_case(hf: Path, case: str, tp: int, pp: int, sp: bool, microbatches: in
         *overrides,
         f"optim.use_distributed_optimizer={dp == 1}",
         f"train.micro_batch_size={rows_per_rank // microbatches}",
+        f"train.max_tokens_per_microbatch={'null' if budget is None else budget}",
     )
     model, args, cfg = build_model(hf, tp, pp, sp, overrides)
     load_hf_weights(model, str(hf), args, cfg)
@@ -326,7 +330,7 @@ def _step_case(hf: Path, case: str, tp: int, pp: int, sp: bool, microbatches: in
         prompts, responses, objective.row_values(REWARDS), objective.positive(REWARDS), length_multiple=2
     )
     settings = LogprobSettings(args.vocab_size, TEMPERATURE, cfg.loss.logprob_chunk_tokens)
-    forwards = Forwards(ddp, settings, cfg.train.micro_batch_size)
+    forwards = Forwards(ddp, settings, cfg.train.micro_batch_size, cfg.train.max_tokens_per_microbatch)
     last_stage = parallel_state.is_pipeline_last_stage()
     dp_rank = parallel_state.get_data_parallel_rank()
     generated = forward_only(ddp, [full], settings)
@@ -340,6 +344,10 @@ def _step_case(hf: Path, case: str, tp: int, pp: int, sp: bool, microbatches: in
         perturb(model)  # W2: the update's policy has moved since the rollouts
     context = objective.mini_context(batch, dealt.tokens[0], dealt.responses[0], forwards, 0)
     assert context.learns
+    if budget is not None:
+        packs = [mb.layout for mb in context.micro_batches]
+        assert all(p is not None and int(p.length.sum()) <= budget for p in packs), f"{where} {case}: not packed"
+        assert any(len(p.length) > 1 for p in packs), f"{where} {case}: no pack holds two sequences"
 
     def loss_of(index, mb, logits, hidden):
         return objective.loss(index, mb, logits, hidden, context, metrics)
@@ -600,25 +608,35 @@ def test_predictor_is_clipped_with_the_policy(tiny_models):
     run_local(_joint_clip_worker, 1, str(tiny_models["qwen2_tied"]))
 
 
-# (tp, pp, sp, micro-batches) per layout, grouped by world size.
+# (tp, pp, sp, micro-batches, token budget of a packed micro-batch or None) per layout, by world size.
+# Packed, a micro-batch holds whole sequences end to end (train.max_tokens_per_microbatch): 24 tokens take
+# two to four of these rows (3-11 tokens each).
 LAYOUTS = {
-    1: {"tp1": (1, 1, False, 1), "tp1_4mb": (1, 1, False, 4)},
+    1: {"tp1": (1, 1, False, 1, None), "tp1_4mb": (1, 1, False, 4, None), "tp1_packed": (1, 1, False, 1, 24)},
     2: {
-        "tp2": (2, 1, False, 1),
-        "tp2_sp_2mb": (2, 1, True, 2),
-        "dp2_2mb": (1, 1, False, 2),
-        "pp2_2mb": (1, 2, False, 2),
+        "tp2": (2, 1, False, 1, None),
+        "tp2_sp_2mb": (2, 1, True, 2, None),
+        "dp2_2mb": (1, 1, False, 2, None),
+        "pp2_2mb": (1, 2, False, 2, None),
+        "tp2_sp_packed": (2, 1, True, 1, 24),
+        "dp2_packed": (1, 1, False, 1, 24),
+        "pp2_packed": (1, 2, False, 1, 24),
     },
 }
+# Packed layouts run the cases whose losses read the packing differently: pooled features and the entropy
+# (the paper's POPO), per-token hidden states and the ratio (ours), GRPO's per-sequence means.
+PACKED_CASES = ("popo_paper", "popo_ours", "grpo_trl")
 
 
 def _layouts_worker(model_dirs: dict, layouts: dict) -> None:
     first = next(iter(model_dirs))
-    for where, (tp, pp, sp, microbatches) in layouts.items():
+    for where, (tp, pp, sp, microbatches, budget) in layouts.items():
         for name, hf in model_dirs.items():
             for case in CASES:
+                if budget is not None and (name != first or case not in PACKED_CASES):
+                    continue
                 if name == first or case in BOTH_MODELS:
-                    _step_case(Path(hf), case, tp, pp, sp, microbatches, f"{name} at {where}")
+                    _step_case(Path(hf), case, tp, pp, sp, microbatches, f"{name} at {where}", budget)
 
 
 def test_step_matches_the_reference_on_one_rank(tiny_models):

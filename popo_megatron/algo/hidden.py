@@ -11,11 +11,14 @@ sequence (`sequence_slice`).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 
 from popo_megatron.model.forward import unwrap_model
+
+if TYPE_CHECKING:
+    from popo_megatron.algo.batch import PolicyBatch
 
 
 class HiddenSlot:
@@ -62,16 +65,26 @@ def sequence_slice(sequence_parallel: bool, seq_len: int) -> slice:
     return slice(rank * local, (rank + 1) * local)
 
 
-def pooled_features(hidden: torch.Tensor, positions: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
-    """[B, H] fp32: each row's mean over `positions` [B, S] of the final hidden states [S_local, B, H].
+def pooled_features(hidden: torch.Tensor, batch: "PolicyBatch", sequence_parallel: bool) -> torch.Tensor:
+    """[N, H] fp32: each sequence's mean of the final hidden states [S_local, P, H] over its response
+    positions (`batch.response_positions()`; a pack holds several sequences, a padded row one).
 
     With sequence parallelism each tensor-parallel rank sums its own slice of the sequence and the partial
     sums are all-reduced (backward: the identity, so each slice gets the gradient of the whole mean); the
-    result is the same on every tensor-parallel rank. A row without positions pools to 0."""
+    result is the same on every tensor-parallel rank. A sequence without positions pools to 0."""
     from megatron.core import tensor_parallel
 
-    local = positions.transpose(0, 1)[sequence_slice(sequence_parallel, positions.shape[1])]  # [S_local, B]
-    total = torch.einsum("sb,sbh->bh", local.float(), hidden.float())
+    positions = batch.response_positions()
+    here = sequence_slice(sequence_parallel, positions.shape[1])
+    local = positions.transpose(0, 1)[here].to(hidden.device)  # [S_local, P]
+    if batch.layout is None:
+        total = torch.einsum("sb,sbh->bh", local.float(), hidden.float())
+    else:
+        index = batch.layout.index.transpose(0, 1)[here].to(hidden.device)
+        chosen = local & (index >= 0)
+        total = torch.zeros(batch.size, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
+        total = total.index_add(0, index[chosen], hidden[chosen].float())
     if sequence_parallel:
         total = tensor_parallel.reduce_from_tensor_model_parallel_region(total)
-    return total / positions.sum(-1, keepdim=True).clamp(min=1).to(total.dtype)
+    counts = batch.per_sequence_sum(positions).to(total.device)
+    return total / counts.unsqueeze(-1).clamp(min=1).to(total.dtype)

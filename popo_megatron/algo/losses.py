@@ -2,8 +2,9 @@
 
 Each returns a sum over this micro-batch's rows and tokens; the objective divides it by a normaliser
 computed once for the global batch (every micro-batch of every data-parallel rank, objectives/), so that
-the step's loss is the sum of the micro-batches' shares whatever the split. Tensors are [B, S] per token
-(position t predicts token t + 1, see popo_megatron.algo.batch) and [B] per rollout.
+the step's loss is the sum of the micro-batches' shares whatever the split. Tensors are [P, T] per token
+(position t predicts token t + 1, see popo_megatron.algo.batch); a rollout's weight or advantage comes as
+its value at each of its tokens (`PolicyBatch.per_token`: [B, 1] for padded rows, [P, T] for packs).
 """
 
 from __future__ import annotations
@@ -33,9 +34,10 @@ def k3(log_ratio: torch.Tensor) -> torch.Tensor:
 
 
 def weighted_nll_sum(logprobs: torch.Tensor, loss_mask: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_i w_i sum_t -log pi(o_it): the paper's policy term before its normaliser N+."""
-    active = loss_mask & (weights > 0).unsqueeze(-1)
-    return -(weights.unsqueeze(-1) * torch.where(active, logprobs, 0.0)).sum()
+    """sum_i w_i sum_t -log pi(o_it): the paper's policy term before its normaliser N+ (`weights`: w_i at
+    each token of rollout i)."""
+    active = loss_mask & (weights > 0)
+    return -(weights * torch.where(active, logprobs, 0.0)).sum()
 
 
 def bounded_is_sum(
@@ -49,8 +51,9 @@ def bounded_is_sum(
 ) -> torch.Tensor:
     """-sum_i w_i sum_t s_it with the bounded IS surrogate s over the rollouts with w_i > 0 (ours:
     popo.is_bound, for stale rollouts or several optimiser steps per rollout batch). On-policy (rho = 1) its
-    gradient is the weighted NLL's. token_weights: an optional detached per-token factor (the TIS correction)."""
-    mask = loss_mask & (weights > 0).unsqueeze(-1)
+    gradient is the weighted NLL's. `weights`: w_i at each token of rollout i; token_weights: an optional
+    detached per-token factor (the TIS correction)."""
+    mask = loss_mask & (weights > 0)
     ratio = torch.exp(torch.where(mask, logprobs - old_logprobs, 0.0))
     if bound.mode == ISBoundMode.clip:
         # Gradient flows while rho < 1 + eps_high, none above: PPO's clip for a positive advantage.
@@ -64,7 +67,7 @@ def bounded_is_sum(
     if metrics is not None:
         metrics.add_masked(m.POPO_RATIO, ratio, mask, extremes=True)
         metrics.add_masked(m.POPO_CLIP_FRACTION, bounded.float(), mask)
-    return -(weights.unsqueeze(-1) * torch.where(mask, surrogate, 0.0)).sum()
+    return -(weights * torch.where(mask, surrogate, 0.0)).sum()
 
 
 def pooled_similarity_sum(predicted: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -103,10 +106,11 @@ def grpo_per_token(
     token_weights: torch.Tensor | None = None,
     metrics: MetricAccumulator | None = None,
 ) -> torch.Tensor:
-    """[B, S] per-token GRPO loss, 0 outside the mask: the clipped surrogate with group-normalised advantages
-    (+ kl_beta * k3 KL to the reference). The objective aggregates it (token or sequence mean)."""
+    """[P, T] per-token GRPO loss, 0 outside the mask: the clipped surrogate with group-normalised advantages
+    (`advantages`: each rollout's at each of its tokens; + kl_beta * k3 KL to the reference). The objective
+    aggregates it (token or sequence mean)."""
     ratio = torch.exp(torch.where(loss_mask, logprobs - old_logprobs, 0.0))
-    adv = advantages.unsqueeze(-1)
+    adv = advantages
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
     per_token = torch.maximum(unclipped, clipped)

@@ -13,8 +13,9 @@ any number of micro-batches:
   vs DP=2).
 
 `Forwards` is the trainer's way of running `forward_only` over a batch: in the update's own micro-batch
-shapes (so that pi_old from it makes on-policy ratios exactly 1), or over any subset of rows in padded
-micro-batches.
+shapes (so that pi_old from it makes on-policy ratios exactly 1), or over any subset of rows. Its
+micro-batches are `train.micro_batch_size` padded rows, or, with `train.max_tokens_per_microbatch`, packs
+of whole sequences within that token budget (algo/packing.py), as many on every data-parallel rank.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch.distributed as dist
 from popo_megatron.algo.batch import PolicyBatch
 from popo_megatron.algo.hidden import capture_final_hidden, pooled_features
 from popo_megatron.algo.logprobs import vocab_parallel_logprobs
+from popo_megatron.algo.packing import block_causal_mask, pack_by_tokens, split_into, thd_params
 from popo_megatron.model.forward import unwrap_model
 
 
@@ -59,10 +61,10 @@ class ForwardOutput:
     """One micro-batch's (or, from `Forwards`, a batch's) results on the last pipeline stage (None: not asked
     for)."""
 
-    logprobs: torch.Tensor | None = None  # [mb, S] float32
-    entropy: torch.Tensor | None = None  # [mb, S] float32
-    hidden: torch.Tensor | None = None  # [S_local, mb, H]: final-norm output (see algo.hidden)
-    pooled: torch.Tensor | None = None  # [mb, H] float32: the final-norm output's mean over each response
+    logprobs: torch.Tensor | None = None  # [P, T] float32
+    entropy: torch.Tensor | None = None  # [P, T] float32
+    hidden: torch.Tensor | None = None  # [T_local, P, H]: final-norm output (see algo.hidden)
+    pooled: torch.Tensor | None = None  # [N, H] float32: the final-norm output's mean over each response
 
 
 # (index, the micro-batch on the model's device, this rank's logits, the final hidden states or None) ->
@@ -82,13 +84,20 @@ def _run_schedule(
 
     mb_size, seq = micro_batches[0].tokens.shape
     device = next(model.parameters()).device
-    positions = torch.arange(seq, device=device).unsqueeze(0)
+    te_attention = _uses_te_attention(model)
     with capture_final_hidden(model) if capture_hidden else nullcontext() as slot:
 
         def forward_step(data_iterator, chunk):
             index = next(data_iterator)
             mb = micro_batches[index].to(device)
-            output = chunk(mb.tokens, positions.expand_as(mb.tokens), None)
+            if mb.layout is None:
+                output = chunk(mb.tokens, mb.positions(), None)
+            elif te_attention:  # GPU: THD with the sequences' boundaries (one pack per micro-batch)
+                lengths = mb.layout.length.tolist()
+                params = thd_params(lengths, mb.tokens.shape[1])
+                output = chunk(mb.tokens, mb.positions(), None, packed_seq_params=_on(params, device))
+            else:  # CPU, the local spec: attention within each sequence by the mask
+                output = chunk(mb.tokens, mb.positions(), block_causal_mask(mb.layout.index))
 
             def loss_func(logits):
                 return loss_of(index, mb, logits, slot.take() if slot is not None else None)
@@ -104,6 +113,21 @@ def _run_schedule(
             micro_batch_size=mb_size,
             forward_only=forward_only,
         )
+
+
+def _uses_te_attention(model: torch.nn.Module) -> bool:
+    """Whether the model's attention is Transformer Engine's (which takes packs as THD) rather than the local
+    spec's (which takes a mask)."""
+    layers = getattr(getattr(unwrap_model(model), "decoder", None), "layers", None)
+    if not layers:
+        return False
+    return type(layers[0].self_attention.core_attention).__name__.startswith("TE")
+
+
+def _on(params, device: torch.device):
+    for name in ("cu_seqlens_q", "cu_seqlens_kv"):
+        setattr(params, name, getattr(params, name).to(device))
+    return params
 
 
 @torch.no_grad()
@@ -123,7 +147,7 @@ def forward_only(
     def loss_of(index, mb, logits, final_hidden):
         out = ForwardOutput(hidden=final_hidden.detach() if hidden else None)
         if pooled:
-            out.pooled = pooled_features(final_hidden, mb.response_positions(), sequence_parallel)
+            out.pooled = pooled_features(final_hidden, mb, sequence_parallel)
         if logprobs or entropy:
             lp, ent = settings.logprobs(logits, mb, with_entropy=entropy)
             out.logprobs = lp if logprobs else None
@@ -151,44 +175,142 @@ def forward_backward(
     _run_schedule(model, micro_batches, scaled, capture_hidden=capture_hidden, forward_only=False)
 
 
-def _concat(parts: list[torch.Tensor | None], rows: int) -> torch.Tensor | None:
-    return None if not parts or parts[0] is None else torch.cat(parts)[:rows]
+def as_rows(
+    micro_batches: list[PolicyBatch], outputs: list[ForwardOutput], rows: int, width: int, first_rows: list[int]
+) -> ForwardOutput:
+    """Per-micro-batch `outputs` as one output over `rows` padded rows of `width` positions: micro-batch i's
+    sequences are rows from `first_rows[i]` on (padded micro-batches are consecutive slices; a pack's
+    sequences go back to their rows). Rows no micro-batch holds are 0. Hidden states stay per micro-batch."""
+    if not outputs:
+        return ForwardOutput()
+    merged = {}
+    for name in ("logprobs", "entropy", "pooled"):
+        parts = [getattr(o, name) for o in outputs]
+        if parts[0] is None:
+            merged[name] = None
+            continue
+        device = parts[0].device
+        shape = (rows, *parts[0].shape[1:]) if name == "pooled" else (rows, width)
+        out = torch.zeros(shape, dtype=parts[0].dtype, device=device)
+        for mb, part, first in zip(micro_batches, parts, first_rows, strict=True):
+            if mb.layout is None:
+                count = min(part.shape[0], rows - first)
+                out[first : first + count, : part.shape[1]] = part[:count]
+            elif name == "pooled":
+                out[first + mb.layout.origin.to(device)] = part
+            else:
+                out[first : first + _source_rows(mb)] += mb.unpacked(part, _source_rows(mb), width)
+        merged[name] = out
+    return ForwardOutput(**merged)
+
+
+def _source_rows(mb: PolicyBatch) -> int:
+    return int(mb.layout.origin.max()) + 1 if mb.size else 0
+
+
+def first_rows_of(micro_batches: list[PolicyBatch]) -> list[int]:
+    """Each of one mini-batch's micro-batches' first row in it: padded ones are consecutive slices, a pack's
+    layout names rows of the whole mini-batch."""
+    firsts, row = [], 0
+    for mb in micro_batches:
+        firsts.append(0 if mb.layout is not None else row)
+        row += 0 if mb.layout is not None else mb.size
+    return firsts
 
 
 class Forwards:
-    """`forward_only` over a whole batch with the trainer's micro-batching (collective like forward_only)."""
+    """`forward_only` over a whole batch with the trainer's micro-batching (collective like forward_only).
+    With `max_tokens` micro-batches are packs of at most that many tokens, else `micro_batch_size` rows."""
 
-    def __init__(self, model: torch.nn.Module, settings: LogprobSettings, micro_batch_size: int) -> None:
+    def __init__(
+        self, model: torch.nn.Module, settings: LogprobSettings, micro_batch_size: int, max_tokens: int | None = None
+    ) -> None:
         self.model = model
         self.settings = settings
         self.micro_batch_size = micro_batch_size
+        self.max_tokens = max_tokens
 
     def micro_batches(self, mini: PolicyBatch) -> list[PolicyBatch]:
-        """The update's micro-batches of a mini-batch (trainer/batching.rank_rows sizes the mini-batches to a
-        whole number of them, or to one smaller one)."""
-        return mini.micro_batches(max(1, mini.size // self.micro_batch_size))
+        """The update's micro-batches of a mini-batch: consecutive slices of `micro_batch_size` rows
+        (trainer/batching.rank_rows sizes the mini-batches to a whole number of them, or to one smaller one),
+        or packs of its rows, as many on every data-parallel rank (collective over the data-parallel group:
+        Megatron's schedules, and expert parallelism's all-to-all, need equal counts)."""
+        if self.max_tokens is None:
+            return mini.micro_batches(max(1, mini.size // self.micro_batch_size))
+        packs = self._packs(mini)
+        return self._packed(mini, split_into(packs, mini.row_lengths().tolist(), _most_over_dp(max(1, len(packs)))))
+
+    def _packs(self, batch: PolicyBatch) -> list[list[int]]:
+        lengths = batch.row_lengths().tolist()
+        used = [i for i, n in enumerate(lengths) if n > 0]  # a row without a loss token needs no pass
+        return [[used[j] for j in pack] for pack in pack_by_tokens([lengths[i] for i in used], self.max_tokens)]
+
+    def _packed(self, batch: PolicyBatch, packs: list[list[int]]) -> list[PolicyBatch]:
+        """One micro-batch per pack, each as wide as the widest (the budget with pipeline parallelism, whose
+        stages exchange fixed shapes), rounded up for sequence parallelism."""
+        from megatron.core import parallel_state
+
+        lengths = batch.row_lengths().tolist()
+        sequence_parallel = unwrap_model(self.model).config.sequence_parallel
+        multiple = parallel_state.get_tensor_model_parallel_world_size() if sequence_parallel else 1
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            width = self.max_tokens
+        else:
+            width = max([sum(lengths[i] for i in pack) for pack in packs] + [1])
+        width = -(-width // multiple) * multiple
+        return [batch.packed([pack], width) for pack in packs]
+
+    def update_micro_batches(self, batch: PolicyBatch, mini_batches: int) -> tuple[list[PolicyBatch], list[int]]:
+        """The update's micro-batches of all of the batch's `mini_batches` slices, and each one's first row in
+        the batch (collective, as `micro_batches`)."""
+        micro, first_rows = [], []
+        for k, mini in enumerate(batch.micro_batches(mini_batches)):
+            mine = self.micro_batches(mini)
+            micro += mine
+            first_rows += [k * mini.size + first for first in first_rows_of(mine)]
+        return micro, first_rows
+
+    def run(self, micro_batches: list[PolicyBatch], **wanted: bool) -> list[ForwardOutput]:
+        return forward_only(self.model, micro_batches, self.settings, **wanted)
 
     def in_update_shapes(self, batch: PolicyBatch, mini_batches: int, **wanted: bool) -> list[ForwardOutput]:
         """Per micro-batch outputs in the update's own shapes (the batch's `mini_batches` slices, each cut
         like `micro_batches`): the same kernels as the training pass see."""
-        micro = [mb for mini in batch.micro_batches(mini_batches) for mb in self.micro_batches(mini)]
-        return forward_only(self.model, micro, self.settings, **wanted)
+        micro, _ = self.update_micro_batches(batch, mini_batches)
+        return self.run(micro, **wanted)
+
+    def in_update_rows(self, batch: PolicyBatch, mini_batches: int, **wanted: bool) -> ForwardOutput:
+        """`in_update_shapes` as one output over the batch's rows (last stage; empty elsewhere)."""
+        micro, first_rows = self.update_micro_batches(batch, mini_batches)
+        return as_rows(micro, self.run(micro, **wanted), batch.size, batch.tokens.shape[1], first_rows)
 
     def rows(self, batch: PolicyBatch, **wanted: bool) -> ForwardOutput:
-        """The outputs of every row of `batch` (any number of rows, forwarded in padded micro-batches),
-        concatenated; hidden states are not available this way. Last stage only (None elsewhere)."""
+        """The outputs of every row of `batch` (any number of rows, in padded micro-batches or packs),
+        over its rows; hidden states are not available this way. Last stage only (empty elsewhere)."""
         if wanted.get("hidden"):
             raise ValueError("per-token hidden states come in the update's micro-batches (in_update_shapes)")
         if batch.size == 0:
             return ForwardOutput()
-        outputs = forward_only(self.model, batch.padded_micro_batches(self.micro_batch_size), self.settings, **wanted)
-        if not outputs:
-            return ForwardOutput()
-        return ForwardOutput(
-            logprobs=_concat([o.logprobs for o in outputs], batch.size),
-            entropy=_concat([o.entropy for o in outputs], batch.size),
-            pooled=_concat([o.pooled for o in outputs], batch.size),
-        )
+        if self.max_tokens is None:
+            micro = batch.padded_micro_batches(self.micro_batch_size)
+            first_rows = [i * micro[0].size for i in range(len(micro))]
+        else:
+            micro = self._packed(batch, self._packs(batch) or [[]])
+            first_rows = [0] * len(micro)
+        return as_rows(micro, self.run(micro, **wanted), batch.size, batch.tokens.shape[1], first_rows)
+
+
+def _most_over_dp(count: int) -> int:
+    """The largest `count` of any data-parallel rank (collective over the data-parallel group)."""
+    from megatron.core import parallel_state
+
+    from popo_megatron.platform import collective_device
+
+    if not dist.is_initialized() or parallel_state.get_data_parallel_world_size() == 1:
+        return count
+    most = torch.tensor([count], dtype=torch.long, device=collective_device())
+    dist.all_reduce(most, op=dist.ReduceOp.MAX, group=parallel_state.get_data_parallel_group())
+    return int(most.item())
 
 
 def from_last_stage(value):

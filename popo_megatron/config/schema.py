@@ -406,6 +406,10 @@ class TrainConfig:
     prompts_per_step: int = 16  # prompts per step over all ranks; each gets rollout.n responses
     mini_batches: int = 1  # optimiser steps per rollout step
     micro_batch_size: int = 8  # rows per micro-batch on each data-parallel rank (fewer when fewer rows train)
+    # Pack whole sequences end to end into micro-batches of at most this many tokens instead (micro_batch_size
+    # is then unused): no padding between rows, memory set by the budget, not the longest row. A sequence
+    # (prompt + response) longer than the budget is an error. None: padded rows. docs/training.md: packing.
+    max_tokens_per_microbatch: Optional[int] = None
     checkpoint_every: int = 0  # steps; 0: only at the end, on SIGTERM / SIGUSR1 and by checkpoint_every_minutes
     # Also checkpoint once this many minutes have passed since the last save (or the start), so that a crash
     # loses at most that much; None: by steps only.

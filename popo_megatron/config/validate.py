@@ -149,6 +149,11 @@ def _algorithm_problems(cfg: DictConfig) -> list[str]:
         ("train.prompts_per_step", cfg.train.prompts_per_step >= 1, "must be >= 1"),
         ("train.mini_batches", cfg.train.mini_batches >= 1, "must be >= 1"),
         ("train.micro_batch_size", cfg.train.micro_batch_size >= 1, "must be >= 1"),
+        (
+            "train.max_tokens_per_microbatch",
+            cfg.train.max_tokens_per_microbatch is None or cfg.train.max_tokens_per_microbatch >= 2,
+            "must be >= 2 (a prompt token and a response token; or null: padded rows)",
+        ),
         ("train.keep_last", cfg.train.keep_last >= 1, "must be >= 1"),
         ("train.max_nonfinite_steps", cfg.train.max_nonfinite_steps >= 1, "must be >= 1"),
         (

@@ -168,10 +168,10 @@ def old_logprobs(
 
     if not uses_trainer_logprobs(context.loss):
         return mine.rollout_logprobs
-    outputs = forwards.in_update_shapes(mine, context.mini_batches, logprobs=True)
+    outputs = forwards.in_update_rows(mine, context.mini_batches, logprobs=True)
     if not parallel_state.is_pipeline_last_stage():
         return None
-    old = torch.cat([o.logprobs.cpu() for o in outputs])
+    old = outputs.logprobs.cpu()
     if mine.rollout_logprobs is not None:
         add_logprob_mismatch(old, mine.rollout_logprobs, mine.loss_mask, metrics)
     return old

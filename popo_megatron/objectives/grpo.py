@@ -78,9 +78,9 @@ class GrpoObjective(Objective):
         batch = mine.with_fields(old_logprobs=old_logprobs(mine, forwards, self.context, metrics))
         if self.target is not None:
             with self.target.swapped_in():
-                outputs = forwards.in_update_shapes(mine, self.context.mini_batches, logprobs=True)
-            if outputs:
-                batch = batch.with_fields(ref_logprobs=torch.cat([o.logprobs.cpu() for o in outputs]))
+                outputs = forwards.in_update_rows(mine, self.context.mini_batches, logprobs=True)
+            if outputs.logprobs is not None:
+                batch = batch.with_fields(ref_logprobs=outputs.logprobs.cpu())
         return batch, step.sample_weights
 
     def mini_context(
@@ -109,7 +109,7 @@ class GrpoObjective(Objective):
             lp,
             mb.old_logprobs,
             mask,
-            mb.sample_weights,
+            mb.per_token(mb.sample_weights),
             self.cfg.eps_low,
             self.cfg.eps_high,
             mb.ref_logprobs,
@@ -120,7 +120,7 @@ class GrpoObjective(Objective):
         if self.cfg.aggregation == GrpoAggregation.token_mean:
             total = per_token.sum()
         else:
-            total = (per_token.sum(-1) / mask.sum(-1).clamp(min=1)).sum()
+            total = (mb.per_sequence_sum(per_token) / mb.per_sequence_sum(mask).clamp(min=1)).sum()
         loss = total / safe_denominator(context.normalizer)
         add_loss_share(metrics, m.LOSS_POLICY, loss, context)
         add_loss_share(metrics, m.LOSS_TOTAL, loss, context)

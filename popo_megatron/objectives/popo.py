@@ -49,7 +49,7 @@ from popo_megatron.algo.losses import (
     weighted_nll_sum,
 )
 from popo_megatron.algo.predictor import LinearPredictor, MLPPredictor
-from popo_megatron.algo.step import Forwards, from_last_stage
+from popo_megatron.algo.step import Forwards, as_rows, first_rows_of, from_last_stage
 from popo_megatron.algo.twin import TwinParams
 from popo_megatron.config.schema import (
     ISBoundMode,
@@ -245,10 +245,10 @@ class PopoObjective(Objective):
         active = (mini.sample_weights > 0).nonzero().squeeze(-1)
         with self.target.swapped_in():
             if kl_step or not self.pooled:  # every row, in the update's shapes
-                outputs = forwards.in_update_shapes(
-                    mini, 1, logprobs=kl_step, hidden=not self.pooled, pooled=self.pooled
-                )
-                pooled = torch.cat([o.pooled for o in outputs]) if outputs and self.pooled else None
+                micro = context.micro_batches
+                outputs = forwards.run(micro, logprobs=kl_step, hidden=not self.pooled, pooled=self.pooled)
+                width = mini.tokens.shape[1]
+                pooled = as_rows(micro, outputs, mini.size, width, first_rows_of(micro)).pooled
             else:  # only the rows whose features the loss reads (maybe none on this data-parallel rank)
                 read = forwards.rows(mini[active], pooled=True).pooled
                 pooled = torch.zeros(mini.size, self.context.hidden_size, device=_device())
@@ -285,11 +285,12 @@ class PopoObjective(Objective):
         lp, ent = self.settings.logprobs(logits, mb, with_entropy=True)
         metrics.add_masked(m.ENTROPY, ent, mask)
         metrics.add_masked(m.POPO_WEIGHT, weights, active, extremes=True)
-        nll_sum = weighted_nll_sum(lp, mask, weights)
+        token_weights = mb.per_token(weights)
+        nll_sum = weighted_nll_sum(lp, mask, token_weights)
         nll = nll_sum / safe_denominator(context.positive_tokens)
         if self.bounded:
-            token_weights = tis_token_weights(mb, self.context.loss, metrics)
-            policy_sum = bounded_is_sum(lp, mb.old_logprobs, mask, weights, self.cfg.is_bound, token_weights, metrics)
+            tis = tis_token_weights(mb, self.context.loss, metrics)
+            policy_sum = bounded_is_sum(lp, mb.old_logprobs, mask, token_weights, self.cfg.is_bound, tis, metrics)
         else:
             policy_sum = nll_sum
         policy = policy_sum / safe_denominator(context.policy_norm)
@@ -328,8 +329,9 @@ class PopoObjective(Objective):
         sequence_parallel = self.context.sequence_parallel
         weights = mb.sample_weights
         if self.pooled:
-            rows = slice(index * mb.size, (index + 1) * mb.size)  # micro-batches are consecutive slices
-            online = pooled_features(hidden, mb.response_positions(), sequence_parallel)
+            # The mini-batch rows of this micro-batch: a consecutive slice, or a pack's sequences.
+            rows = slice(index * mb.size, (index + 1) * mb.size) if mb.layout is None else mb.layout.origin
+            online = pooled_features(hidden, mb, sequence_parallel)
             predicted = self.head(online)
             target = context.noisy_target[rows]
             clean = context.target_features[rows]
@@ -338,7 +340,7 @@ class PopoObjective(Objective):
             return pooled_similarity_sum(predicted, target, weights.to(predicted.device)) / safe_denominator(
                 context.weight_sum
             )
-        sim_mask = (mb.loss_mask & mb.positive.unsqueeze(-1)).transpose(0, 1)  # [S, mb], like the hidden states
+        sim_mask = (mb.loss_mask & mb.per_token(mb.positive)).transpose(0, 1)  # [T, P], like the hidden states
         local = sim_mask[sequence_slice(sequence_parallel, sim_mask.shape[0])]
         distance = per_token_distance_sum(hidden, context.target_hidden[index], local, self.head)
         if sequence_parallel:

@@ -132,7 +132,7 @@ class Recipe:
         head = self.objective.head
         self.head_optimizer = None if head is None else build_head_optimizer(head, self.objective.head_lr, cfg.optim)
         settings = LogprobSettings(self.args.vocab_size, cfg.rollout.temperature, cfg.loss.logprob_chunk_tokens)
-        self.forwards = Forwards(self.ddp, settings, cfg.train.micro_batch_size)
+        self.forwards = Forwards(self.ddp, settings, cfg.train.micro_batch_size, cfg.train.max_tokens_per_microbatch)
         self.problems = load_dataset(cfg.data)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.hf_path, trust_remote_code=cfg.model.trust_remote_code)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
