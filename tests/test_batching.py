@@ -80,3 +80,28 @@ def test_popo_with_its_entropy_bonus_forwards_every_rollout():
     rows = rank_rows(batch, cfg, 2, 0)
     assert _real_rows(rows) == 4 and rows.batch.rows.tolist() == [0, 2, 4, 6]
     assert rows.tokens == [float(batch.loss_mask.sum())] and rows.responses == [8.0]
+
+
+def test_packed_rows_are_dealt_by_tokens_and_stand_for_the_same_rollouts():
+    """With a token budget the rows of each mini-batch that train are dealt to the ranks by tokens: every one
+    exactly once, no rank's tokens above 4/3 of an equal share (here; the largest differencing method's bound
+    is 4/3 of the best split), and the mini-batches stand for the same rollouts as when dealt in turn."""
+    rewards = [[1, 1, 1, 1, 1, 1, 1, 1]] * 3
+    batch, padded = _batch(rewards, "popo.beta_ent=0.01", "train.mini_batches=2")
+    _, packed = _batch(rewards, "popo.beta_ent=0.01", "train.mini_batches=2", "train.max_tokens_per_microbatch=16")
+    dp = 3
+    in_turn = [rank_rows(batch, padded, dp, rank) for rank in range(dp)]
+    by_tokens = [rank_rows(batch, packed, dp, rank) for rank in range(dp)]
+    assert by_tokens[0].tokens == in_turn[0].tokens and by_tokens[0].responses == in_turn[0].responses
+    lengths = batch.row_lengths()
+    for k in range(2):
+        dealt = [rows.batch.micro_batches(2)[k] for rows in by_tokens]
+        trained = sorted(int(r) for mini in dealt for r in mini.rows if r >= 0)
+        assert trained == list(range(12 * k, 12 * (k + 1))), f"mini-batch {k}: {trained}"
+        loads = [int(lengths[mini.rows[mini.rows >= 0]].sum()) for mini in dealt]
+        in_turn_loads = [int(lengths[r.batch.micro_batches(2)[k].rows].sum()) for r in in_turn]
+        assert max(loads) <= max(in_turn_loads), (loads, in_turn_loads)
+        assert max(loads) <= 4 / 3 * -(-sum(loads) // dp), loads
+    # Padding rows are only what equal shapes need: the busiest share, not whole micro-batches.
+    busiest = max(int((mini.rows >= 0).sum()) for r in by_tokens for mini in r.batch.micro_batches(2))
+    assert all(r.batch.size == 2 * busiest for r in by_tokens)

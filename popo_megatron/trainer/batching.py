@@ -16,6 +16,10 @@ with empty rows (no loss token) to the same whole number of micro-batches
 (or to one micro-batch of the busiest slice's rows when that is fewer than
 `train.micro_batch_size`), so every rank runs the same schedule even in a
 step with nothing to train.
+
+Packed (`train.max_tokens_per_microbatch`), a pass costs its tokens, not its rows: each mini-batch's rows
+that train are dealt to the ranks by tokens (Karmarkar-Karp, algo/packing.py), so that no rank waits on
+another's long tail; the padding rows carry no token and never enter a pack.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 from omegaconf import DictConfig
 
 from popo_megatron.algo.batch import PolicyBatch, make_policy_batch
+from popo_megatron.algo.packing import balance_by_tokens
 from popo_megatron.objectives.base import Objective
 from popo_megatron.trainer.rollouts import Group
 
@@ -69,18 +74,31 @@ def rank_rows(
     holding its share of the `dealt` rows (in order) that `keep` (those that carry a gradient), padded to a
     multiple of the micro-batch size (or, with fewer rows, to the busiest slice's: one micro-batch)."""
     minis, micro = cfg.train.mini_batches, cfg.train.micro_batch_size
-    deals = [torch.tensor_split(dealt.nonzero().squeeze(-1)[rank::dp], minis) for rank in range(dp)]
+    order = dealt.nonzero().squeeze(-1)
+    if cfg.train.max_tokens_per_microbatch is None:  # in turn
+        deals = [torch.tensor_split(order[rank::dp], minis) for rank in range(dp)]
+        mini_rows = [torch.cat([deal[k] for deal in deals]) for k in range(minis)]
+        kept = [[rows[keep[rows]] for rows in deal] for deal in deals]
+    else:  # by tokens
+        mini_rows = list(torch.tensor_split(order, minis))
+        kept = [[] for _ in range(dp)]
+        row_lengths = batch.row_lengths()
+        for rows in mini_rows:
+            training = rows[keep[rows]]
+            for rank, share in enumerate(balance_by_tokens(row_lengths[training].tolist(), dp)):
+                kept[rank].append(training[torch.tensor(share, dtype=torch.long)])
     lengths = batch.response_lengths()
     if bool(dealt.all()):
-        tokens = [float(sum(lengths[deal[k]].sum() for deal in deals)) for k in range(minis)]
-        responses = [float(sum(len(deal[k]) for deal in deals)) for k in range(minis)]
+        tokens = [float(lengths[rows].sum()) for rows in mini_rows]
+        responses = [float(len(rows)) for rows in mini_rows]
     else:
         tokens, responses = [float(lengths.sum()) / minis] * minis, [batch.size / minis] * minis
-    kept = [[rows[keep[rows]] for rows in deal] for deal in deals]
     most = max(len(rows) for deal in kept for rows in deal)  # rows of the busiest mini-batch of any rank
     # A whole number of micro-batches, or one smaller micro-batch when fewer rows than `micro` train: a step
     # with 2 positives forwards 2 rows, not 2 and 6 of padding.
     per_mini = math.ceil(most / micro) * micro if most > micro else max(1, most)
+    if cfg.train.max_tokens_per_microbatch is not None:  # padding rows never enter a pack: no more than needed
+        per_mini = max(1, most)
     # Each mini-batch gets its share of the rows first, then padding: with few positives every optimiser step
     # still has some to learn from.
     shares = kept[dp_rank]
