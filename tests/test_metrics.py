@@ -215,10 +215,18 @@ def test_grpo_steps_through_the_loop_at_tp2(tmp_path):
 def test_dapo_grpo_leaves_out_flat_groups_at_dp2(tmp_path):
     """DAPO-style GRPO (no KL) through the loop at DP=2 trains on the groups whose rewards differ: a step with
     a flat group (all rewards equal, zero advantages) trains on fewer tokens than it generated, one without
-    trains on all of them. (That the gradient is unchanged is tests/test_popo_step.py's.)"""
+    trains on all of them. (That the gradient is unchanged is tests/test_popo_step.py's.) Its rows are packed
+    into micro-batches of 32 tokens and dealt to the two ranks by tokens."""
     out = tmp_path / "grpo"
+    packed = "train.max_tokens_per_microbatch=32"
     history = _train(
-        out, EXAMPLES / "tiny_cpu_grpo.yaml", *SMALL, "train.mini_batches=2", "train.save_rollouts=true", nproc=2
+        out,
+        EXAMPLES / "tiny_cpu_grpo.yaml",
+        *SMALL,
+        "train.mini_batches=2",
+        "train.save_rollouts=true",
+        packed,
+        nproc=2,
     )
     assert len(history) == 2
     # Rank 0 writes every rank's rows: the whole step, advantages included.

@@ -214,3 +214,11 @@ def test_a_packed_batch_holds_each_rows_tokens_and_values_where_its_layout_says(
     assert packed.positions().max() < lengths.max()
     with pytest.raises(ValueError, match="packed"):
         packed[0:1]
+
+
+def test_an_empty_pack_is_padding_only():
+    """A rank with less to train than another fills its count with empty packs: no sequence, no token."""
+    empty = _random_batch(4, seed=5).packed([[]], 8)
+    assert empty.size == 0 and not empty.loss_mask.any()
+    assert empty.per_token(empty.sample_weights).tolist() == [[0.0] * 8]
+    assert empty.per_sequence_sum(empty.loss_mask).tolist() == []

@@ -200,7 +200,8 @@ def test_first_mini_batch_ratio_is_exactly_one(arith_model, tmp_path, tp):
     mini-batch per step every ratio is exactly 1, not 1 up to kernel noise (several micro-batches per step).
     TP=1 also trains the per-token similarity's linear predictor (an extension): it starts at the identity,
     and at the policy's rate of the 7B example (1e-7) its weights could move by 1e-6 at most in these updates; at
-    popo.per_token.predictor_lr (1e-4) it really moves."""
+    popo.per_token.predictor_lr (1e-4) it really moves. TP=2 packs its sequences into micro-batches of 32
+    tokens: the old log-probs' pass and the update's see the same packs."""
     out = tmp_path / f"ratio_tp{tp}"
     overrides = ["train.steps=4", "train.mini_batches=1", "train.micro_batch_size=2", "optim.lr_warmup_steps=0"]
     # The bounded ratio (an extension: the paper has none) against the trainer's pi_old (the main job takes
@@ -209,7 +210,7 @@ def test_first_mini_batch_ratio_is_exactly_one(arith_model, tmp_path, tp):
     if tp == 1:
         overrides += ["popo.similarity=per_token", "popo.per_token.predictor=linear", "train.checkpoint_every=4"]
     else:
-        overrides.append("train.checkpoint_every=0")
+        overrides += ["train.checkpoint_every=0", "train.max_tokens_per_microbatch=32"]
     _finish(
         _popo_train(out, arith_model, f"parallel.tensor_model_parallel_size={tp}", *overrides, *SMALL[:2], *EASY), out
     )

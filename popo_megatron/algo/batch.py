@@ -67,8 +67,10 @@ class PolicyBatch:
         if self.layout is None:
             return values.unsqueeze(-1)
         index = self.layout.index.to(values.device)
-        picked = values[index.clamp(min=0)]
-        return torch.where(index >= 0, picked, torch.zeros((), dtype=picked.dtype, device=picked.device))
+        zero = torch.zeros((), dtype=values.dtype, device=values.device)
+        if self.size == 0:  # an empty pack (a rank with less to train than another): padding only
+            return zero.expand(index.shape)
+        return torch.where(index >= 0, values[index.clamp(min=0)], zero)
 
     def per_sequence_sum(self, values: torch.Tensor) -> torch.Tensor:
         """[N]: the sum of per-token `values` [P, T] over each sequence's positions (bool counts as int)."""
