@@ -241,7 +241,55 @@ def _layout(ns: argparse.Namespace) -> int:
         f"vLLM TP {rollout.tensor_parallel_size}: {ns.world // rollout.tensor_parallel_size} engine replica(s); "
         f"{cfg.train.prompts_per_step} prompts x {rollout.n} responses per step; output {cfg.train.output_dir}"
     )
+    if ns.response_median is not None:
+        _print_pass_plan(cfg, ns, read_hf_config(cfg.model.hf_path))
     return 0
+
+
+def _print_pass_plan(cfg, ns: argparse.Namespace, args) -> None:
+    """The micro-batches and activation memory of one mini-batch's pass on a data-parallel rank, padded and
+    packed, for long-tailed responses (popo_megatron/layout_plan.py)."""
+    from popo_megatron.layout_plan import long_tailed_lengths, peak_activation_bytes, plan_packed, plan_padded
+
+    par, train = cfg.parallel, cfg.train
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    dp = ns.world // (tp * pp)
+    rows = max(1, cfg.train.prompts_per_step * cfg.rollout.n // (dp * train.mini_batches))
+    limit = cfg.rollout.max_tokens
+    responses = long_tailed_lengths(rows, limit, ns.response_median, ns.at_limit)
+    lengths = [ns.prompt_tokens + n for n in responses]
+    fused = cfg.model.spec != "local"  # planned for the GPU job: Transformer Engine's fused attention
+    budget = ns.budget or train.max_tokens_per_microbatch
+    print(
+        f"one mini-batch's pass on each data-parallel rank: {rows} rows of {ns.prompt_tokens} prompt tokens + "
+        f"responses lognormal (median {ns.response_median}, {ns.at_limit:.0%} at the limit {limit}); "
+        f"activations bf16, {'fused' if fused else 'local'} attention, estimated (layout_plan.py)"
+    )
+    columns = ("micro-batches", 13), ("padding", 7), ("per micro-batch", 15), ("first stage", 11), ("last stage", 10)
+    print(" " * 22 + "".join(f" {title:>{width}s}" for title, width in columns))
+    plans = [(f"padded ({train.micro_batch_size} rows)", plan_padded(lengths, train.micro_batch_size), None)]
+    if budget:
+        plans.append((f"packed ({budget} tokens)", plan_packed(lengths, budget, pp > 1), budget))
+    gib = 2**30
+    for name, plan, packed in plans:
+        span = packed if packed else max(lengths)
+        peak = peak_activation_bytes(
+            args,
+            plan.widest,
+            span,
+            tp,
+            pp,
+            par.sequence_parallel,
+            fused,
+            plan.micro_batches,
+            cfg.loss.logprob_chunk_tokens,
+        )
+        print(
+            f"{name:22s} {plan.micro_batches:13d} {plan.padding_share:7.0%} {peak['micro_batch'] / gib:11.1f} GiB "
+            f"{peak['first_stage'] / gib:7.1f} GiB {peak['last_stage'] / gib:6.1f} GiB"
+        )
+    if not budget:
+        print("  (train.max_tokens_per_microbatch or --budget: the same for packed sequences)")
 
 
 def _pretrained(ns: argparse.Namespace) -> int:
@@ -271,6 +319,15 @@ def _add_layout(sub: argparse._SubParsersAction) -> None:
     layout.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
     layout.add_argument("--world", type=int, required=True, help="ranks in the job (nodes x ranks per node)")
     layout.add_argument("--print", metavar="KEY", help="print this config value (e.g. train.output_dir) and exit")
+    layout.add_argument(
+        "--response-median",
+        type=int,
+        metavar="TOKENS",
+        help="also plan a step's passes for long-tailed responses of this median length (lognormal)",
+    )
+    layout.add_argument("--at-limit", type=float, default=0.1, help="the share of responses cut at rollout.max_tokens")
+    layout.add_argument("--prompt-tokens", type=int, default=256, help="tokens per prompt for the plan")
+    layout.add_argument("--budget", type=int, help="plan packed micro-batches of this many tokens")
     layout.set_defaults(func=_layout)
 
 

@@ -222,3 +222,60 @@ def test_an_empty_pack_is_padding_only():
     assert empty.size == 0 and not empty.loss_mask.any()
     assert empty.per_token(empty.sample_weights).tolist() == [[0.0] * 8]
     assert empty.per_sequence_sum(empty.loss_mask).tolist() == []
+
+
+def test_the_pass_plan_counts_micro_batches_padding_and_activations(tmp_path):
+    import json
+
+    from tiny_models import QWEN2_CONFIG_JSON
+
+    from popo_megatron.layout_plan import (
+        activation_bytes_per_token,
+        long_tailed_lengths,
+        peak_activation_bytes,
+        plan_packed,
+        plan_padded,
+    )
+    from popo_megatron.model.hf_config import read_hf_config
+
+    lengths = [10, 3, 7, 2]
+    padded = plan_padded(lengths, 2)  # two micro-batches of 2 rows x 10
+    assert (padded.micro_batches, padded.computed_tokens, padded.real_tokens) == (2, 40, 22)
+    assert padded.padding_share == pytest.approx(18 / 40)
+    # Packs 10 + 2 and 7 + 3: 22 positions, or 2 x 12 padded to the budget for the pipeline's fixed shapes.
+    assert plan_packed(lengths, 12, pipeline=False).computed_tokens == 22
+    assert plan_packed(lengths, 12, pipeline=True).computed_tokens == 24
+    responses = long_tailed_lengths(1000, 4096, 512, 0.1, seed=1)
+    assert sum(n == 4096 for n in responses) >= 100 and 380 < sorted(responses)[500] < 700
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN2_CONFIG_JSON))
+    args = read_hf_config(tmp_path)  # h 64, f 96, 4 heads of 16, 2 KV heads, 4 layers, vocab 1000
+    h, f, kv_width = 64, 96, 2 * 16
+    fused = activation_bytes_per_token(args, 1, False, True, 100)
+    assert fused == 2 * (h + 2 * kv_width) + 2 * h + 8 * f + 8 * h
+    # Sequence parallelism splits the norm and linear inputs too; the local attention adds its probabilities.
+    assert activation_bytes_per_token(args, 2, True, True, 100) == fused / 2
+    assert activation_bytes_per_token(args, 1, False, False, 100) == fused + 2 * 4 * 100
+    one = peak_activation_bytes(args, 1000, 1000, 1, 2, False, True, micro_batches=8)
+    assert one["micro_batch"] == fused * 1000 * 2  # two of the four layers on a stage
+    assert one["first_stage"] == 2 * one["micro_batch"]  # 1F1B: PP micro-batches in flight
+    assert one["last_stage"] > one["micro_batch"]  # and the logits
+
+
+def test_popo_layout_plans_a_long_tailed_step(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tiny_models import QWEN2_CONFIG_JSON
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN2_CONFIG_JSON))
+    command = [sys.executable, "-m", "popo_megatron", "layout", "examples/tiny_cpu.yaml", f"model.hf_path={tmp_path}"]
+    proc = subprocess.run(
+        [*command, "--world", "1", "--response-median", "64", "--budget", "512"],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "padded (" in proc.stdout and "packed (512 tokens)" in proc.stdout, proc.stdout
