@@ -32,6 +32,7 @@ import torch
 from bench_logprobs import PeakMemory
 
 from popo_megatron.launch import run_local
+from popo_megatron.layout_plan import long_tailed_lengths
 
 MODEL = dict(
     vocab_size=4096,
@@ -44,15 +45,6 @@ MODEL = dict(
     rope_theta=1e6,
     tie_word_embeddings=True,
 )
-
-
-def long_tailed_lengths(count: int, limit: int, seed: int) -> list[int]:
-    """Response lengths: lognormal with median limit / 8 (sigma 1), 10% of them at the limit."""
-    gen = torch.Generator().manual_seed(seed)
-    lengths = torch.exp(math.log(limit / 8) + torch.randn(count, generator=gen)).round().clamp(1, limit).long()
-    at_limit = torch.randperm(count, generator=gen)[: count // 10]
-    lengths[at_limit] = limit
-    return lengths.tolist()
 
 
 def _build(hf: str):
@@ -145,7 +137,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     ns = parser.parse_args()
-    ns.response_lengths = long_tailed_lengths(ns.sequences, ns.limit, ns.seed)
+    ns.response_lengths = long_tailed_lengths(ns.sequences, ns.limit, ns.limit / 8, 0.1, ns.seed)
     from popo_megatron.model.random_model import save_random_hf_model
 
     with tempfile.TemporaryDirectory() as tmp:
