@@ -50,18 +50,14 @@ MODEL = dict(
 def _build(hf: str):
     """The model at TP=1 with the HF weights, wrapped as the trainer wraps it."""
     from popo_megatron.config import load_config
-    from popo_megatron.model.builder import build_gpt_model
-    from popo_megatron.model.hf_config import read_hf_config
     from popo_megatron.model.training import wrap_ddp
     from popo_megatron.platform import init_model_parallel, seed_everything
-    from popo_megatron.weights import load_hf_weights
+    from popo_megatron.weights import load_hf_model
 
     cfg = load_config(overrides=[f"model.hf_path={hf}", "optim.use_distributed_optimizer=false"])
     init_model_parallel(cfg.parallel)
     seed_everything(0)
-    args = read_hf_config(hf)
-    model = build_gpt_model(args, cfg)
-    load_hf_weights(model, hf, args, cfg)
+    model, args = load_hf_model(cfg)
     return wrap_ddp(model, args, cfg), args
 
 
