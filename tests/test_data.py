@@ -218,3 +218,17 @@ def test_prompts_the_engines_context_cannot_hold_are_left_out_counted_and_named(
     assert drop_over_long(problems, tokenizer, data, context + 1) is problems  # all fit: nothing changes
     with pytest.raises(DataError, match="none is left: raise rollout.max_model_len"):
         drop_over_long(problems, tokenizer, data, min(lengths))
+
+
+def test_a_packing_budget_below_the_longest_prompt_and_response_is_refused_before_a_step(tmp_path):
+    from popo_megatron.data.prompts import check_packing_budget
+    from popo_megatron.errors import UserError
+
+    tokenizer = arithmetic_tokenizer()
+    rows = [{"problem": "1+2=", "answer": 3}, {"problem": "11+22+33=", "answer": 66}]
+    problems = load_problems(_jsonl(tmp_path / "p.jsonl", rows))
+    data = load_config(overrides=["model.hf_path=unused"]).data
+    longest = max(len(render_prompt(p.problem, tokenizer, data.prompt_template, data.instruction)) for p in problems)
+    check_packing_budget(problems, tokenizer, data, max_tokens=8, budget=longest + 8)  # the longest fits exactly
+    with pytest.raises(UserError, match=rf"train.max_tokens_per_microbatch={longest + 7} .* at least {longest + 8}"):
+        check_packing_budget(problems, tokenizer, data, max_tokens=8, budget=longest + 7)

@@ -72,3 +72,22 @@ def drop_over_long(problems: ProblemSet, tokenizer: Any, data_cfg: Any, context:
     skipped = problems.skipped + Counter({TOO_LONG: len(dropped)})
     examples = problems.skipped_examples + [f"{p.source}: prompt of {n} tokens" for p, n in dropped[:5]]
     return replace(problems, problems=[p for p, _ in kept], skipped=skipped, skipped_examples=examples)
+
+
+def check_packing_budget(problems: ProblemSet, tokenizer: Any, data_cfg: Any, max_tokens: int, budget: int) -> None:
+    """Refuse, before any step, a packing budget (train.max_tokens_per_microbatch) below the longest sequence a
+    step can hold: the longest prompt plus rollout.max_tokens (a step would stop at its first such rollout)."""
+    longest = max(
+        (
+            len(render_prompt(p.problem, tokenizer, data_cfg.prompt_template, data_cfg.instruction))
+            for p in problems.problems
+        ),
+        default=0,
+    )
+    if longest + max_tokens > budget:
+        raise UserError(
+            f"train.max_tokens_per_microbatch={budget} is less than the longest sequence a step can hold: "
+            f"{longest + max_tokens} tokens (the longest prompt of {problems.name}, {longest} tokens, + "
+            f"rollout.max_tokens={max_tokens}): raise it to at least {longest + max_tokens}, or lower "
+            "rollout.max_tokens"
+        )

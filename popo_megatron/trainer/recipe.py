@@ -31,7 +31,7 @@ from popo_megatron.checkpoint.runs import latest_checkpoint, plan_resume, set_as
 from popo_megatron.checkpoint.training import Trained, load_training_checkpoint, save_training_checkpoint
 from popo_megatron.config.schema import setting_value
 from popo_megatron.data.problems import ProblemSet
-from popo_megatron.data.prompts import drop_over_long, engine_context
+from popo_megatron.data.prompts import check_packing_budget, drop_over_long, engine_context
 from popo_megatron.data.sampler import PromptSampler
 from popo_megatron.errors import UserError
 from popo_megatron.logs import get_logger
@@ -138,6 +138,9 @@ class Recipe:
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         context = engine_context(cfg.rollout, self.args.max_position_embeddings)
         self.problems = drop_over_long(self.problems, self.tokenizer, cfg.data, context)
+        if cfg.train.max_tokens_per_microbatch is not None:
+            budget = cfg.train.max_tokens_per_microbatch
+            check_packing_budget(self.problems, self.tokenizer, cfg.data, cfg.rollout.max_tokens, budget)
         self.sampler = PromptSampler(len(self.problems), cfg.data.shuffle_seed)
         self.verifier = MathVerifier(cfg.reward, literal_answers_by_default(cfg.data))
         self.engine = vllm_engine(cfg, cfg.model.hf_path)
