@@ -90,14 +90,7 @@ def _run_schedule(
         def forward_step(data_iterator, chunk):
             index = next(data_iterator)
             mb = micro_batches[index].to(device)
-            if mb.layout is None:
-                output = chunk(mb.tokens, mb.positions(), None)
-            elif te_attention:  # GPU: THD with the sequences' boundaries (one pack per micro-batch)
-                lengths = mb.layout.length.tolist()
-                params = thd_params(lengths, mb.tokens.shape[1])
-                output = chunk(mb.tokens, mb.positions(), None, packed_seq_params=_on(params, device))
-            else:  # CPU, the local spec: attention within each sequence by the mask
-                output = chunk(mb.tokens, mb.positions(), block_causal_mask(mb.layout.index))
+            output = forward_micro_batch(chunk, mb, te_attention)
 
             def loss_func(logits):
                 return loss_of(index, mb, logits, slot.take() if slot is not None else None)
@@ -113,6 +106,17 @@ def _run_schedule(
             micro_batch_size=mb_size,
             forward_only=forward_only,
         )
+
+
+def forward_micro_batch(chunk: torch.nn.Module, mb: PolicyBatch, te_attention: bool) -> torch.Tensor:
+    """The model (stage) on one micro-batch: padded rows causally; a pack with attention kept within each
+    of its sequences, by Transformer Engine's THD layout (GPU) or by a block-diagonal mask (the local spec)."""
+    if mb.layout is None:
+        return chunk(mb.tokens, mb.positions(), None)
+    if te_attention:  # one pack per micro-batch: the sequences' boundaries, RoPE restarted at each
+        params = thd_params(mb.layout.length.tolist(), mb.tokens.shape[1])
+        return chunk(mb.tokens, mb.positions(), None, packed_seq_params=_on(params, mb.tokens.device))
+    return chunk(mb.tokens, mb.positions(), block_causal_mask(mb.layout.index))
 
 
 def _uses_te_attention(model: torch.nn.Module) -> bool:
