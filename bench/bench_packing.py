@@ -12,9 +12,8 @@ weights), or the comparison is void.
 
     python bench/bench_packing.py [--rows 8] [--budget 2048] [--limit 512] [--sequences 64]
 
-Prints a table and writes bench/results/packing.json. On CPU the local layer spec's attention computes a
-whole pack's T x T scores under a block-diagonal mask, so a pack pays for attention between its sequences
-that the mask then discards; Transformer Engine's THD attention on GPU does not.
+Prints a table and writes bench/results/packing.json. On CPU a pack's attention runs per sequence
+(model/packed_attention.py), as Transformer Engine's THD attention does on GPU.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ Transformer Engine nor vLLM, so these checks cover what runs without them:
 - Megatron-Core's logits against transformers' at TP=1, fp32 and bf16, the model on the GPU;
 - one POPO and one GRPO step (the twin swapped in for pi_old and the similarity penalty, the predictor, TIS)
   against the transformers reference, every gradient compared (test_popo_step's check on one GPU), in
-  padded micro-batches and packed ones (the local spec's block mask; THD needs Transformer Engine);
+  padded micro-batches and packed ones (THD through the local spec's attention);
 - the live weight stream's tensors equal to the HF checkpoint they were loaded from;
 - a training checkpoint (weights, Adam state, twin; the twin on the GPU and in pinned host memory) saved
   on the GPU and loaded into a fresh model continues bit-identically.
@@ -65,7 +65,7 @@ def test_logits_match_transformers_on_the_gpu(tiny_models, tmp_path, dtype, rtol
 def test_popo_and_grpo_steps_match_the_reference_on_one_gpu(tiny_models):
     from test_popo_step import _layouts_worker
 
-    layouts = {"gpu": (1, 1, False, 2, None), "gpu_packed": (1, 1, False, 1, 24)}  # packed: the local spec's mask
+    layouts = {"gpu": (1, 1, False, 2, None), "gpu_packed": (1, 1, False, 1, 24)}  # packed: THD, the local spec
     run_local(_layouts_worker, 1, {"qwen2_tied": str(tiny_models["qwen2_tied"])}, layouts)
 
 

@@ -3,8 +3,8 @@ on a GPU is checked there by scripts/device_check.sh and tests/test_gpu.py):
 
 - before the colocated engine wakes, the caching allocator's free blocks go back to the device (so vLLM's
   sleep-mode allocator can map them), then the engine wakes, and the free memory is logged;
-- a packed micro-batch reaches Transformer Engine's attention in the THD layout with its sequences'
-  boundaries (the local spec gets the block mask instead).
+- a packed micro-batch reaches the model in the THD layout with its sequences' boundaries (what
+  Transformer Engine's attention reads on GPU; the local spec's, model/packed_attention.py, on CPU).
 """
 
 from __future__ import annotations
@@ -40,12 +40,10 @@ def test_on_cpu_nothing_is_released():
     assert device.release_cached_memory() is None
 
 
-def test_a_pack_reaches_transformer_engine_as_thd_and_the_local_spec_as_a_mask():
-    """What a packed micro-batch hands the model (algo/step.forward_micro_batch): with Transformer Engine's
-    attention no mask and the THD boundaries of its sequences (the padding after them one more), with the
-    local spec the block-diagonal mask; positions restart per sequence either way."""
+def test_a_pack_reaches_the_model_as_thd_with_its_sequences_boundaries():
+    """What a packed micro-batch hands the model (algo/step.forward_micro_batch): no mask, the THD boundaries
+    of its sequences (the padding after them one more), positions restarting per sequence."""
     from popo_megatron.algo.batch import make_policy_batch
-    from popo_megatron.algo.packing import block_causal_mask
     from popo_megatron.algo.step import forward_micro_batch
 
     batch = make_policy_batch(
@@ -58,14 +56,11 @@ def test_a_pack_reaches_transformer_engine_as_thd_and_the_local_spec_as_a_mask()
         calls.append((positions, mask, kwargs))
         return tokens.float()
 
-    forward_micro_batch(model, pack, te_attention=True)
+    forward_micro_batch(model, pack)
     positions, mask, kwargs = calls[-1]
     assert mask is None and kwargs["packed_seq_params"].qkv_format == "thd"
     assert kwargs["packed_seq_params"].cu_seqlens_q.tolist() == [0, 4, 8, 12, 16]
     assert positions.tolist() == [[0, 1, 2, 3] * 4]
-    forward_micro_batch(model, pack, te_attention=False)
-    positions, mask, kwargs = calls[-1]
-    assert torch.equal(mask, block_causal_mask(pack.layout.index)) and not kwargs
-    forward_micro_batch(model, batch, te_attention=True)  # padded rows: causal, no boundaries
+    forward_micro_batch(model, batch)  # padded rows: causal, no boundaries
     positions, mask, kwargs = calls[-1]
     assert mask is None and not kwargs and positions.shape == batch.tokens.shape

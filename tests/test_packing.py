@@ -1,6 +1,6 @@
 """Sequence packing: the packing and balancing algorithms against brute-force optima, the pack's index
-tensors against loops, and a real megatron-core model whose packed forward and backward equal the padded
-ones per sequence (the block-diagonal mask on CPU)."""
+tensors against loops, and a real megatron-core model whose packed forward and backward (THD through the
+local spec's attention, model/packed_attention.py) equal the padded ones per sequence."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import torch
 
 from popo_megatron.algo.packing import (
     balance_by_tokens,
-    block_causal_mask,
     pack_by_tokens,
     positions_in_sequence,
     sequence_index,
@@ -96,10 +95,6 @@ def test_a_packs_index_tensors_match_loops():
     index = torch.stack([sequence_index([3, 1, 2], 8), sequence_index([5], 8)])
     assert index.tolist() == [[0, 0, 0, 1, 2, 2, -1, -1], [0, 0, 0, 0, 0, -1, -1, -1]]
     assert positions_in_sequence(index).tolist() == [[0, 1, 2, 0, 0, 1, 0, 1], [0, 1, 2, 3, 4, 0, 1, 2]]
-    mask = block_causal_mask(index)
-    assert mask.shape == (2, 1, 8, 8)
-    for p, q, k in itertools.product(range(2), range(8), range(8)):
-        assert bool(mask[p, 0, q, k]) == (not (index[p, q] == index[p, k] and k <= q)), (p, q, k)
     with pytest.raises(ValueError, match="do not fit"):
         sequence_index([5, 4], 8)
 
@@ -114,60 +109,59 @@ def test_thd_boundaries_cover_the_pack():
 def _packed_equals_padded_worker(model_dirs: dict[str, str]) -> None:
     from model_helpers import build_model
 
+    from popo_megatron.algo.batch import make_policy_batch
+    from popo_megatron.algo.step import forward_micro_batch
     from popo_megatron.weights import load_hf_weights
 
     vocab = 1000
     lengths = [9, 3, 14, 6, 2, 11]  # in three packs of 16: 14 + 2, 11 + 3, 9 + 6
     gen = torch.Generator().manual_seed(0)
     sequences = [torch.randint(0, vocab, (n,), generator=gen) for n in lengths]
+    # Each sequence as a row of one prompt token and its response: the loss mask covers every next token.
+    batch = make_policy_batch(
+        [s[:1].tolist() for s in sequences],
+        [s[1:].tolist() for s in sequences],
+        torch.ones(len(lengths), 1),
+        torch.ones(len(lengths), 1) > 0,
+    )
     for name, path in model_dirs.items():
         model, args, cfg = build_model(Path(path), 1, 1)
         load_hf_weights(model, path, args, cfg)
-        longest = max(lengths)
-        padded = torch.zeros(len(lengths), longest, dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            padded[row, : len(seq)] = seq
-        positions = torch.arange(longest).expand_as(padded)
+
+        def loss_of(logits, mb):
+            return -torch.where(
+                mb.loss_mask,
+                torch.log_softmax(logits[..., :vocab].float(), -1).gather(-1, mb.targets.unsqueeze(-1)).squeeze(-1),
+                0.0,
+            ).sum()
+
         model.zero_grad()
-        logits = model(padded, positions, None)
-        loss = sum(
-            torch.nn.functional.cross_entropy(logits[i, : n - 1, :vocab], sequences[i][1:], reduction="sum")
-            for i, n in enumerate(lengths)
-        )
-        loss.backward()
+        logits = forward_micro_batch(model, batch)
+        loss_of(logits, batch).backward()
         grads = {k: p.grad.clone() for k, p in model.named_parameters()}
 
         packs = pack_by_tokens(lengths, 16)
         assert len(packs) < len(lengths), "some sequences share a pack"
-        index = torch.stack([sequence_index([lengths[i] for i in p], 16) for p in packs])
-        tokens = torch.zeros(len(packs), 16, dtype=torch.long)
-        where: dict[int, tuple[int, int]] = {}
-        for row, pack in enumerate(packs):
-            start = 0
-            for i in pack:
-                tokens[row, start : start + lengths[i]] = sequences[i]
-                where[i] = (row, start)
-                start += lengths[i]
         model.zero_grad()
-        packed_logits = model(tokens, positions_in_sequence(index), block_causal_mask(index))
-        packed_loss = 0.0
-        for i, n in enumerate(lengths):
-            row, start = where[i]
-            mine = packed_logits[row, start : start + n]
-            diff = (mine - logits[i, :n]).abs().max().item()
-            assert diff < 1e-4, f"{name}: sequence {i}'s logits differ by {diff}"
-            packed_loss = packed_loss + torch.nn.functional.cross_entropy(
-                mine[: n - 1, :vocab], sequences[i][1:], reduction="sum"
-            )
-        packed_loss.backward()
+        for pack in packs:
+            mb = batch.packed([pack], 16)
+            packed_logits = forward_micro_batch(model, mb)
+            back = mb.unpacked(packed_logits[..., 0], batch.size, batch.tokens.shape[1])
+            for j, row in enumerate(pack):
+                n = lengths[row]
+                start = int(mb.layout.start[j])
+                diff = (packed_logits[0, start : start + n] - logits[row, :n]).abs().max().item()
+                assert diff < 1e-4, f"{name}: sequence {row}'s logits differ by {diff}"
+                assert torch.equal(back[row, :n], packed_logits[0, start : start + n, 0])
+            loss_of(packed_logits, mb).backward()
         for key, param in model.named_parameters():
             diff = (param.grad - grads[key]).abs().max().item()
             assert diff < 1e-4 * max(1.0, grads[key].abs().max().item()), f"{name}: {key} grad differs by {diff}"
 
 
 def test_a_packed_forward_and_backward_equal_the_padded_ones_per_sequence(tiny_models):
-    """Qwen2 (RoPE theta 1e6) and Llama 3.1 (scaled RoPE): rotary attention depends only on distances, so
-    a sequence placed after others in a pack gives its logits and gradients as alone."""
+    """Qwen2 (RoPE theta 1e6), Llama 3.1 (scaled RoPE) and Qwen3 (q/k norms): a sequence placed after others
+    in a pack gives its logits and gradients as alone."""
     run_local(_packed_equals_padded_worker, 1, {k: str(tiny_models[k]) for k in ("qwen2_tied", "llama", "qwen3")})
 
 

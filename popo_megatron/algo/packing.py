@@ -5,15 +5,10 @@ long-tailed reasoning traces most of it is padding, and one row at the length li
 all. Packing puts whole sequences one after the other into micro-batches of at most
 `train.max_tokens_per_microbatch` tokens, without padding between them.
 
-In a pack each position knows its sequence (`sequence_index`, -1 for the padding after the last one),
-and attention must not cross sequences:
-
-- on CPU (the local layer spec) a block-diagonal causal mask does it (`block_causal_mask`). Rotary
-  embeddings are not restarted per sequence there (megatron-core's GPTModel rotates by the position in
-  the pack), and need not be: a rotary attention score depends only on the distance between query and key,
-  which is the same in the pack as in the sequence alone, so the logits agree to float tolerance (tested);
-- on GPU, Transformer Engine's attention takes the THD layout with the sequences' boundaries
-  (`thd_params`: `cu_seqlens`), and its RoPE restarts at each boundary.
+In a pack each position knows its sequence (`sequence_index`, -1 for the padding after the last one), and
+attention must not cross sequences: the model gets each pack in Megatron's THD layout with the sequences'
+boundaries (`thd_params`: `cu_seqlens`); Transformer Engine's attention on GPU and the local spec's
+(model/packed_attention.py) attend within each sequence, and RoPE restarts at each boundary.
 
 The same packing serves every pass of a step (old log-probs, the target's forward, the update), so they
 see identical shapes and an on-policy ratio stays exactly 1.
@@ -119,19 +114,9 @@ def positions_in_sequence(index: torch.Tensor) -> torch.Tensor:
     return columns - last_start
 
 
-def block_causal_mask(index: torch.Tensor) -> torch.Tensor:
-    """[P, 1, T, T] bool, True where attention is masked (megatron-core's convention): a position sees the
-    positions up to itself in its own sequence only. The padding after the sequences (index -1) sees only
-    itself and earlier padding, so no softmax row is empty and nothing real ever sees it."""
-    length = index.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=index.device).tril()
-    same = index.unsqueeze(2) == index.unsqueeze(1)
-    return ~(same & causal).unsqueeze(1)
-
-
 def thd_params(lengths: Sequence[int], width: int):
-    """Megatron's PackedSeqParams for Transformer Engine's THD attention over one pack of sequences of
-    `lengths` (GPU only; the padding after them is one more sequence, so the boundaries cover `width`)."""
+    """Megatron's PackedSeqParams (THD) for one pack of sequences of `lengths`; the padding after them is one
+    more sequence, so the boundaries cover `width`."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
     bounds = [0]

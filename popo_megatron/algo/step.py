@@ -30,7 +30,7 @@ import torch.distributed as dist
 from popo_megatron.algo.batch import PolicyBatch
 from popo_megatron.algo.hidden import capture_final_hidden, pooled_features
 from popo_megatron.algo.logprobs import vocab_parallel_logprobs
-from popo_megatron.algo.packing import block_causal_mask, pack_by_tokens, split_into, thd_params
+from popo_megatron.algo.packing import pack_by_tokens, split_into, thd_params
 from popo_megatron.model.forward import unwrap_model
 
 
@@ -84,13 +84,12 @@ def _run_schedule(
 
     mb_size, seq = micro_batches[0].tokens.shape
     device = next(model.parameters()).device
-    te_attention = _uses_te_attention(model)
     with capture_final_hidden(model) if capture_hidden else nullcontext() as slot:
 
         def forward_step(data_iterator, chunk):
             index = next(data_iterator)
             mb = micro_batches[index].to(device)
-            output = forward_micro_batch(chunk, mb, te_attention)
+            output = forward_micro_batch(chunk, mb)
 
             def loss_func(logits):
                 return loss_of(index, mb, logits, slot.take() if slot is not None else None)
@@ -108,30 +107,16 @@ def _run_schedule(
         )
 
 
-def forward_micro_batch(chunk: torch.nn.Module, mb: PolicyBatch, te_attention: bool) -> torch.Tensor:
-    """The model (stage) on one micro-batch: padded rows causally; a pack with attention kept within each
-    of its sequences, by Transformer Engine's THD layout (GPU) or by a block-diagonal mask (the local spec)."""
+def forward_micro_batch(chunk: torch.nn.Module, mb: PolicyBatch) -> torch.Tensor:
+    """The model (stage) on one micro-batch: padded rows causally, or one pack in Megatron's THD layout with
+    its sequences' boundaries, so that each sequence attends within itself and RoPE restarts at each
+    (Transformer Engine's attention on GPU, model/packed_attention.py with the local spec)."""
     if mb.layout is None:
         return chunk(mb.tokens, mb.positions(), None)
-    if te_attention:  # one pack per micro-batch: the sequences' boundaries, RoPE restarted at each
-        params = thd_params(mb.layout.length.tolist(), mb.tokens.shape[1])
-        return chunk(mb.tokens, mb.positions(), None, packed_seq_params=_on(params, mb.tokens.device))
-    return chunk(mb.tokens, mb.positions(), block_causal_mask(mb.layout.index))
-
-
-def _uses_te_attention(model: torch.nn.Module) -> bool:
-    """Whether the model's attention is Transformer Engine's (which takes packs as THD) rather than the local
-    spec's (which takes a mask)."""
-    layers = getattr(getattr(unwrap_model(model), "decoder", None), "layers", None)
-    if not layers:
-        return False
-    return type(layers[0].self_attention.core_attention).__name__.startswith("TE")
-
-
-def _on(params, device: torch.device):
+    params = thd_params(mb.layout.length.tolist(), mb.tokens.shape[1])
     for name in ("cu_seqlens_q", "cu_seqlens_kv"):
-        setattr(params, name, getattr(params, name).to(device))
-    return params
+        setattr(params, name, getattr(params, name).to(mb.tokens.device))
+    return chunk(mb.tokens, mb.positions(), None, packed_seq_params=params)
 
 
 @torch.no_grad()

@@ -76,7 +76,12 @@ def make_layer_spec(args: HFModelArgs, model_cfg: DictConfig):
 
     if spec == "te":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=args.qk_norm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=args.qk_norm, normalization="RMSNorm")
+    from popo_megatron.model.packed_attention import PackedDotProductAttention
+
+    local = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=args.qk_norm, normalization="RMSNorm")
+    # Packed sequences (train.max_tokens_per_microbatch) attend within themselves, as with TE's THD.
+    local.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
+    return local
 
 
 def build_gpt_model(args: HFModelArgs, cfg: DictConfig, parallel_output: bool = True):

@@ -1,0 +1,41 @@
+"""The local layer spec's attention, taught Megatron's THD packing: packed sequences attend within
+themselves, as Transformer Engine's attention does on GPU.
+
+megatron-core's `DotProductAttention` (the local spec, what runs on CPU) refuses `packed_seq_params`. With
+them, `SelfAttention` hands its core attention one pack as [tokens, heads, head_dim] (THD, the RoPE already
+applied per sequence, restarting at each boundary) and expects [tokens, heads x head_dim] back. This class
+runs megatron-core's own causal attention on each sequence of the pack in turn, so the packed forward is
+the padded one's per sequence and the work is the sum of the sequences' squares, not the pack's square.
+Without `packed_seq_params` it is megatron-core's class unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+
+class PackedDotProductAttention(DotProductAttention):
+    def forward(
+        self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None, packed_seq_params=None
+    ):
+        if packed_seq_params is None:
+            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias)
+        if packed_seq_params.qkv_format != "thd":
+            raise ValueError(f"packed sequences come in the THD format, not {packed_seq_params.qkv_format!r}")
+        bounds = packed_seq_params.cu_seqlens_q.tolist()
+        outputs = []
+        for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+            if end == start:
+                continue
+            # [s, heads, d] -> [s, b=1, heads, d], megatron-core's own layout; causal within the sequence.
+            part = super().forward(
+                query[start:end].unsqueeze(1),
+                key[start:end].unsqueeze(1),
+                value[start:end].unsqueeze(1),
+                None,
+                attn_mask_type,
+                attention_bias,
+            )
+            outputs.append(part.squeeze(1))
+        return torch.cat(outputs)
