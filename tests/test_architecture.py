@@ -21,7 +21,7 @@ LAYERS = [
     ["objectives"],
     ["config.validate"],
     ["checkpoint", "convert", "evaluate"],
-    ["trainer", "parity"],
+    ["trainer", "parity", "layout_plan"],
     ["named_models", "cli", "__main__"],
 ]
 
