@@ -114,7 +114,7 @@ def _packed_equals_padded_worker(model_dirs: dict[str, str]) -> None:
     from popo_megatron.weights import load_hf_weights
 
     vocab = 1000
-    lengths = [9, 3, 14, 6, 2, 11]  # in three packs of 16: 14 + 2, 11 + 3, 9 + 6
+    lengths = [9, 3, 14, 6, 2, 11, 3, 3]  # packs of 16: 14 + 2, 11 + 3, 9 + 6, 3 + 3 (one batch of two)
     gen = torch.Generator().manual_seed(0)
     sequences = [torch.randint(0, vocab, (n,), generator=gen) for n in lengths]
     # Each sequence as a row of one prompt token and its response: the loss mask covers every next token.
