@@ -348,6 +348,9 @@ def _step_case(
         packs = [mb.layout for mb in context.micro_batches]
         assert all(p is not None and int(p.length.sum()) <= budget for p in packs), f"{where} {case}: not packed"
         assert any(len(p.length) > 1 for p in packs), f"{where} {case}: no pack holds two sequences"
+        counts = [None] * dist.get_world_size()
+        dist.all_gather_object(counts, len(packs))
+        assert len(set(counts)) == 1, f"{where} {case}: micro-batches per rank {counts}"
 
     def loss_of(index, mb, logits, hidden):
         return objective.loss(index, mb, logits, hidden, context, metrics)
