@@ -262,14 +262,10 @@ class Forwards:
     def run(self, micro_batches: list[PolicyBatch], **wanted: bool) -> list[ForwardOutput]:
         return forward_only(self.model, micro_batches, self.settings, **wanted)
 
-    def in_update_shapes(self, batch: PolicyBatch, mini_batches: int, **wanted: bool) -> list[ForwardOutput]:
-        """Per micro-batch outputs in the update's own shapes (the batch's `mini_batches` slices, each cut
-        like `micro_batches`): the same kernels as the training pass see."""
-        micro, _ = self.update_micro_batches(batch, mini_batches)
-        return self.run(micro, **wanted)
-
     def in_update_rows(self, batch: PolicyBatch, mini_batches: int, **wanted: bool) -> ForwardOutput:
-        """`in_update_shapes` as one output over the batch's rows (last stage; empty elsewhere)."""
+        """The outputs of every row of `batch`, forwarded in the update's own shapes (its `mini_batches`
+        slices, each cut like `micro_batches`: the same kernels as the training pass see), over its rows
+        (last stage; empty elsewhere)."""
         micro, first_rows = self.update_micro_batches(batch, mini_batches)
         return as_rows(micro, self.run(micro, **wanted), batch.size, batch.tokens.shape[1], first_rows)
 
@@ -277,7 +273,7 @@ class Forwards:
         """The outputs of every row of `batch` (any number of rows, in padded micro-batches or packs),
         over its rows; hidden states are not available this way. Last stage only (empty elsewhere)."""
         if wanted.get("hidden"):
-            raise ValueError("per-token hidden states come in the update's micro-batches (in_update_shapes)")
+            raise ValueError("per-token hidden states come per micro-batch of the update (Forwards.run)")
         if batch.size == 0:
             return ForwardOutput()
         if self.max_tokens is None:
