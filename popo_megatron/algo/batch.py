@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from popo_megatron.algo.packing import positions_in_sequence
+from popo_megatron.algo.packing import positions_in_sequence, sequence_index
 
 PER_SEQUENCE = ("sample_weights", "positive", "rows")
 
@@ -31,7 +31,6 @@ class PackLayout:
 
     index: torch.Tensor  # [P, T] int64: the sequence of each position (-1: the padding after a pack's last)
     origin: torch.Tensor  # [N] int64: its row in the padded batch it was packed from
-    pack: torch.Tensor  # [N] int64
     start: torch.Tensor  # [N] int64: its first position in its pack
     length: torch.Tensor  # [N] int64: prompt + response tokens
 
@@ -104,43 +103,30 @@ class PolicyBatch:
         """The rows `packs` lists (of this padded batch) laid end to end, each list one pack of `width`
         positions; the per-sequence fields follow their rows. A row enters with `row_lengths` tokens."""
         self._padded_only("packed")
-        lengths = self.row_lengths().tolist()
-        origin = [row for pack in packs for row in pack]
-        pack_of = [p for p, pack in enumerate(packs) for _ in pack]
-        start, length = [], []
-        index = torch.full((len(packs), width), -1, dtype=torch.long)
-        for p, pack in enumerate(packs):
-            offset = 0
-            for row in pack:
-                start.append(offset)
-                length.append(lengths[row])
-                offset += lengths[row]
-            if offset > width:
-                raise ValueError(f"pack {p} holds {offset} tokens, more than its width {width}")
-        sequence = torch.arange(len(origin))
-        counts = torch.tensor(length, dtype=torch.long)
-        flat_pack = torch.repeat_interleave(torch.tensor(pack_of, dtype=torch.long), counts)
-        flat_col = torch.cat([torch.arange(s, s + n) for s, n in zip(start, length, strict=True)]) if origin else None
-        flat_seq = torch.repeat_interleave(sequence, counts)
-        if flat_col is not None:
-            index[flat_pack, flat_col] = flat_seq
-        origin_t = torch.tensor(origin, dtype=torch.long)
-        layout = PackLayout(index, origin_t, torch.tensor(pack_of, dtype=torch.long), torch.tensor(start), counts)
-        source_rows = origin_t[flat_seq]
-        source_cols = (flat_col - layout.start[flat_seq]) if flat_col is not None else None
+        lengths = self.row_lengths()
+        origin = torch.tensor([row for pack in packs for row in pack], dtype=torch.long)
+        length = lengths[origin]
+        local = [sequence_index(lengths[list(pack)].tolist(), width) for pack in packs]
+        firsts = torch.tensor([0] + [len(pack) for pack in packs]).cumsum(0)[:-1]
+        # The sequences numbered across the packs, in order: a position's sequence and its column in its row.
+        index = torch.stack([torch.where(ids >= 0, ids + first, -1) for ids, first in zip(local, firsts, strict=True)])
+        valid = index >= 0
+        sequence, column = index[valid], positions_in_sequence(index)[valid]
+        first_positions = column == 0
+        start = torch.zeros(len(origin), dtype=torch.long)  # a sequence of no tokens has none: 0
+        start[sequence[first_positions]] = torch.arange(width).expand_as(index)[valid][first_positions]
         out = {}
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "layout" or value is None:
                 continue
             if f.name in PER_SEQUENCE:
-                out[f.name] = value[origin_t]
+                out[f.name] = value[origin]
                 continue
             laid = torch.zeros((len(packs), width), dtype=value.dtype)
-            if flat_col is not None:
-                laid[flat_pack, flat_col] = value[source_rows, source_cols]
+            laid[valid] = value[origin[sequence], column]
             out[f.name] = laid
-        return PolicyBatch(**out, layout=layout)
+        return PolicyBatch(**out, layout=PackLayout(index, origin, start, length))
 
     def unpacked(self, values: torch.Tensor, rows: int, width: int) -> torch.Tensor:
         """Per-token `values` [P, T] of this packed batch in the padded form it was packed from: [rows,
