@@ -177,7 +177,9 @@ def _train(ns: argparse.Namespace) -> int:
             return 0
     else:
         par = cfg.parallel
-        nproc = ns.nproc or par.tensor_model_parallel_size * par.pipeline_model_parallel_size
+        nproc = (
+            ns.nproc or par.tensor_model_parallel_size * par.pipeline_model_parallel_size * par.context_parallel_size
+        )
         # Checked here too, so a layout the model does not allow is refused before any rank starts.
         validate_config(cfg, nproc, read_hf_config(cfg.model.hf_path))
         print(f"popo train: starting {nproc} local rank(s); their full logs: {logs}/rank_N.log")
@@ -234,9 +236,9 @@ def _layout(ns: argparse.Namespace) -> int:
     cfg = load_config(ns.config, [*ns.overrides, *named_model_overrides(cfg)])
     validate_config(cfg, ns.world, read_hf_config(cfg.model.hf_path))
     par, rollout = cfg.parallel, cfg.rollout
-    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    tp, pp, cp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.context_parallel_size
     print(
-        f"world {ns.world} ranks: TP {tp} x PP {pp} x DP {ns.world // (tp * pp)}"
+        f"world {ns.world} ranks: TP {tp} x PP {pp} x CP {cp} x DP {ns.world // (tp * pp * cp)}"
         f"{' (sequence parallel)' if par.sequence_parallel else ''}; "
         f"vLLM TP {rollout.tensor_parallel_size}: {ns.world // rollout.tensor_parallel_size} engine replica(s); "
         f"{cfg.train.prompts_per_step} prompts x {rollout.n} responses per step; output {cfg.train.output_dir}"
@@ -252,8 +254,8 @@ def _print_pass_plan(cfg, ns: argparse.Namespace, args) -> None:
     from popo_megatron.layout_plan import long_tailed_lengths, peak_activation_bytes, plan_packed, plan_padded
 
     par, train = cfg.parallel, cfg.train
-    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-    dp = ns.world // (tp * pp)
+    tp, pp, cp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.context_parallel_size
+    dp = ns.world // (tp * pp * cp)
     rows = max(1, cfg.train.prompts_per_step * cfg.rollout.n // (dp * train.mini_batches))
     limit = cfg.rollout.max_tokens
     responses = long_tailed_lengths(rows, limit, ns.response_median, ns.at_limit)
@@ -264,18 +266,20 @@ def _print_pass_plan(cfg, ns: argparse.Namespace, args) -> None:
         f"one mini-batch's pass on each data-parallel rank: {rows} rows of {ns.prompt_tokens} prompt tokens + "
         f"responses lognormal (median {ns.response_median}, {ns.at_limit:.0%} at the limit {limit}); "
         f"activations bf16, {'fused' if fused else 'local'} attention, estimated (layout_plan.py)"
+        + (f"; each pack split over {cp} context-parallel ranks" if cp > 1 else "")
     )
     columns = ("micro-batches", 13), ("padding", 7), ("per micro-batch", 15), ("first stage", 11), ("last stage", 10)
     print(" " * 22 + "".join(f" {title:>{width}s}" for title, width in columns))
     plans = [(f"padded ({train.micro_batch_size} rows)", plan_padded(lengths, train.micro_batch_size), None)]
     if budget:
-        plans.append((f"packed ({budget} tokens)", plan_packed(lengths, budget, pp > 1), budget))
+        multiple = 2 * cp if cp > 1 else 1  # CP splits each sequence into 2 x CP equal chunks
+        plans.append((f"packed ({budget} tokens)", plan_packed(lengths, budget, pp > 1, multiple), budget))
     gib = 2**30
     for name, plan, packed in plans:
         span = packed if packed else max(lengths)
         peak = peak_activation_bytes(
             args,
-            plan.widest,
+            plan.widest // (cp if packed else 1),  # a CP rank holds its share of each pack
             span,
             tp,
             pp,
@@ -335,7 +339,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="train with POPO (or GRPO) from a YAML config and key=value overrides")
     train.add_argument("config", type=Path, nargs="?", help="YAML config (examples/*.yaml)")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config")
-    train.add_argument("--nproc", type=int, help="local ranks to start when not under torchrun/srun (default: TP x PP)")
+    train.add_argument(
+        "--nproc", type=int, help="local ranks to start when not under torchrun/srun (default: TP x PP x CP)"
+    )
     train.add_argument("--resume", type=Path, help="start from this training checkpoint (default: OUTPUT_DIR's latest)")
     train.set_defaults(func=_train)
 

@@ -59,10 +59,12 @@ def plan_padded(lengths: Sequence[int], rows: int) -> PassPlan:
     return PassPlan(count, count * rows * width, sum(lengths), min(rows, len(lengths)) * width)
 
 
-def plan_packed(lengths: Sequence[int], budget: int, pipeline: bool) -> PassPlan:
-    """Packs of at most `budget` tokens (with pipeline parallelism every pack padded to the budget)."""
-    packs = pack_by_tokens(lengths, budget)
-    widths = [budget if pipeline else sum(lengths[i] for i in p) for p in packs]
+def plan_packed(lengths: Sequence[int], budget: int, pipeline: bool, multiple: int = 1) -> PassPlan:
+    """Packs of at most `budget` tokens (with pipeline parallelism every pack padded to the budget), each
+    sequence rounded up to `multiple` tokens (2 x CP under context parallelism: the rest is padding)."""
+    rounded = [-(-n // multiple) * multiple for n in lengths]
+    packs = pack_by_tokens(rounded, budget)
+    widths = [budget if pipeline else sum(rounded[i] for i in p) for p in packs]
     widest = budget if pipeline else max(widths, default=1)
     return PassPlan(max(1, len(packs)), sum(widths) if not pipeline else len(packs) * budget, sum(lengths), widest)
 

@@ -95,7 +95,26 @@ def test_missing_required_key():
             QWEN,
             r"sequence_parallel=true needs parallel\.tensor_model_parallel_size > 1",
         ),
-        (["parallel.tensor_model_parallel_size=2"], 3, QWEN, r"world size 3 is not divisible by .* = 2 x 1 = 2"),
+        (["parallel.tensor_model_parallel_size=2"], 3, QWEN, r"world size 3 is not divisible by .* = 2 x 1 x 1 = 2"),
+        (
+            ["parallel.context_parallel_size=2", "train.max_tokens_per_microbatch=64"],
+            3,
+            QWEN,
+            r"world size 3 is not divisible by .*context_parallel_size = 1 x 1 x 2 = 2",
+        ),
+        (
+            ["parallel.context_parallel_size=2"],
+            2,
+            QWEN,
+            r"context_parallel_size=2 splits packed sequences: set train\.max_tokens_per_microbatch",
+        ),
+        (
+            ["parallel.context_parallel_size=2", "train.max_tokens_per_microbatch=66"],
+            2,
+            QWEN,
+            r"max_tokens_per_microbatch=66 must be a multiple of 2 x parallel\.context_parallel_size = 4",
+        ),
+        (["parallel.context_parallel_size=0"], 1, QWEN, r"parallel\.context_parallel_size=0: must be >= 1"),
         (["parallel.tensor_model_parallel_size=0"], 1, QWEN, r"parallel\.tensor_model_parallel_size=0: must be >= 1"),
         (["model.fp8.enabled=true"], 1, QWEN, r"model\.fp8\.enabled=true needs CUDA"),
         (["model.spec=te"], 1, QWEN, r"model\.spec=te needs CUDA"),
@@ -111,6 +130,15 @@ def test_invalid_layouts(overrides, world, hf, expected):
 def test_fp8_and_the_te_spec_need_transformer_engine_installed_on_gpu(setting):
     msg = _invalid(_cfg(setting), cuda=True, te=False)
     assert f"{setting} needs Transformer Engine, which is not installed here: install the gpu extra" in msg
+
+
+def test_context_parallelism_on_gpu_needs_transformer_engines_attention():
+    cp = ("parallel.context_parallel_size=2", "train.max_tokens_per_microbatch=64")
+    for setting, te in (("model.spec=local", True), ("model.spec=auto", False)):
+        msg = _invalid(_cfg(*cp, setting), 2, cuda=True, te=te)
+        assert "context_parallel_size=2 on GPU needs Transformer Engine's attention" in msg
+    validate_config(_cfg(*cp), 2, parse_hf_config(QWEN), cuda_available=True, te_installed=True)
+    validate_config(_cfg(*cp), 2, parse_hf_config(QWEN), cuda_available=False)  # the CPU correctness path
 
 
 def test_fp8_needs_te_spec_on_gpu():

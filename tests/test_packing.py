@@ -13,6 +13,7 @@ import torch
 
 from popo_megatron.algo.packing import (
     balance_by_tokens,
+    pack_bounds,
     pack_by_tokens,
     positions_in_sequence,
     sequence_index,
@@ -100,10 +101,14 @@ def test_a_packs_index_tensors_match_loops():
 
 
 def test_thd_boundaries_cover_the_pack():
-    params = thd_params([3, 1, 2], 8)
+    assert pack_bounds([3, 1, 2], 8) == [0, 3, 4, 6, 8]
+    assert pack_bounds([4, 4], 8) == [0, 4, 8] and pack_bounds([], 8) == [0, 8]
+    with pytest.raises(ValueError, match="do not fit"):
+        pack_bounds([5, 4], 8)
+    params = thd_params(pack_bounds([3, 1, 2], 8))
     assert params.qkv_format == "thd" and params.cu_seqlens_q.tolist() == [0, 3, 4, 6, 8]
     assert params.cu_seqlens_q.dtype == torch.int32 and params.max_seqlen_q == 3
-    assert thd_params([4, 4], 8).cu_seqlens_kv.tolist() == [0, 4, 8]
+    assert thd_params([0, 4, 8]).cu_seqlens_kv.tolist() == [0, 4, 8]
 
 
 def _packed_equals_padded_worker(model_dirs: dict[str, str]) -> None:
@@ -239,6 +244,9 @@ def test_the_pass_plan_counts_micro_batches_padding_and_activations(tmp_path):
     # Packs 10 + 2 and 7 + 3: 22 positions, or 2 x 12 padded to the budget for the pipeline's fixed shapes.
     assert plan_packed(lengths, 12, pipeline=False).computed_tokens == 22
     assert plan_packed(lengths, 12, pipeline=True).computed_tokens == 24
+    # CP=2 rounds each sequence up to a multiple of 4 (12, 4, 8, 4): packs 12, 8 + 4 and 4: 28 positions.
+    split = plan_packed(lengths, 12, pipeline=False, multiple=4)
+    assert (split.micro_batches, split.computed_tokens, split.real_tokens) == (3, 28, 22)
     responses = long_tailed_lengths(1000, 4096, 512, 0.1, seed=1)
     assert sum(n == 4096 for n in responses) >= 100 and 380 < sorted(responses)[500] < 700
 
@@ -273,3 +281,19 @@ def test_popo_layout_plans_a_long_tailed_step(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "padded (" in proc.stdout and "packed (512 tokens)" in proc.stdout, proc.stdout
+    split = subprocess.run(
+        [
+            *command,
+            "parallel.context_parallel_size=2",
+            "train.max_tokens_per_microbatch=512",
+            "--world",
+            "2",
+            "--response-median",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
+    assert split.returncode == 0, split.stderr[-2000:]
+    assert "TP 1 x PP 1 x CP 2 x DP 1" in split.stdout and "split over 2 context-parallel ranks" in split.stdout

@@ -292,15 +292,23 @@ def _objective_context(cfg, args, sp: bool):
 
 
 def _step_case(
-    hf: Path, case: str, tp: int, pp: int, sp: bool, microbatches: int, where: str, budget: int | None = None
+    hf: Path,
+    case: str,
+    tp: int,
+    pp: int,
+    sp: bool,
+    microbatches: int,
+    where: str,
+    budget: int | None = None,
+    cp: int = 1,
 ) -> None:
     """One step of the case's objective at this layout (packed into micro-batches of `budget` tokens when
-    given), checked against the reference."""
+    given, each sequence split over `cp` context-parallel ranks), checked against the reference."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     from popo_megatron.algo.batch import make_policy_batch
-    from popo_megatron.algo.step import Forwards, LogprobSettings, forward_backward, forward_only
+    from popo_megatron.algo.step import Forwards, LogprobSettings, forward_backward
     from popo_megatron.metrics import MetricAccumulator
     from popo_megatron.model.training import wrap_ddp
     from popo_megatron.objectives import build_objective
@@ -309,15 +317,17 @@ def _step_case(
 
     overrides, stale = CASES[case]
     parallel_state.destroy_model_parallel()
-    dp = dist.get_world_size() // (tp * pp)
+    dp = dist.get_world_size() // (tp * pp * cp)
     rows_per_rank = 8 // dp
-    # With the distributed optimiser each data-parallel rank holds the reduced gradient of its own slice only;
-    # plain DDP all-reduces, so every gradient can be compared. (The sliced twin is tested in test_twin.py.)
+    # With the distributed optimiser each data- (and context-) parallel rank holds the reduced gradient of its
+    # own slice only; plain DDP all-reduces, so every gradient can be compared. (The sliced twin is tested in
+    # test_twin.py.)
     overrides = (
         *overrides,
-        f"optim.use_distributed_optimizer={dp == 1}",
+        f"optim.use_distributed_optimizer={dp * cp == 1}",
         f"train.micro_batch_size={rows_per_rank // microbatches}",
         f"train.max_tokens_per_microbatch={'null' if budget is None else budget}",
+        f"parallel.context_parallel_size={cp}",
     )
     model, args, cfg = build_model(hf, tp, pp, sp, overrides)
     load_hf_weights(model, str(hf), args, cfg)
@@ -333,9 +343,9 @@ def _step_case(
     forwards = Forwards(ddp, settings, cfg.train.micro_batch_size, cfg.train.max_tokens_per_microbatch)
     last_stage = parallel_state.is_pipeline_last_stage()
     dp_rank = parallel_state.get_data_parallel_rank()
-    generated = forward_only(ddp, [full], settings)
+    generated = forwards.rows(full)
     if last_stage:  # the engine's log-probs of the sampled tokens (with a mismatch), for TIS
-        full = full.with_fields(rollout_logprobs=_engine_logprobs(generated[0].logprobs))
+        full = full.with_fields(rollout_logprobs=_engine_logprobs(generated.logprobs))
     # The trainer's deal: the objective's rows, in turn to the data-parallel ranks, padded to equal shapes.
     dealt = rank_rows(full, objective.dealt(full), objective.carries_gradient(full), cfg, dp, dp_rank)
     metrics = MetricAccumulator()
@@ -611,19 +621,24 @@ def test_predictor_is_clipped_with_the_policy(tiny_models):
     run_local(_joint_clip_worker, 1, str(tiny_models["qwen2_tied"]))
 
 
-# (tp, pp, sp, micro-batches, token budget of a packed micro-batch or None) per layout, by world size.
+# (tp, pp, sp, micro-batches, token budget of a packed micro-batch or None, cp) per layout, by world size.
 # Packed, a micro-batch holds whole sequences end to end (train.max_tokens_per_microbatch): 24 tokens take
-# two to four of these rows (3-11 tokens each).
+# two to four of these rows (3-11 tokens each). Context parallelism (cp) splits each packed sequence.
 LAYOUTS = {
-    1: {"tp1": (1, 1, False, 1, None), "tp1_4mb": (1, 1, False, 4, None), "tp1_packed": (1, 1, False, 1, 24)},
+    1: {
+        "tp1": (1, 1, False, 1, None, 1),
+        "tp1_4mb": (1, 1, False, 4, None, 1),
+        "tp1_packed": (1, 1, False, 1, 24, 1),
+    },
     2: {
-        "tp2": (2, 1, False, 1, None),
-        "tp2_sp_2mb": (2, 1, True, 2, None),
-        "dp2_2mb": (1, 1, False, 2, None),
-        "pp2_2mb": (1, 2, False, 2, None),
-        "tp2_sp_packed": (2, 1, True, 1, 24),
-        "dp2_packed": (1, 1, False, 1, 24),
-        "pp2_packed": (1, 2, False, 1, 24),
+        "tp2": (2, 1, False, 1, None, 1),
+        "tp2_sp_2mb": (2, 1, True, 2, None, 1),
+        "dp2_2mb": (1, 1, False, 2, None, 1),
+        "pp2_2mb": (1, 2, False, 2, None, 1),
+        "tp2_sp_packed": (2, 1, True, 1, 24, 1),
+        "dp2_packed": (1, 1, False, 1, 24, 1),
+        "pp2_packed": (1, 2, False, 1, 24, 1),
+        "cp2_packed": (1, 1, False, 1, 24, 2),
     },
 }
 # Packed layouts run the cases whose losses read the packing differently: pooled features and the entropy
@@ -633,13 +648,13 @@ PACKED_CASES = ("popo_paper", "popo_ours", "grpo_trl")
 
 def _layouts_worker(model_dirs: dict, layouts: dict) -> None:
     first = next(iter(model_dirs))
-    for where, (tp, pp, sp, microbatches, budget) in layouts.items():
+    for where, (tp, pp, sp, microbatches, budget, cp) in layouts.items():
         for name, hf in model_dirs.items():
             for case in CASES:
                 if budget is not None and (name != first or case not in PACKED_CASES):
                     continue
                 if name == first or case in BOTH_MODELS:
-                    _step_case(Path(hf), case, tp, pp, sp, microbatches, f"{name} at {where}", budget)
+                    _step_case(Path(hf), case, tp, pp, sp, microbatches, f"{name} at {where}", budget, cp)
 
 
 def test_step_matches_the_reference_on_one_rank(tiny_models):

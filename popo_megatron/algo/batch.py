@@ -20,7 +20,7 @@ from typing import Sequence
 
 import torch
 
-from popo_megatron.algo.packing import positions_in_sequence, sequence_index
+from popo_megatron.algo.packing import pack_bounds, positions_in_sequence, sequence_index
 
 PER_SEQUENCE = ("sample_weights", "positive", "rows")
 
@@ -91,19 +91,21 @@ class PolicyBatch:
             return torch.arange(self.tokens.shape[1], device=self.tokens.device).expand_as(self.tokens)
         return positions_in_sequence(self.layout.index.to(self.tokens.device))
 
-    def row_lengths(self) -> torch.Tensor:
+    def row_lengths(self, multiple: int = 1) -> torch.Tensor:
         """[B] int64 of a padded batch: each row's prompt + response tokens as far as a loss needs them (up
-        to the token after its last mask position; 0 for a row with an empty mask, which no pass needs)."""
+        to the token after its last mask position; 0 for a row with an empty mask, which no pass needs),
+        rounded up to `multiple` (context parallelism splits each sequence into 2 x CP equal chunks)."""
         self._padded_only("row_lengths")
         positions = torch.arange(self.loss_mask.shape[1], device=self.loss_mask.device)
         last = torch.where(self.loss_mask, positions, -2).max(-1).values
-        return last + 2
+        return (last + 2 + multiple - 1) // multiple * multiple
 
-    def packed(self, packs: Sequence[Sequence[int]], width: int) -> "PolicyBatch":
+    def packed(self, packs: Sequence[Sequence[int]], width: int, multiple: int = 1) -> "PolicyBatch":
         """The rows `packs` lists (of this padded batch) laid end to end, each list one pack of `width`
-        positions; the per-sequence fields follow their rows. A row enters with `row_lengths` tokens."""
+        positions; the per-sequence fields follow their rows. A row enters with `row_lengths(multiple)`
+        tokens (past its end: padding, in no loss)."""
         self._padded_only("packed")
-        lengths = self.row_lengths()
+        lengths = self.row_lengths(multiple)
         origin = torch.tensor([row for pack in packs for row in pack], dtype=torch.long)
         length = lengths[origin]
         local = [sequence_index(lengths[list(pack)].tolist(), width) for pack in packs]
@@ -124,9 +126,18 @@ class PolicyBatch:
                 out[f.name] = value[origin]
                 continue
             laid = torch.zeros((len(packs), width), dtype=value.dtype)
-            laid[valid] = value[origin[sequence], column]
+            # A length rounded up to `multiple` may run past the padded row: padding (0, False) there.
+            inside = column < value.shape[1]
+            source = value[origin[sequence], column.clamp(max=value.shape[1] - 1)]
+            laid[valid] = torch.where(inside, source, torch.zeros((), dtype=value.dtype))
             out[f.name] = laid
         return PolicyBatch(**out, layout=PackLayout(index, origin, start, length))
+
+    def pack_bounds(self) -> list[int]:
+        """The sequence boundaries of a micro-batch of one pack (algo/packing.pack_bounds)."""
+        if self.layout is None or self.tokens.shape[0] != 1:
+            raise ValueError("pack_bounds is defined on a micro-batch of one pack")
+        return pack_bounds(self.layout.length.tolist(), self.tokens.shape[1])
 
     def unpacked(self, values: torch.Tensor, rows: int, width: int) -> torch.Tensor:
         """Per-token `values` [P, T] of this packed batch in the padded form it was packed from: [rows,
@@ -138,7 +149,8 @@ class PolicyBatch:
         sequence = index[valid]
         columns = torch.arange(index.shape[1], device=values.device).expand_as(index)[valid]
         columns = columns - layout.start.to(values.device)[sequence]
-        out[layout.origin.to(values.device)[sequence], columns] = values[valid]
+        inside = columns < width  # a sequence's padding up to a length multiple has no padded column
+        out[layout.origin.to(values.device)[sequence[inside]], columns[inside]] = values[valid][inside]
         return out
 
     def _padded_only(self, what: str) -> None:

@@ -65,17 +65,32 @@ def sequence_slice(sequence_parallel: bool, seq_len: int) -> slice:
     return slice(rank * local, (rank + 1) * local)
 
 
+def held_columns(batch: "PolicyBatch", sequence_parallel: bool) -> torch.Tensor:
+    """[S_local] int64: the positions of the batch's [P, T] columns that this rank's final hidden states
+    [S_local, P, H] hold, in their order: this CP rank's share of each packed sequence
+    (algo/context_parallel.py), then, with sequence parallelism, this TP rank's contiguous slice of it."""
+    from popo_megatron.algo.context_parallel import held_positions
+
+    held = held_positions(batch.pack_bounds()) if batch.layout is not None else None
+    if held is None:
+        held = torch.arange(batch.tokens.shape[1])
+    return held[sequence_slice(sequence_parallel, len(held))]
+
+
 def pooled_features(hidden: torch.Tensor, batch: "PolicyBatch", sequence_parallel: bool) -> torch.Tensor:
     """[N, H] fp32: each sequence's mean of the final hidden states [S_local, P, H] over its response
     positions (`batch.response_positions()`; a pack holds several sequences, a padded row one).
 
-    With sequence parallelism each tensor-parallel rank sums its own slice of the sequence and the partial
-    sums are all-reduced (backward: the identity, so each slice gets the gradient of the whole mean); the
-    result is the same on every tensor-parallel rank. A sequence without positions pools to 0."""
+    Under sequence or context parallelism each rank sums the positions it holds (`held_columns`) and the
+    partial sums are all-reduced: over TP with the identity as backward (each slice gets the gradient of the
+    whole mean), over CP by algo/context_parallel's convention; the result is the same on every TP and CP
+    rank. A sequence without positions pools to 0."""
     from megatron.core import tensor_parallel
 
+    from popo_megatron.algo.context_parallel import sum_over_context_parallel
+
     positions = batch.response_positions()
-    here = sequence_slice(sequence_parallel, positions.shape[1])
+    here = held_columns(batch, sequence_parallel)
     local = positions.transpose(0, 1)[here].to(hidden.device)  # [S_local, P]
     if batch.layout is None:
         total = torch.einsum("sb,sbh->bh", local.float(), hidden.float())
@@ -86,5 +101,6 @@ def pooled_features(hidden: torch.Tensor, batch: "PolicyBatch", sequence_paralle
         total = total.index_add(0, index[chosen], hidden[chosen].float())
     if sequence_parallel:
         total = tensor_parallel.reduce_from_tensor_model_parallel_region(total)
+    total = sum_over_context_parallel(total)
     counts = batch.per_sequence_sum(positions).to(total.device)
     return total / counts.unsqueeze(-1).clamp(min=1).to(total.dtype)

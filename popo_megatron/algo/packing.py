@@ -114,11 +114,9 @@ def positions_in_sequence(index: torch.Tensor) -> torch.Tensor:
     return columns - last_start
 
 
-def thd_params(lengths: Sequence[int], width: int):
-    """Megatron's PackedSeqParams (THD) for one pack of sequences of `lengths`; the padding after them is one
-    more sequence, so the boundaries cover `width`."""
-    from megatron.core.packed_seq_params import PackedSeqParams
-
+def pack_bounds(lengths: Sequence[int], width: int) -> list[int]:
+    """The boundaries of one pack of `width` positions holding sequences of `lengths` end to end: [0, l0,
+    l0 + l1, ..., width] (the padding after the last sequence is one more)."""
     bounds = [0]
     for length in lengths:
         bounds.append(bounds[-1] + int(length))
@@ -126,7 +124,14 @@ def thd_params(lengths: Sequence[int], width: int):
         raise ValueError(f"sequences of {bounds[-1]} tokens do not fit a pack of {width}")
     if bounds[-1] < width:
         bounds.append(width)
-    cu_seqlens = torch.tensor(bounds, dtype=torch.int32)
+    return bounds
+
+
+def thd_params(bounds: Sequence[int]):
+    """Megatron's PackedSeqParams (THD) for one pack of sequences with these `pack_bounds`."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu_seqlens = torch.tensor(list(bounds), dtype=torch.int32)
     longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if len(bounds) > 1 else 0
     return PackedSeqParams(
         qkv_format="thd",

@@ -12,7 +12,8 @@ rollout engine see only the policy. So it carries its own gradient reduction and
 optimiser settings and LR schedule, clipped together with the policy's gradients):
 
 - the loss step scales each micro-batch loss by (micro-batches x DP) so that Megatron's averaging yields the
-  global batch's gradient (algo/step.py); a head's gradient is therefore averaged over data-parallel ranks;
+  global batch's gradient (algo/step.py); a head's gradient is therefore averaged over data-parallel ranks
+  (and context-parallel ones, whose gradients are CP times their share: algo/context_parallel.py);
 - a head applied per token under sequence parallelism sees its rank's slice of the sequence: its gradient
   is first summed over tensor-parallel ranks. The pooled head needs no such sum: it reads features that are
   already all-reduced (algo/hidden.pooled_features), so every tensor-parallel rank has the whole gradient.
@@ -43,10 +44,12 @@ class ReplicatedHead(torch.nn.Module):
         flat = torch.cat([g.reshape(-1) for g in grads])
         if self.tp_partial:
             dist.all_reduce(flat, group=parallel_state.get_tensor_model_parallel_group())
-        dp = parallel_state.get_data_parallel_world_size()
-        if dp > 1:
-            dist.all_reduce(flat, group=parallel_state.get_data_parallel_group())
-            flat /= dp
+        # Averaged over data- and context-parallel ranks together, as Megatron's DDP does the policy's
+        # (algo/context_parallel.py: a CP rank's gradient is CP times its share).
+        dp_cp = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+        if dp_cp > 1:
+            dist.all_reduce(flat, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+            flat /= dp_cp
         offset = 0
         for param in self.parameters():
             param.grad = flat[offset : offset + param.numel()].view_as(param).clone()
@@ -54,10 +57,13 @@ class ReplicatedHead(torch.nn.Module):
 
     @staticmethod
     def is_main_replica() -> bool:
-        """Tensor- and data-parallel rank 0 (of the last stage, where the head lives) writes it."""
+        """Tensor-, context- and data-parallel rank 0 (of the last stage, where the head lives) writes it."""
         from megatron.core import parallel_state
 
-        return parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
+        return (
+            parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_data_parallel_rank(with_context_parallel=True) == 0
+        )
 
     def sharded_state_dict(self, prefix: str = "predictor.") -> dict:
         """Replicated tensors, written by the main replica: they load at any layout."""

@@ -20,6 +20,7 @@ of whole sequences within that token budget (algo/packing.py), as many on every 
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable
@@ -28,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from popo_megatron.algo.batch import PolicyBatch
+from popo_megatron.algo.context_parallel import context_parallel_size, gather_over_context_parallel, held_positions
 from popo_megatron.algo.hidden import capture_final_hidden, pooled_features
 from popo_megatron.algo.logprobs import vocab_parallel_logprobs
 from popo_megatron.algo.packing import pack_by_tokens, split_into, thd_params
@@ -45,15 +47,26 @@ class LogprobSettings:
     def logprobs(
         self, logits: torch.Tensor, batch: PolicyBatch, with_entropy: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Log-probs (and entropy) of the batch's target tokens, [B, S] fp32."""
-        return vocab_parallel_logprobs(
+        """Log-probs (and entropy) of the batch's target tokens, [B, S] fp32. Under context parallelism
+        `logits` are this rank's positions of the pack; the result is gathered over the CP ranks, so the
+        objectives see the whole pack."""
+        targets = batch.targets
+        bounds = batch.pack_bounds() if batch.layout is not None else None
+        held = held_positions(bounds) if bounds is not None else None
+        if held is not None:
+            targets = targets[:, held.to(targets.device)]
+        logprobs, entropy = vocab_parallel_logprobs(
             logits,
-            batch.targets,
+            targets,
             self.vocab_size,
             temperature=self.temperature,
             chunk_tokens=self.chunk_tokens,
             with_entropy=with_entropy,
         )
+        if held is not None:
+            logprobs = gather_over_context_parallel(logprobs, 1, bounds)
+            entropy = None if entropy is None else gather_over_context_parallel(entropy, 1, bounds)
+        return logprobs, entropy
 
 
 @dataclass
@@ -110,13 +123,26 @@ def _run_schedule(
 def forward_micro_batch(chunk: torch.nn.Module, mb: PolicyBatch) -> torch.Tensor:
     """The model (stage) on one micro-batch: padded rows causally, or one pack in Megatron's THD layout with
     its sequences' boundaries, so that each sequence attends within itself and RoPE restarts at each
-    (Transformer Engine's attention on GPU, model/packed_attention.py with the local spec)."""
+    (Transformer Engine's attention on GPU, model/packed_attention.py with the local spec). Under context
+    parallelism the model gets this rank's share of each sequence (algo/context_parallel.py) with the whole
+    pack's boundaries, as Megatron's THD attention and RoPE expect."""
+    from megatron.core import parallel_state
+
     if mb.layout is None:
+        if context_parallel_size() > 1:
+            raise ValueError("context parallelism runs packed micro-batches (train.max_tokens_per_microbatch)")
         return chunk(mb.tokens, mb.positions(), None)
-    params = thd_params(mb.layout.length.tolist(), mb.tokens.shape[1])
+    bounds = mb.pack_bounds()
+    params = thd_params(bounds)
     for name in ("cu_seqlens_q", "cu_seqlens_kv"):
         setattr(params, name, getattr(params, name).to(mb.tokens.device))
-    return chunk(mb.tokens, mb.positions(), None, packed_seq_params=params)
+    tokens, positions = mb.tokens, mb.positions()
+    held = held_positions(bounds)
+    if held is not None:
+        params.cp_group = parallel_state.get_context_parallel_group()
+        held = held.to(tokens.device)
+        tokens, positions = tokens[:, held], positions[:, held]
+    return chunk(tokens, positions, None, packed_seq_params=params)
 
 
 @torch.no_grad()
@@ -156,7 +182,10 @@ def forward_backward(
     from megatron.core import parallel_state
 
     # Megatron divides each micro-batch loss by their number, and DDP averages over data-parallel ranks.
-    scale = len(micro_batches) * parallel_state.get_data_parallel_world_size()
+    # Under context parallelism Megatron also multiplies the loss by CP (its convention: a CP rank's loss is
+    # its own tokens' share), while ours is the whole loss on every CP rank, whose gathers already sum the
+    # ranks' gradients (algo/context_parallel.py): the CP factor is taken back out.
+    scale = len(micro_batches) * parallel_state.get_data_parallel_world_size() / context_parallel_size()
 
     def scaled(index, mb, logits, final_hidden):
         return loss_of(index, mb, logits, final_hidden) * scale, {}
@@ -227,27 +256,31 @@ class Forwards:
         if self.max_tokens is None:
             return mini.micro_batches(max(1, mini.size // self.micro_batch_size))
         packs = self._packs(mini)
-        return self._packed(mini, split_into(packs, mini.row_lengths().tolist(), _most_over_dp(max(1, len(packs)))))
+        lengths = mini.row_lengths(_sequence_multiple()).tolist()
+        return self._packed(mini, split_into(packs, lengths, _most_over_dp(max(1, len(packs)))))
 
     def _packs(self, batch: PolicyBatch) -> list[list[int]]:
-        lengths = batch.row_lengths().tolist()
+        lengths = batch.row_lengths(_sequence_multiple()).tolist()
         used = [i for i, n in enumerate(lengths) if n > 0]  # a row without a loss token needs no pass
         return [[used[j] for j in pack] for pack in pack_by_tokens([lengths[i] for i in used], self.max_tokens)]
 
     def _packed(self, batch: PolicyBatch, packs: list[list[int]]) -> list[PolicyBatch]:
         """One micro-batch per pack, each as wide as the widest (the budget with pipeline parallelism, whose
-        stages exchange fixed shapes), rounded up for sequence parallelism."""
+        stages exchange fixed shapes), rounded up so that each CP rank's share divides over TP with
+        sequence parallelism."""
         from megatron.core import parallel_state
 
-        lengths = batch.row_lengths().tolist()
+        cp = context_parallel_size()
+        lengths = batch.row_lengths(_sequence_multiple()).tolist()
         sequence_parallel = unwrap_model(self.model).config.sequence_parallel
-        multiple = parallel_state.get_tensor_model_parallel_world_size() if sequence_parallel else 1
+        tp = parallel_state.get_tensor_model_parallel_world_size() if sequence_parallel else 1
+        multiple = math.lcm(_sequence_multiple(), cp * tp)
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             width = self.max_tokens
         else:
             width = max([sum(lengths[i] for i in pack) for pack in packs] + [1])
         width = -(-width // multiple) * multiple
-        return [batch.packed([pack], width) for pack in packs]
+        return [batch.packed([pack], width, _sequence_multiple()) for pack in packs]
 
     def update_micro_batches(self, batch: PolicyBatch, mini_batches: int) -> tuple[list[PolicyBatch], list[int]]:
         """The update's micro-batches of all of the batch's `mini_batches` slices, and each one's first row in
@@ -283,6 +316,13 @@ class Forwards:
             micro = self._packed(batch, self._packs(batch) or [[]])
             first_rows = [0] * len(micro)
         return as_rows(micro, self.run(micro, **wanted), batch.size, batch.tokens.shape[1], first_rows)
+
+
+def _sequence_multiple() -> int:
+    """What a packed sequence's length is rounded up to: 2 x CP under context parallelism (each CP rank
+    holds two equal chunks of it), else 1."""
+    cp = context_parallel_size()
+    return 2 * cp if cp > 1 else 1
 
 
 def _most_over_dp(count: int) -> int:

@@ -82,6 +82,9 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1  # TP: each layer's weights split over this many ranks
     pipeline_model_parallel_size: int = 1  # PP: the layers split into this many stages
     sequence_parallel: bool = False  # split the activations outside attention and MLP along the sequence (needs TP > 1)
+    # CP: each packed sequence split over this many ranks (needs train.max_tokens_per_microbatch; on GPU,
+    # Transformer Engine's attention; on CPU a correctness path that does not divide attention's work).
+    context_parallel_size: int = 1
 
 
 # --- The algorithm (docs/algorithm.md). `algorithm` picks the objective (popo_megatron/objectives/); each

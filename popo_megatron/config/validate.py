@@ -34,8 +34,12 @@ def validate_config(
         te_installed = transformer_engine_installed()
     problems: list[str] = []
     par = cfg.parallel
-    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
-    for key, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp)):
+    tp, pp, cp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.context_parallel_size
+    for key, value in (
+        ("tensor_model_parallel_size", tp),
+        ("pipeline_model_parallel_size", pp),
+        ("context_parallel_size", cp),
+    ):
         if value < 1:
             problems.append(f"parallel.{key}={value}: must be >= 1")
     if cfg.model.make_vocab_size_divisible_by < 1:
@@ -48,13 +52,23 @@ def validate_config(
             f"rollout.tensor_parallel_size={cfg.rollout.tensor_parallel_size} does not divide the world size "
             f"{world_size} (each vLLM engine spans that many ranks)"
         )
-    if world_size % (tp * pp) != 0:
+    if world_size % (tp * pp * cp) != 0:
         problems.append(
-            f"parallel: world size {world_size} is not divisible by "
-            f"tensor_model_parallel_size x pipeline_model_parallel_size = {tp} x {pp} = {tp * pp}"
+            f"parallel: world size {world_size} is not divisible by tensor_model_parallel_size x "
+            f"pipeline_model_parallel_size x context_parallel_size = {tp} x {pp} x {cp} = {tp * pp * cp}"
         )
     if par.sequence_parallel and tp == 1:
         problems.append("parallel.sequence_parallel=true needs parallel.tensor_model_parallel_size > 1")
+    budget = cfg.train.max_tokens_per_microbatch
+    if cp > 1 and budget is None:
+        problems.append(
+            f"parallel.context_parallel_size={cp} splits packed sequences: set train.max_tokens_per_microbatch"
+        )
+    elif cp > 1 and budget % (2 * cp):
+        problems.append(
+            f"train.max_tokens_per_microbatch={budget} must be a multiple of 2 x parallel.context_parallel_size = "
+            f"{2 * cp} (each CP rank holds two equal chunks of every sequence)"
+        )
 
     spec = cfg.model.spec  # a str Enum: compares equal to its value
     if not cuda_available:
@@ -67,6 +81,11 @@ def validate_config(
         problems.append(f"{what} needs Transformer Engine, which is not installed here: install the gpu extra")
     elif cfg.model.fp8.enabled and spec == "local":
         problems.append("model.fp8.enabled=true needs the Transformer Engine layer spec (model.spec=te or auto)")
+    if cuda_available and cp > 1 and (spec == "local" or not te_installed):
+        problems.append(
+            f"parallel.context_parallel_size={cp} on GPU needs Transformer Engine's attention (model.spec=te or "
+            "auto, the gpu extra installed): the local spec's CP path gathers whole sequences (a CPU correctness path)"
+        )
 
     problems += _algorithm_problems(cfg)
     copy = _policy_copy(cfg)

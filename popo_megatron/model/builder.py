@@ -58,6 +58,7 @@ def make_transformer_config(args: HFModelArgs, model_cfg: DictConfig, parallel_c
         attention_dropout=0.0,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        context_parallel_size=parallel_cfg.context_parallel_size,
         sequence_parallel=parallel_cfg.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,

@@ -38,8 +38,9 @@ from omegaconf import DictConfig
 from popo_megatron import metrics as m
 from popo_megatron.algo.advantages import popo_weights, positive_mask
 from popo_megatron.algo.batch import PolicyBatch
+from popo_megatron.algo.context_parallel import sum_over_context_parallel
 from popo_megatron.algo.drift import SimilarityWeight, TwinMomentum
-from popo_megatron.algo.hidden import pooled_features, sequence_slice
+from popo_megatron.algo.hidden import held_columns, pooled_features
 from popo_megatron.algo.losses import (
     bounded_is_sum,
     k3,
@@ -341,12 +342,13 @@ class PopoObjective(Objective):
                 context.weight_sum
             )
         sim_mask = (mb.loss_mask & mb.per_token(mb.positive)).transpose(0, 1)  # [T, P], like the hidden states
-        local = sim_mask[sequence_slice(sequence_parallel, sim_mask.shape[0])]
+        local = sim_mask[held_columns(mb, sequence_parallel).to(sim_mask.device)]
         distance = per_token_distance_sum(hidden, context.target_hidden[index], local, self.head)
         if sequence_parallel:
             # Each TP rank holds its own slice of the sequence: sum the slices (backward: identity, so each
             # slice's hidden states get the gradient of the whole sum).
             distance = tensor_parallel.reduce_from_tensor_model_parallel_region(distance)
+        distance = sum_over_context_parallel(distance)  # each CP rank holds its share of each sequence
         metrics.add_mean(m.POPO_DRIFT, distance.detach(), sim_mask.sum())
         return distance / safe_denominator(context.similarity_norm)
 

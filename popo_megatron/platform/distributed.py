@@ -102,7 +102,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> RankInfo:
 
 
 def init_model_parallel(parallel: DictConfig) -> None:
-    """Create Megatron's TP/PP/DP groups for the config's `parallel` section
+    """Create Megatron's TP/PP/CP/DP groups for the config's `parallel` section
     (idempotent for the same layout). Validate the config first. Applies the CPU compatibility layer
     when there is no CUDA: every use of Megatron-Core goes through here first."""
     apply_compat()
@@ -110,16 +110,19 @@ def init_model_parallel(parallel: DictConfig) -> None:
 
     tensor_parallel = parallel.tensor_model_parallel_size
     pipeline_parallel = parallel.pipeline_model_parallel_size
+    context_parallel = parallel.context_parallel_size
     if parallel_state.model_parallel_is_initialized():
         if (
             parallel_state.get_tensor_model_parallel_world_size() == tensor_parallel
             and parallel_state.get_pipeline_model_parallel_world_size() == pipeline_parallel
+            and parallel_state.get_context_parallel_world_size() == context_parallel
         ):
             return
         raise RuntimeError("Megatron parallel state is already initialised with another layout")
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
+        context_parallel_size=context_parallel,
     )
 
 
