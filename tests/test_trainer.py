@@ -37,7 +37,6 @@ def _check_engine_serves_trainer_weights(state, step: int) -> None:
     from megatron.core import parallel_state
 
     from popo_megatron.algo.batch import PolicyBatch, pack_rows
-    from popo_megatron.algo.step import forward_only
     from popo_megatron.rollout.engine import SamplingSettings
 
     prompts = [[3, 12, 4, 15], [5, 13, 2, 15]]
@@ -49,13 +48,13 @@ def _check_engine_serves_trainer_weights(state, step: int) -> None:
     served = torch.tensor([lp for g in generation.responses for r in g for lp in r.logprobs])
     tokens, mask = pack_rows(rows_p, rows_r)
     batch = PolicyBatch(tokens, mask, torch.zeros(len(rows_p)), torch.zeros(len(rows_p), dtype=torch.bool))
-    outputs = forward_only(state.ddp, [batch], settings)
+    outputs = state.forwards.rows(batch)  # in the trainer's micro-batches (padded, or packed)
     if parallel_state.is_pipeline_last_stage():
-        diff = (outputs[0].logprobs[mask] - served).abs().max().item()
+        diff = (outputs.logprobs[mask] - served).abs().max().item()
         assert diff < LOGPROB_TOLERANCE, f"after step {step}: vLLM serves other weights than the trainer's ({diff})"
 
 
-def _e2e_worker(model: str, out: str, tp: int, pp: int) -> None:
+def _e2e_worker(model: str, out: str, tp: int, pp: int, cp: int) -> None:
     from megatron.core import parallel_state
 
     from popo_megatron.config import load_config
@@ -67,6 +66,9 @@ def _e2e_worker(model: str, out: str, tp: int, pp: int) -> None:
             f"model.hf_path={model}",
             f"parallel.tensor_model_parallel_size={tp}",
             f"parallel.pipeline_model_parallel_size={pp}",
+            f"parallel.context_parallel_size={cp}",
+            # CP splits packed sequences: packs of 32 tokens (the rows are 5-6)
+            f"train.max_tokens_per_microbatch={32 if cp > 1 else 'null'}",
             f"train.output_dir={out}",
             f"data.dynamic_sampling={tp == 2}",  # TP=2 also runs DAPO's dynamic sampling
             f"popo.adaptive_alpha.enabled={tp == 2}",  # and the adaptive similarity weight
@@ -108,9 +110,9 @@ def _e2e_worker(model: str, out: str, tp: int, pp: int) -> None:
         state.close()
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
-def test_steps_run_and_vllm_serves_the_trainers_weights(arith_model, tmp_path, tp, pp):
-    run_local(_e2e_worker, tp * pp, str(arith_model), str(tmp_path / "run"), tp, pp)
+@pytest.mark.parametrize("tp,pp,cp", [(2, 1, 1), (1, 2, 1), (1, 1, 2)], ids=["tp2", "pp2", "cp2"])
+def test_steps_run_and_vllm_serves_the_trainers_weights(arith_model, tmp_path, tp, pp, cp):
+    run_local(_e2e_worker, tp * pp * cp, str(arith_model), str(tmp_path / "run"), tp, pp, cp)
 
 
 def _popo_train(
