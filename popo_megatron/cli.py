@@ -270,7 +270,9 @@ def _print_pass_plan(cfg, ns: argparse.Namespace, args) -> None:
     )
     columns = ("micro-batches", 13), ("padding", 7), ("per micro-batch", 15), ("first stage", 11), ("last stage", 10)
     print(" " * 22 + "".join(f" {title:>{width}s}" for title, width in columns))
-    plans = [(f"padded ({train.micro_batch_size} rows)", plan_padded(lengths, train.micro_batch_size), None)]
+    plans = []
+    if cp == 1:  # context parallelism runs packs only
+        plans.append((f"padded ({train.micro_batch_size} rows)", plan_padded(lengths, train.micro_batch_size), None))
     if budget:
         multiple = 2 * cp if cp > 1 else 1  # CP splits each sequence into 2 x CP equal chunks
         plans.append((f"packed ({budget} tokens)", plan_packed(lengths, budget, pp > 1, multiple), budget))

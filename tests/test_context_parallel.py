@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from popo_megatron.algo.context_parallel import local_positions
 from popo_megatron.launch import run_local
+from popo_megatron.model.context_parallel import local_positions
 
 # Pack boundaries per CP size: every sequence (the trailing padding included) a multiple of 2 x CP.
 BOUNDS = {2: [0, 8, 12, 24, 32], 3: [0, 6, 18, 24], 4: [0, 16, 24]}
@@ -51,7 +51,7 @@ def _gather_and_sum_worker() -> None:
     from megatron.core import parallel_state
     from omegaconf import OmegaConf
 
-    from popo_megatron.algo.context_parallel import (
+    from popo_megatron.model.context_parallel import (
         gather_over_context_parallel,
         held_positions,
         sum_over_context_parallel,

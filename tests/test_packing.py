@@ -297,3 +297,4 @@ def test_popo_layout_plans_a_long_tailed_step(tmp_path):
     )
     assert split.returncode == 0, split.stderr[-2000:]
     assert "TP 1 x PP 1 x CP 2 x DP 1" in split.stdout and "split over 2 context-parallel ranks" in split.stdout
+    assert "padded (" not in split.stdout and "packed (512 tokens)" in split.stdout, "CP runs packs only"

@@ -68,8 +68,8 @@ def sequence_slice(sequence_parallel: bool, seq_len: int) -> slice:
 def held_columns(batch: "PolicyBatch", sequence_parallel: bool) -> torch.Tensor:
     """[S_local] int64: the positions of the batch's [P, T] columns that this rank's final hidden states
     [S_local, P, H] hold, in their order: this CP rank's share of each packed sequence
-    (algo/context_parallel.py), then, with sequence parallelism, this TP rank's contiguous slice of it."""
-    from popo_megatron.algo.context_parallel import held_positions
+    (model/context_parallel.py), then, with sequence parallelism, this TP rank's contiguous slice of it."""
+    from popo_megatron.model.context_parallel import held_positions
 
     held = held_positions(batch.pack_bounds()) if batch.layout is not None else None
     if held is None:
@@ -83,11 +83,11 @@ def pooled_features(hidden: torch.Tensor, batch: "PolicyBatch", sequence_paralle
 
     Under sequence or context parallelism each rank sums the positions it holds (`held_columns`) and the
     partial sums are all-reduced: over TP with the identity as backward (each slice gets the gradient of the
-    whole mean), over CP by algo/context_parallel's convention; the result is the same on every TP and CP
+    whole mean), over CP by model/context_parallel's convention; the result is the same on every TP and CP
     rank. A sequence without positions pools to 0."""
     from megatron.core import tensor_parallel
 
-    from popo_megatron.algo.context_parallel import sum_over_context_parallel
+    from popo_megatron.model.context_parallel import sum_over_context_parallel
 
     positions = batch.response_positions()
     here = held_columns(batch, sequence_parallel)

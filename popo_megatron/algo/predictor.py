@@ -13,7 +13,7 @@ optimiser settings and LR schedule, clipped together with the policy's gradients
 
 - the loss step scales each micro-batch loss by (micro-batches x DP) so that Megatron's averaging yields the
   global batch's gradient (algo/step.py); a head's gradient is therefore averaged over data-parallel ranks
-  (and context-parallel ones, whose gradients are CP times their share: algo/context_parallel.py);
+  (and context-parallel ones, whose gradients are CP times their share: model/context_parallel.py);
 - a head applied per token under sequence parallelism sees its rank's slice of the sequence: its gradient
   is first summed over tensor-parallel ranks. The pooled head needs no such sum: it reads features that are
   already all-reduced (algo/hidden.pooled_features), so every tensor-parallel rank has the whole gradient.
@@ -45,7 +45,7 @@ class ReplicatedHead(torch.nn.Module):
         if self.tp_partial:
             dist.all_reduce(flat, group=parallel_state.get_tensor_model_parallel_group())
         # Averaged over data- and context-parallel ranks together, as Megatron's DDP does the policy's
-        # (algo/context_parallel.py: a CP rank's gradient is CP times its share).
+        # (model/context_parallel.py: a CP rank's gradient is CP times its share).
         dp_cp = parallel_state.get_data_parallel_world_size(with_context_parallel=True)
         if dp_cp > 1:
             dist.all_reduce(flat, group=parallel_state.get_data_parallel_group(with_context_parallel=True))

@@ -29,10 +29,10 @@ import torch
 import torch.distributed as dist
 
 from popo_megatron.algo.batch import PolicyBatch
-from popo_megatron.algo.context_parallel import context_parallel_size, gather_over_context_parallel, held_positions
 from popo_megatron.algo.hidden import capture_final_hidden, pooled_features
 from popo_megatron.algo.logprobs import vocab_parallel_logprobs
 from popo_megatron.algo.packing import pack_by_tokens, split_into, thd_params
+from popo_megatron.model.context_parallel import context_parallel_size, gather_over_context_parallel, held_positions
 from popo_megatron.model.forward import unwrap_model
 
 
@@ -124,7 +124,7 @@ def forward_micro_batch(chunk: torch.nn.Module, mb: PolicyBatch) -> torch.Tensor
     """The model (stage) on one micro-batch: padded rows causally, or one pack in Megatron's THD layout with
     its sequences' boundaries, so that each sequence attends within itself and RoPE restarts at each
     (Transformer Engine's attention on GPU, model/packed_attention.py with the local spec). Under context
-    parallelism the model gets this rank's share of each sequence (algo/context_parallel.py) with the whole
+    parallelism the model gets this rank's share of each sequence (model/context_parallel.py) with the whole
     pack's boundaries, as Megatron's THD attention and RoPE expect."""
     from megatron.core import parallel_state
 
@@ -184,7 +184,7 @@ def forward_backward(
     # Megatron divides each micro-batch loss by their number, and DDP averages over data-parallel ranks.
     # Under context parallelism Megatron also multiplies the loss by CP (its convention: a CP rank's loss is
     # its own tokens' share), while ours is the whole loss on every CP rank, whose gathers already sum the
-    # ranks' gradients (algo/context_parallel.py): the CP factor is taken back out.
+    # ranks' gradients (model/context_parallel.py): the CP factor is taken back out.
     scale = len(micro_batches) * parallel_state.get_data_parallel_world_size() / context_parallel_size()
 
     def scaled(index, mb, logits, final_hidden):

@@ -10,7 +10,7 @@ the pack's square.
 Without `packed_seq_params` it is megatron-core's class unchanged.
 
 Under context parallelism (CPU only: on GPU, Transformer Engine's attention exchanges K/V blocks in a ring)
-each rank holds its share of every sequence (algo/context_parallel.py). Here the shares of q, k and v are
+each rank holds its share of every sequence (model/context_parallel.py). Here the shares of q, k and v are
 gathered over the CP ranks, each rank attends over the whole pack and keeps its own positions' output. That
 is the same attention, so CP is tested on CPU for correctness (RoPE, the split, the reductions, the
 gradients), but its work and memory are not divided: the point of CP is the GPU path.
@@ -23,7 +23,7 @@ import copy
 import torch
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-from popo_megatron.algo.context_parallel import gather_over_context_parallel, held_positions
+from popo_megatron.model.context_parallel import gather_over_context_parallel, held_positions
 
 
 class PackedDotProductAttention(DotProductAttention):

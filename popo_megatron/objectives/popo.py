@@ -38,7 +38,6 @@ from omegaconf import DictConfig
 from popo_megatron import metrics as m
 from popo_megatron.algo.advantages import popo_weights, positive_mask
 from popo_megatron.algo.batch import PolicyBatch
-from popo_megatron.algo.context_parallel import sum_over_context_parallel
 from popo_megatron.algo.drift import SimilarityWeight, TwinMomentum
 from popo_megatron.algo.hidden import held_columns, pooled_features
 from popo_megatron.algo.losses import (
@@ -61,6 +60,7 @@ from popo_megatron.config.schema import (
     setting_value,
 )
 from popo_megatron.metrics import MetricAccumulator
+from popo_megatron.model.context_parallel import sum_over_context_parallel
 from popo_megatron.objectives.base import (
     MiniContext,
     Objective,
