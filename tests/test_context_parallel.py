@@ -91,3 +91,39 @@ def _gather_and_sum_worker() -> None:
 
 def test_gather_and_sum_over_a_two_rank_context_parallel_group():
     run_local(_gather_and_sum_worker, 2)
+
+
+class _Group:
+    """What megatron-core's THD RoPE asks of a CP group: its size and this rank."""
+
+    def __init__(self, size: int, rank: int) -> None:
+        self._size, self._rank = size, rank
+
+    def size(self) -> int:
+        return self._size
+
+    def rank(self) -> int:
+        return self._rank
+
+
+@pytest.mark.parametrize("cp", [1, 2, 3])
+def test_vectorized_thd_rope_equals_megatrons_loop(cp):
+    """The packed path's RoPE (platform/megatron_compat.install_vectorized_thd_rope) gives megatron-core's
+    own per-sequence loop's result, with and without CP, for a table of one sequence's positions and for one
+    of the whole pack's (megatron-core's offset mode)."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from popo_megatron.platform.megatron_compat import install_vectorized_thd_rope
+
+    install_vectorized_thd_rope()
+    vectorized = rope_utils._apply_rotary_pos_emb_thd
+    original = vectorized._popo_original
+    gen = torch.Generator().manual_seed(cp)
+    lengths = [2 * cp * n for n in (3, 1, 5, 2)] if cp > 1 else [5, 1, 7, 2, 3]
+    cu_seqlens = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    for table in (max(lengths), int(cu_seqlens[-1])):
+        freqs = torch.randn(table, 1, 1, 8, generator=gen)
+        for rank in range(cp):
+            t = torch.randn(int(cu_seqlens[-1]) // cp, 3, 8, generator=gen)
+            expected = original(t, cu_seqlens, freqs, cp_group=_Group(cp, rank))
+            torch.testing.assert_close(vectorized(t, cu_seqlens, freqs, cp_group=_Group(cp, rank)), expected)

@@ -26,6 +26,7 @@ ARITHMETIC = {"architectures": ["Qwen2ForCausalLM"], **ARITHMETIC_QWEN2}
         ("smollm2_arithmetic.yaml", PUBLIC_SHAPES["smollm2-135m-instruct"], [1], False),
         ("qwen2.5-math-7b_popo.yaml", PUBLIC_SHAPES["qwen2.5-math-7b"], [8, 16], True),
         ("qwen2.5-32b_popo.yaml", PUBLIC_SHAPES["qwen2.5-32b"], [32, 64], True),
+        ("qwen2.5-32b_popo_16k.yaml", PUBLIC_SHAPES["qwen2.5-32b"], [32, 64], True),
     ],
 )
 def test_example_validates(name, model, worlds, cuda):
@@ -44,6 +45,7 @@ def test_examples_are_all_covered():
         "smollm2_arithmetic.yaml",
         "qwen2.5-math-7b_popo.yaml",
         "qwen2.5-32b_popo.yaml",
+        "qwen2.5-32b_popo_16k.yaml",
     }
 
 

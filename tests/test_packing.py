@@ -101,12 +101,16 @@ def test_a_packs_index_tensors_match_loops():
 
 
 def test_thd_boundaries_cover_the_pack():
-    assert pack_bounds([3, 1, 2], 8) == [0, 3, 4, 6, 8]
-    assert pack_bounds([4, 4], 8) == [0, 4, 8] and pack_bounds([], 8) == [0, 8]
+    # The padding after the last sequence: sequences of one token (of 2 x CP tokens under CP).
+    assert pack_bounds([3, 1, 2], 8) == [0, 3, 4, 6, 7, 8]
+    assert pack_bounds([4, 4], 8) == [0, 4, 8] and pack_bounds([], 3) == [0, 1, 2, 3]
+    assert pack_bounds([4], 12, piece=4) == [0, 4, 8, 12]
     with pytest.raises(ValueError, match="do not fit"):
         pack_bounds([5, 4], 8)
-    params = thd_params(pack_bounds([3, 1, 2], 8))
-    assert params.qkv_format == "thd" and params.cu_seqlens_q.tolist() == [0, 3, 4, 6, 8]
+    with pytest.raises(ValueError, match="not a multiple of 4"):
+        pack_bounds([4], 10, piece=4)
+    params = thd_params(pack_bounds([3, 1, 2], 7))
+    assert params.qkv_format == "thd" and params.cu_seqlens_q.tolist() == [0, 3, 4, 6, 7]
     assert params.cu_seqlens_q.dtype == torch.int32 and params.max_seqlen_q == 3
     assert thd_params([0, 4, 8]).cu_seqlens_kv.tolist() == [0, 4, 8]
 

@@ -140,7 +140,7 @@ def test_train_sbatch_runs_the_job_at_the_layout_it_prints(straight_job):
     workdir, job_id = straight_job
     run = workdir / "run"
     log = _job_log(workdir, job_id).read_text(errors="replace")
-    assert "world 2 ranks: TP 1 x PP 1 x DP 2" in log, "the layout line is printed before the ranks start"
+    assert "world 2 ranks: TP 1 x PP 1 x CP 1 x DP 2" in log, "the layout line is printed before the ranks start"
     assert f"step {STEPS}/{STEPS} | reward" in log and f"complete ({STEPS}/{STEPS} steps)" in log
     assert [r["step"] for r in records(run)] == list(range(1, STEPS + 1))
     assert json.loads((run / "run_state.json").read_text())["complete"]

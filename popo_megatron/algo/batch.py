@@ -32,10 +32,12 @@ class PackLayout:
     index: torch.Tensor  # [P, T] int64: the sequence of each position (-1: the padding after a pack's last)
     origin: torch.Tensor  # [N] int64: its row in the padded batch it was packed from
     start: torch.Tensor  # [N] int64: its first position in its pack
-    length: torch.Tensor  # [N] int64: prompt + response tokens
+    length: torch.Tensor  # [N] int64: prompt + response tokens (rounded up to `multiple`)
+    multiple: int = 1  # what each length is a multiple of (2 x CP under context parallelism)
 
     def to(self, device: torch.device) -> "PackLayout":
-        return PackLayout(*(getattr(self, f.name).to(device) for f in fields(self)))
+        tensors = ("index", "origin", "start", "length")
+        return replace(self, **{name: getattr(self, name).to(device) for name in tensors})
 
 
 @dataclass
@@ -131,13 +133,14 @@ class PolicyBatch:
             source = value[origin[sequence], column.clamp(max=value.shape[1] - 1)]
             laid[valid] = torch.where(inside, source, torch.zeros((), dtype=value.dtype))
             out[f.name] = laid
-        return PolicyBatch(**out, layout=PackLayout(index, origin, start, length))
+        return PolicyBatch(**out, layout=PackLayout(index, origin, start, length, multiple))
 
     def pack_bounds(self) -> list[int]:
-        """The sequence boundaries of a micro-batch of one pack (algo/packing.pack_bounds)."""
+        """The sequence boundaries of a micro-batch of one pack (algo/packing.pack_bounds), its padding in
+        pieces of the layout's `multiple`."""
         if self.layout is None or self.tokens.shape[0] != 1:
             raise ValueError("pack_bounds is defined on a micro-batch of one pack")
-        return pack_bounds(self.layout.length.tolist(), self.tokens.shape[1])
+        return pack_bounds(self.layout.length.tolist(), self.tokens.shape[1], self.layout.multiple)
 
     def unpacked(self, values: torch.Tensor, rows: int, width: int) -> torch.Tensor:
         """Per-token `values` [P, T] of this packed batch in the padded form it was packed from: [rows,

@@ -114,16 +114,20 @@ def positions_in_sequence(index: torch.Tensor) -> torch.Tensor:
     return columns - last_start
 
 
-def pack_bounds(lengths: Sequence[int], width: int) -> list[int]:
+def pack_bounds(lengths: Sequence[int], width: int, piece: int = 1) -> list[int]:
     """The boundaries of one pack of `width` positions holding sequences of `lengths` end to end: [0, l0,
-    l0 + l1, ..., width] (the padding after the last sequence is one more)."""
+    l0 + l1, ..., width]. The padding after the last sequence comes as sequences of `piece` tokens each
+    (2 x CP under context parallelism, else 1): attention within a sequence costs its square, and as one
+    sequence the padding of a pack that is mostly empty (a pass over a few of the update's rows, in the
+    update's shapes) cost more than the whole pack's real sequences."""
     bounds = [0]
     for length in lengths:
         bounds.append(bounds[-1] + int(length))
     if bounds[-1] > width:
         raise ValueError(f"sequences of {bounds[-1]} tokens do not fit a pack of {width}")
-    if bounds[-1] < width:
-        bounds.append(width)
+    if (width - bounds[-1]) % piece:
+        raise ValueError(f"the padding of a pack ({width - bounds[-1]} positions) is not a multiple of {piece}")
+    bounds.extend(range(bounds[-1] + piece, width + 1, piece))
     return bounds
 
 

@@ -78,7 +78,10 @@ def make_layer_spec(args: HFModelArgs, model_cfg: DictConfig):
     if spec == "te":
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=args.qk_norm)
     from popo_megatron.model.packed_attention import PackedDotProductAttention
+    from popo_megatron.platform.megatron_compat import install_vectorized_thd_rope
 
+    # megatron-core's unfused RoPE for packed sequences loops over them in Python; the same arithmetic at once.
+    install_vectorized_thd_rope()
     local = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=args.qk_norm, normalization="RMSNorm")
     # Packed sequences (train.max_tokens_per_microbatch) attend within themselves, as with TE's THD.
     local.submodules.self_attention.submodules.core_attention = PackedDotProductAttention

@@ -22,6 +22,8 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from popo_megatron.platform.megatron_compat import thd_rope_positions
+
 
 def context_parallel_size() -> int:
     """The number of CP ranks (1 when Megatron's parallel state is not set up)."""
@@ -35,18 +37,17 @@ def context_parallel_size() -> int:
 def local_positions(bounds: Sequence[int], cp_size: int, cp_rank: int) -> torch.Tensor:
     """[width / cp_size] int64: the pack positions CP rank `cp_rank` holds, in the order it holds them, for a
     pack whose sequences (the padding after the last one included) are [bounds[i], bounds[i + 1])."""
-    parts = []
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        length = end - start
-        if length % (2 * cp_size):
-            raise ValueError(
-                f"a sequence of {length} tokens (positions {start}-{end}) cannot be split over {cp_size} context-"
-                f"parallel ranks: its length must be a multiple of 2 x {cp_size}"
-            )
-        chunk = length // (2 * cp_size)
-        parts.append(torch.arange(start + cp_rank * chunk, start + (cp_rank + 1) * chunk))
-        parts.append(torch.arange(end - (cp_rank + 1) * chunk, end - cp_rank * chunk))
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    cu_seqlens = torch.tensor(list(bounds), dtype=torch.long)
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    odd = (lengths % (2 * cp_size)).nonzero()
+    if len(odd):
+        i = int(odd[0])
+        raise ValueError(
+            f"a sequence of {int(lengths[i])} tokens (positions {bounds[i]}-{bounds[i + 1]}) cannot be split over "
+            f"{cp_size} context-parallel ranks: its length must be a multiple of 2 x {cp_size}"
+        )
+    # The rows of RoPE's table megatron-core gives this rank, for a table of the whole pack: its positions.
+    return thd_rope_positions(cu_seqlens, cp_size, cp_rank, with_offsets=True)
 
 
 def held_positions(bounds: Sequence[int]) -> torch.Tensor | None:
