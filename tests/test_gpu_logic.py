@@ -42,7 +42,7 @@ def test_on_cpu_nothing_is_released():
 
 def test_a_pack_reaches_the_model_as_thd_with_its_sequences_boundaries():
     """What a packed micro-batch hands the model (algo/step.forward_micro_batch): no mask, the THD boundaries
-    of its sequences (the padding after them one more), positions restarting per sequence."""
+    of its sequences (the padding after them as one-token sequences), positions restarting per sequence."""
     from popo_megatron.algo.batch import make_policy_batch
     from popo_megatron.algo.step import forward_micro_batch
 
@@ -59,8 +59,9 @@ def test_a_pack_reaches_the_model_as_thd_with_its_sequences_boundaries():
     forward_micro_batch(model, pack)
     positions, mask, kwargs = calls[-1]
     assert mask is None and kwargs["packed_seq_params"].qkv_format == "thd"
-    assert kwargs["packed_seq_params"].cu_seqlens_q.tolist() == [0, 4, 8, 12, 16]
-    assert positions.tolist() == [[0, 1, 2, 3] * 4]
+    assert kwargs["packed_seq_params"].cu_seqlens_q.tolist() == [0, 4, 8, 12, 13, 14, 15, 16]
+    assert kwargs["packed_seq_params"].max_seqlen_q == 4
+    assert positions.tolist() == [[0, 1, 2, 3] * 4]  # the padding continues its own run
     forward_micro_batch(model, batch)  # padded rows: causal, no boundaries
     positions, mask, kwargs = calls[-1]
     assert mask is None and not kwargs and positions.shape == batch.tokens.shape
