@@ -71,7 +71,7 @@ class _GatherOverContextParallel(torch.autograd.Function):
         parts = [torch.empty_like(local) for _ in range(cp)]
         dist.all_gather(parts, local.contiguous(), group=group)
         where = torch.cat([local_positions(bounds, cp, r) for r in range(cp)]).to(local.device)
-        ctx.dim, ctx.group, ctx.own = dim, group, local_positions(bounds, cp, rank).to(local.device)
+        ctx.dim, ctx.group, ctx.own = dim, group, where.view(cp, -1)[rank]  # this rank's part of `where`
         shape = list(local.shape)
         shape[dim] = bounds[-1]
         return local.new_empty(shape).index_copy_(dim, where, torch.cat(parts, dim))
